@@ -1,0 +1,270 @@
+//! Types shared by the kernel programs (`twtrace-ebpf`) and userspace (`twtrace`).
+//!
+//! Everything that crosses the ring buffer or a map is `#[repr(C)]`, made of plain integers and
+//! byte arrays (any bit pattern is a valid value), and defined here once. Userspace never trusts
+//! a record's length or kind: see `twtrace::decode`.
+#![no_std]
+
+/// Bumped whenever a layout below changes; the kernel writes it into every event header.
+pub const EVENT_VERSION: u8 = 1;
+
+/// `kind` of an event (first byte of every ring buffer record).
+pub mod kind {
+    /// A full socket's state transition (`sock:inet_sock_set_state`); only emitted when a view
+    /// asked for transitions (`Config::emit_states`). Layout: [`SockEvent`](super::SockEvent).
+    pub const STATE: u8 = 1;
+    /// A TIME_WAIT socket was born: its timer started and the full socket's `-> CLOSE` that
+    /// follows on the same CPU named the 4-tuple. Layout: [`SockEvent`](super::SockEvent).
+    pub const TW_BIRTH: u8 = 2;
+    /// `timer_cancel` of a TIME_WAIT timer. Also emitted by the kernel right before an expiry
+    /// and before a re-arm; userspace pairs it with what follows on the same CPU.
+    /// Layout: [`TimerEvent`](super::TimerEvent).
+    pub const TW_CANCEL: u8 = 3;
+    /// `timer_expire_entry` of a TIME_WAIT timer: the normal end after 60 s.
+    pub const TW_EXPIRE: u8 = 4;
+    /// A TIME_WAIT timer started again right after its own cancel on the same CPU: a re-arm
+    /// (FIN_WAIT2 substate becoming TIME_WAIT, or a retransmitted FIN restarting the 60 s).
+    pub const TW_REARM: u8 = 5;
+    /// A listener started a request-socket timer for the 4-tuple of the TIME_WAIT timer that
+    /// was cancelled just before on this CPU: a new SYN took the 4-tuple over.
+    pub const TW_SYN: u8 = 6;
+}
+
+/// Bits of `Header::flags`.
+pub mod flags {
+    /// `owner` holds a process recorded in process context (connect, close).
+    pub const OWNER_KNOWN: u8 = 1 << 0;
+    /// The tuple fields are filled.
+    pub const HAS_TUPLE: u8 = 1 << 1;
+    /// A TW_CANCEL issued inside the `connect()` of the same task to the same destination,
+    /// right after its `CLOSE -> SYN_SENT`: tcp_tw_reuse took the TIME_WAIT 4-tuple.
+    pub const REUSE: u8 = 1 << 2;
+}
+
+/// Who the local side was in the connection.
+pub mod role {
+    pub const UNKNOWN: u8 = 0;
+    /// The local side called `connect()` (`CLOSE -> SYN_SENT` seen).
+    pub const CONNECTED: u8 = 1;
+    /// The local side was accepted from a listener (`LISTEN -> SYN_RECV` seen).
+    pub const ACCEPTED: u8 = 2;
+}
+
+/// Counter slots of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events that found the ring buffer full (lost).
+    pub const LOST: u32 = 0;
+    /// Events submitted to the ring buffer.
+    pub const EMITTED: u32 = 1;
+    /// TIME_WAIT timer starts seen (births and re-arms).
+    pub const TW_TIMER_STARTS: u32 = 2;
+    /// A started TIME_WAIT timer whose socket did not match the `-> CLOSE` that followed.
+    pub const BIRTH_UNMATCHED: u32 = 3;
+    /// `FIN_WAIT2|CLOSING -> CLOSE` with no TIME_WAIT timer just before: reset, abort or
+    /// `tcp_max_tw_buckets` overflow.
+    pub const CLOSE_WITHOUT_TW: u32 = 4;
+    /// Owner records that could not be stored (map full and not evictable).
+    pub const OWNER_STORE_FAILED: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// TCP states as numbered by the kernel (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
+    pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+pub const COMM_LEN: usize = 16;
+
+/// First 16 bytes of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub kind: u8,
+    pub version: u8,
+    /// `AF_INET`, `AF_INET6`, or 0 when the event carries no tuple.
+    pub family: u8,
+    pub flags: u8,
+    /// CPU the event was produced on: userspace pairs a cancel with what follows on that CPU.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+}
+
+/// A connection's addresses, local side first. IPv4 addresses sit in the first 4 bytes.
+/// Ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
+
+/// The process responsible for a socket, captured in process context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub tgid: u32,
+    pub pid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Value of the kernel's `OWNERS` map, keyed by the full socket's address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerRecord {
+    pub owner: Owner,
+    pub role: u8,
+    /// Non-zero once `owner` holds a process (an accepted socket has a role before it has one).
+    pub has_owner: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `kind::STATE` and `kind::TW_BIRTH`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockEvent {
+    pub header: Header,
+    pub tuple: Tuple,
+    pub owner: Owner,
+    /// Address of the full socket (identity while it lives).
+    pub skaddr: u64,
+    /// Address of the TIME_WAIT timer (identity of the timewait socket while it lives); births only.
+    pub timer: u64,
+    /// Jiffies until the timer fires (`expires - now` at timer_start); births only.
+    pub timeout_jiffies: u32,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub role: u8,
+    pub _pad: u8,
+}
+
+/// `kind::TW_CANCEL`, `TW_EXPIRE`, `TW_REARM`, `TW_SYN`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimerEvent {
+    pub header: Header,
+    pub timer: u64,
+    /// Read from the timewait socket itself (cancel and expire), so that a TIME_WAIT socket born
+    /// before twtrace started is still named when it ends.
+    pub tuple: Tuple,
+    /// Re-arm only: jiffies until the timer fires again.
+    pub timeout_jiffies: u32,
+    pub _pad: u32,
+}
+
+/// Load-time settings, written by userspace into the program's read-only data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Address of `tw_timer_handler` (/proc/kallsyms).
+    pub tw_timer_fn: u64,
+    /// Address of `reqsk_timer_handler` (/proc/kallsyms); 0 disables SYN take-over detection.
+    pub reqsk_timer_fn: u64,
+    /// Offsets from BTF: `inet_timewait_sock.tw_timer`, `request_sock.rsk_timer`,
+    /// `timer_list.function`, `sock_common.skc_v6_daddr`, `sock_common.skc_v6_rcv_saddr`.
+    pub off_tw_timer: u32,
+    pub off_rsk_timer: u32,
+    pub off_timer_function: u32,
+    pub off_skc_v6_daddr: u32,
+    pub off_skc_v6_rcv_saddr: u32,
+    /// Non-zero: emit every TCP state transition (`kind::STATE`).
+    pub emit_states: u8,
+    pub _pad: [u8; 3],
+    /// Ask userspace to wake up once this many bytes are waiting; below it, submit silently
+    /// (userspace polls on a short timer). Avoids an IRQ-work interrupt per event.
+    pub wakeup_bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and byte arrays with explicit padding fields.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::OwnerRecord {}
+}
+
+/// Layout checks: the kernel and userspace must agree byte for byte.
+const _: () = {
+    assert!(core::mem::size_of::<Header>() == 16);
+    assert!(core::mem::size_of::<Tuple>() == 40);
+    assert!(core::mem::size_of::<Owner>() == 32);
+    assert!(core::mem::size_of::<SockEvent>() == 112);
+    assert!(core::mem::size_of::<TimerEvent>() == 72);
+    assert!(core::mem::size_of::<OwnerRecord>() == 40);
+};
+
+/// Field offsets of the classic tracepoint records the programs read, as published in
+/// `/sys/kernel/tracing/events/<category>/<name>/format`. The kernel programs read them at
+/// these constant offsets (the cheapest possible access); userspace checks at start-up that the
+/// running kernel's format agrees, and refuses to attach otherwise.
+pub mod tp {
+    /// (field name, offset, size)
+    pub type Field = (&'static str, usize, usize);
+
+    pub mod inet_sock_set_state {
+        pub const SKADDR: usize = 8;
+        pub const OLDSTATE: usize = 16;
+        pub const NEWSTATE: usize = 20;
+        pub const SPORT: usize = 24;
+        pub const DPORT: usize = 26;
+        pub const FAMILY: usize = 28;
+        pub const PROTOCOL: usize = 30;
+        pub const SADDR: usize = 32;
+        pub const DADDR: usize = 36;
+        pub const SADDR_V6: usize = 40;
+        pub const DADDR_V6: usize = 56;
+        pub const FIELDS: &[super::Field] = &[
+            ("skaddr", SKADDR, 8),
+            ("oldstate", OLDSTATE, 4),
+            ("newstate", NEWSTATE, 4),
+            ("sport", SPORT, 2),
+            ("dport", DPORT, 2),
+            ("family", FAMILY, 2),
+            ("protocol", PROTOCOL, 2),
+            ("saddr", SADDR, 4),
+            ("daddr", DADDR, 4),
+            ("saddr_v6", SADDR_V6, 16),
+            ("daddr_v6", DADDR_V6, 16),
+        ];
+    }
+
+    pub mod timer_start {
+        pub const TIMER: usize = 8;
+        pub const FUNCTION: usize = 16;
+        pub const EXPIRES: usize = 24;
+        pub const NOW: usize = 40;
+        pub const FIELDS: &[super::Field] = &[
+            ("timer", TIMER, 8),
+            ("function", FUNCTION, 8),
+            ("expires", EXPIRES, 8),
+            ("now", NOW, 8),
+        ];
+    }
+
+    pub mod timer_cancel {
+        pub const TIMER: usize = 8;
+        pub const FIELDS: &[super::Field] = &[("timer", TIMER, 8)];
+    }
+
+    pub mod timer_expire_entry {
+        pub const TIMER: usize = 8;
+        pub const FUNCTION: usize = 24;
+        pub const FIELDS: &[super::Field] = &[("timer", TIMER, 8), ("function", FUNCTION, 8)];
+    }
+}

@@ -1,0 +1,573 @@
+//! twtrace's kernel side: four classic tracepoints, one ring buffer.
+//!
+//! What the kernel does, and why the programs are shaped this way (measured on Linux 6.18, see
+//! ARCHITECTURE.md and the kernel notes):
+//!
+//! * `sock:inet_sock_set_state` never reports TIME_WAIT. `tcp_time_wait()` allocates a separate
+//!   `inet_timewait_sock`, arms its timer (`tw_timer_handler`) and then `tcp_done()` moves the full
+//!   socket `FIN_WAIT2|CLOSING -> CLOSE`, on the same CPU, with no other state change between.
+//! * So a TIME_WAIT timer start leaves a per-CPU "pending birth"; the next state change on that
+//!   CPU consumes it. If it is the `-> CLOSE` of a socket whose ports (and IPv4 addresses) equal
+//!   the timewait socket's own, the birth is certain and carries the full socket's owner.
+//! * The owner is recorded in process context only (`connect()`, `close()`); the softirq
+//!   transitions run on behalf of whichever task was interrupted.
+//! * Every end of a timewait socket passes through `timer_cancel` (expiry detaches the timer
+//!   first, a re-arm cancels then starts, an early kill shuts it down). The programs report the
+//!   facts; userspace pairs a cancel with what follows it on the same CPU.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf,
+        generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use twtrace_common::{
+    AF_INET, AF_INET6, Config, EVENT_VERSION, Header, Owner, OwnerRecord, SockEvent, TimerEvent,
+    Tuple, counter, flags, kind, role, tcp_state as st, tp,
+};
+
+const IPPROTO_TCP: u16 = 6;
+/// Default ring buffer size; userspace sets the real one at load (`--ring-size`).
+const RING_BYTES: u32 = 4 << 20;
+/// Bound of the owner map. Entries are removed at `-> CLOSE`; LRU eviction covers sockets that
+/// never get there (a leaked entry can never grow the map past this).
+const OWNERS_MAX: u32 = 65536;
+/// A `connect()` that reuses a TIME_WAIT 4-tuple kills it within the same system call, after
+/// its `CLOSE -> SYN_SENT`; the port search in between is bounded but can scan a whole range.
+const REUSE_WINDOW_NS: u64 = 100_000_000;
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+#[map]
+static OWNERS: LruHashMap<u64, OwnerRecord> = LruHashMap::with_max_entries(OWNERS_MAX, 0);
+
+#[map]
+static SCRATCH: PerCpuArray<CpuScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Written by userspace at load time (read-only for the programs).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    tw_timer_fn: 0,
+    reqsk_timer_fn: 0,
+    off_tw_timer: 0,
+    off_rsk_timer: 0,
+    off_timer_function: 0,
+    off_skc_v6_daddr: 0,
+    off_skc_v6_rcv_saddr: 0,
+    emit_states: 0,
+    _pad: [0; 3],
+    wakeup_bytes: 0,
+};
+
+/// What one CPU remembers between two tracepoint hits. Everything here is only meaningful for
+/// the hit that immediately follows on the same CPU; stale values are cleared, never trusted.
+#[repr(C)]
+struct CpuScratch {
+    /// TIME_WAIT timer started just now (0: none): a birth if the next state change is the
+    /// `-> CLOSE` of the same 4-tuple.
+    pending_timer: u64,
+    pending_timeout: u64,
+    /// TIME_WAIT timer cancelled just now (0: none), and its ports (`skc_portpair`).
+    cancel_timer: u64,
+    cancel_portpair: u32,
+    connect_family: u16,
+    connect_dport: u16,
+    /// Last `CLOSE -> SYN_SENT` on this CPU: who, when, to where.
+    connect_pid_tgid: u64,
+    connect_ts: u64,
+    connect_daddr: [u8; 16],
+}
+
+/// The start of `struct sock_common`, the same in full, request and timewait sockets. Its layout
+/// has not changed in many kernel releases; the IPv6 addresses further in come from BTF.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SkcHead {
+    daddr: [u8; 4],
+    rcv_saddr: [u8; 4],
+    hash: u32,
+    /// `skc_dport` (network order) and `skc_num` (host order), read as one word too.
+    dport_be: u16,
+    num: u16,
+    family: u16,
+    _pad: u16,
+}
+
+/// Reads one CONFIG field. The volatile read stops the compiler from folding the zero
+/// initialiser into the code (userspace rewrites the value before load); reading field by field
+/// keeps the 512-byte BPF stack free.
+macro_rules! config {
+    ($field:ident) => {
+        read_config(&raw const CONFIG.$field)
+    };
+}
+
+#[inline(always)]
+fn read_config<T: Copy>(field: *const T) -> T {
+    // SAFETY: points into CONFIG, plain data that lives as long as the program.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+/// Reads a naturally aligned scalar field of the tracepoint record at a constant offset,
+/// straight from the context: the verifier allows a load at `ctx + constant`, and it costs no
+/// helper call.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: offsets are those of the tracepoint format, checked by userspace before attach;
+    // every field read is aligned to its size in the record.
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
+/// A 4-byte address field, in memory (network) order.
+#[inline(always)]
+fn field_v4(ctx: &TracePointContext, offset: usize) -> [u8; 4] {
+    field::<u32>(ctx, offset).to_ne_bytes()
+}
+
+/// A 16-byte address field, read as two 8-byte loads at constant offsets.
+#[inline(always)]
+fn field_v6(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let lo = field::<u64>(ctx, offset).to_ne_bytes();
+    let hi = field::<u64>(ctx, offset + 8).to_ne_bytes();
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo);
+    out[8..].copy_from_slice(&hi);
+    out
+}
+
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, programs do not migrate while running.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn scratch() -> Option<&'static mut CpuScratch> {
+    // SAFETY: per-CPU value; one program runs at a time on a CPU for these hooks (the kernel
+    // skips a nested run and counts it in the program's recursion_misses).
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn header(kind: u8, family: u8, flags: u8) -> Header {
+    Header {
+        kind,
+        version: EVENT_VERSION,
+        family,
+        flags,
+        // SAFETY: helpers without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Submits without waking userspace unless enough data is waiting: a wake-up per event costs an
+/// IRQ-work interrupt, most of what the classic tools pay per event.
+#[inline(always)]
+fn submit_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= config!(wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Reserves a zeroed record in the ring buffer and lets `fill` write it in place (no copy of
+/// the event on the stack); counts it as lost when the ring is full.
+#[inline(always)]
+fn emit<T: 'static>(fill: impl FnOnce(&mut T)) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            let p = entry.as_mut_ptr();
+            // SAFETY: the reservation is size_of::<T>() bytes, 8-byte aligned, and every event
+            // type is a multiple of 8 bytes made of plain integers (all-zero is a valid value).
+            // Volatile stores: a memset here would become a call the verifier walks byte by byte.
+            unsafe {
+                let words = p.cast::<u64>();
+                for i in 0..size_of::<T>() / 8 {
+                    core::ptr::write_volatile(words.add(i), 0);
+                }
+                fill(&mut *p);
+            }
+            entry.submit(submit_flags());
+            bump(counter::EMITTED);
+        }
+        None => bump(counter::LOST),
+    }
+}
+
+#[inline(always)]
+fn current_owner(o: &mut Owner) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    o.tgid = (pid_tgid >> 32) as u32;
+    o.pid = pid_tgid as u32;
+    // SAFETY: helper without arguments.
+    o.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    o.comm = bpf_get_current_comm().unwrap_or_default();
+}
+
+/// Copies the owner recorded for `skaddr` into an event; returns (role, flags).
+#[inline(always)]
+fn recorded_owner(skaddr: u64, o: &mut Owner) -> (u8, u8) {
+    match OWNERS.get_ptr(&skaddr) {
+        // SAFETY: read at once; a concurrent update can only make it a fresher owner.
+        Some(r) => unsafe {
+            if (*r).has_owner != 0 {
+                *o = (*r).owner;
+                ((*r).role, flags::OWNER_KNOWN)
+            } else {
+                ((*r).role, 0)
+            }
+        },
+        None => (role::UNKNOWN, 0),
+    }
+}
+
+/// The start of a timewait or request socket's `sock_common`.
+#[inline(always)]
+fn read_skc(skc: u64) -> Option<SkcHead> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel(skc as *const SkcHead) }.ok()
+}
+
+/// The 4-tuple of a timewait socket, local side first.
+#[inline(always)]
+fn skc_tuple(skc: u64, head: &SkcHead, t: &mut Tuple) {
+    t.sport = head.num;
+    t.dport = u16::from_be(head.dport_be);
+    if head.family == AF_INET6 as u16 {
+        // SAFETY: as above; offsets from BTF. A failed read leaves zeroes.
+        unsafe {
+            let _ = bpf_probe_read_kernel_buf(
+                (skc + config!(off_skc_v6_rcv_saddr) as u64) as *const u8,
+                &mut t.saddr,
+            );
+            let _ = bpf_probe_read_kernel_buf(
+                (skc + config!(off_skc_v6_daddr) as u64) as *const u8,
+                &mut t.daddr,
+            );
+        }
+    } else {
+        t.saddr[..4].copy_from_slice(&head.rcv_saddr);
+        t.daddr[..4].copy_from_slice(&head.daddr);
+    }
+}
+
+#[inline(always)]
+fn portpair(head: &SkcHead) -> u32 {
+    (head.dport_be as u32) << 16 | head.num as u32
+}
+
+// ---------------------------------------------------------------------------------------------
+// sock:inet_sock_set_state
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    if field::<u16>(&ctx, tp::inet_sock_set_state::PROTOCOL) != IPPROTO_TCP {
+        return 0;
+    }
+    on_state(&ctx);
+    0
+}
+
+#[inline(always)]
+fn sock_tuple(ctx: &TracePointContext, family: u8, t: &mut Tuple) {
+    use tp::inet_sock_set_state as f;
+    t.sport = field(ctx, f::SPORT);
+    t.dport = field(ctx, f::DPORT);
+    if family == AF_INET6 {
+        t.saddr = field_v6(ctx, f::SADDR_V6);
+        t.daddr = field_v6(ctx, f::DADDR_V6);
+    } else {
+        t.saddr[..4].copy_from_slice(&field_v4(ctx, f::SADDR));
+        t.daddr[..4].copy_from_slice(&field_v4(ctx, f::DADDR));
+    }
+}
+
+fn on_state(ctx: &TracePointContext) {
+    use tp::inet_sock_set_state as f;
+    let Some(s) = scratch() else { return };
+    let old: i32 = field(ctx, f::OLDSTATE);
+    let new: i32 = field(ctx, f::NEWSTATE);
+    let skaddr: u64 = field(ctx, f::SKADDR);
+    let family = field::<u16>(ctx, f::FAMILY) as u8;
+
+    // Both slots only describe the hit right before this one.
+    let pending = s.pending_timer;
+    s.pending_timer = 0;
+    s.cancel_timer = 0;
+
+    match (old, new) {
+        (st::CLOSE, st::SYN_SENT) => {
+            // connect(), in process context: the caller owns the socket. The local port is not
+            // chosen yet (sport is 0 here); remember the destination to recognise tcp_tw_reuse.
+            let mut record = OwnerRecord {
+                role: role::CONNECTED,
+                has_owner: 1,
+                ..OwnerRecord::default()
+            };
+            current_owner(&mut record.owner);
+            store_owner(skaddr, &record, BPF_ANY);
+            s.connect_pid_tgid = bpf_get_current_pid_tgid();
+            // SAFETY: helper without arguments.
+            s.connect_ts = unsafe { bpf_ktime_get_ns() };
+            s.connect_family = family as u16;
+            s.connect_dport = field(ctx, f::DPORT);
+            if family == AF_INET6 {
+                s.connect_daddr = field_v6(ctx, f::DADDR_V6);
+            } else {
+                s.connect_daddr[..4].copy_from_slice(&field_v4(ctx, f::DADDR));
+            }
+        }
+        (st::LISTEN, st::SYN_RECV) => {
+            // A child socket cloned from a listener, in softirq: the role is known, the owner is
+            // not (accept() changes no state); close() will fill it in.
+            let record = OwnerRecord {
+                role: role::ACCEPTED,
+                ..OwnerRecord::default()
+            };
+            store_owner(skaddr, &record, BPF_NOEXIST);
+        }
+        (st::ESTABLISHED | st::SYN_RECV, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => {
+            // close() or shutdown(), in process context: the caller is responsible for what
+            // follows (TIME_WAIT on the active side).
+            let mut record = OWNERS
+                .get_ptr(&skaddr)
+                // SAFETY: copied out at once.
+                .map(|p| unsafe { *p })
+                .unwrap_or_default();
+            current_owner(&mut record.owner);
+            record.has_owner = 1;
+            store_owner(skaddr, &record, BPF_ANY);
+        }
+        (_, st::CLOSE) => {
+            if pending != 0 {
+                on_close_after_tw_start(ctx, pending, s.pending_timeout, family);
+            } else if old == st::FIN_WAIT2 || old == st::CLOSING {
+                bump(counter::CLOSE_WITHOUT_TW);
+            }
+        }
+        _ => {}
+    }
+
+    if config!(emit_states) != 0 {
+        emit(|e: &mut SockEvent| {
+            let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
+            e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
+            sock_tuple(ctx, family, &mut e.tuple);
+            e.skaddr = skaddr;
+            e.old_state = old as u8;
+            e.new_state = new as u8;
+            e.role = rl;
+        });
+    }
+
+    if new == st::CLOSE {
+        // The full socket is gone; its address will be reused.
+        let _ = OWNERS.remove(&skaddr);
+    }
+}
+
+#[inline(always)]
+fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
+    if OWNERS.insert(&skaddr, record, how as u64).is_err() && how != BPF_NOEXIST {
+        bump(counter::OWNER_STORE_FAILED);
+    }
+}
+
+/// `-> CLOSE` right after a TIME_WAIT timer start on this CPU: a birth if the timewait socket
+/// has this socket's 4-tuple (a re-armed timer followed by an unrelated close does not).
+#[inline(always)]
+fn on_close_after_tw_start(ctx: &TracePointContext, timer: u64, timeout: u64, family: u8) {
+    use tp::inet_sock_set_state as f;
+    let Some(head) = read_skc(timer - config!(off_tw_timer) as u64) else {
+        bump(counter::BIRTH_UNMATCHED);
+        return;
+    };
+    let same = head.family == family as u16
+        && head.num == field::<u16>(ctx, f::SPORT)
+        && u16::from_be(head.dport_be) == field::<u16>(ctx, f::DPORT)
+        && (family != AF_INET
+            || (head.rcv_saddr == field_v4(ctx, f::SADDR)
+                && head.daddr == field_v4(ctx, f::DADDR)));
+    if !same {
+        bump(counter::BIRTH_UNMATCHED);
+        return;
+    }
+    let skaddr: u64 = field(ctx, f::SKADDR);
+    emit(|e: &mut SockEvent| {
+        let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
+        e.header = header(kind::TW_BIRTH, family, fl | flags::HAS_TUPLE);
+        sock_tuple(ctx, family, &mut e.tuple);
+        e.skaddr = skaddr;
+        e.timer = timer;
+        e.timeout_jiffies = timeout as u32;
+        e.old_state = field::<i32>(ctx, f::OLDSTATE) as u8;
+        e.new_state = st::CLOSE as u8;
+        e.role = rl;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// timer:* (they fire for every timer of the system: compare the function first, return at once)
+
+#[tracepoint(category = "timer", name = "timer_start")]
+pub fn timer_start(ctx: TracePointContext) -> u32 {
+    let function: u64 = field(&ctx, tp::timer_start::FUNCTION);
+    if function == config!(tw_timer_fn) {
+        on_tw_start(&ctx);
+    } else if function == config!(reqsk_timer_fn) {
+        on_reqsk_start(&ctx);
+    }
+    0
+}
+
+fn on_tw_start(ctx: &TracePointContext) {
+    let Some(s) = scratch() else { return };
+    let timer: u64 = field(ctx, tp::timer_start::TIMER);
+    let expires: u64 = field(ctx, tp::timer_start::EXPIRES);
+    let now: u64 = field(ctx, tp::timer_start::NOW);
+    let timeout = expires.wrapping_sub(now);
+    bump(counter::TW_TIMER_STARTS);
+    if s.cancel_timer == timer {
+        // mod_timer_pending() on a pending timer: detach (timer_cancel) then enqueue
+        // (timer_start), under the timer base lock with interrupts off: nothing runs between.
+        emit(|e: &mut TimerEvent| {
+            e.header = header(kind::TW_REARM, 0, 0);
+            e.timer = timer;
+            e.timeout_jiffies = timeout as u32;
+        });
+    }
+    s.cancel_timer = 0;
+    // Also after a re-arm: a freed timewait socket's memory is reused at once, so a new birth
+    // can follow the death of the old one at the same address; the 4-tuple check decides.
+    s.pending_timer = timer;
+    s.pending_timeout = timeout;
+}
+
+/// A listener arms a request socket's timer while handling a SYN. If the TIME_WAIT timer just
+/// cancelled on this CPU had the same ports, that SYN took the TIME_WAIT 4-tuple over
+/// (tcp_v4_rcv's TCP_TW_SYN path kills the timewait socket, then hands the SYN to the listener).
+fn on_reqsk_start(ctx: &TracePointContext) {
+    let Some(s) = scratch() else { return };
+    let cancelled = s.cancel_timer;
+    if cancelled == 0 {
+        return;
+    }
+    s.cancel_timer = 0;
+    let timer: u64 = field(ctx, tp::timer_start::TIMER);
+    let Some(head) = read_skc(timer - config!(off_rsk_timer) as u64) else {
+        return;
+    };
+    if portpair(&head) == s.cancel_portpair {
+        emit(|e: &mut TimerEvent| {
+            e.header = header(kind::TW_SYN, 0, 0);
+            e.timer = cancelled;
+        });
+    }
+}
+
+#[tracepoint(category = "timer", name = "timer_cancel")]
+pub fn timer_cancel(ctx: TracePointContext) -> u32 {
+    let timer: u64 = field(&ctx, tp::timer_cancel::TIMER);
+    // The record carries no function: read it from the timer_list itself.
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    let function =
+        unsafe { bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64) }
+            .unwrap_or(0);
+    if function == config!(tw_timer_fn) {
+        on_tw_cancel(timer);
+    }
+    0
+}
+
+fn on_tw_cancel(timer: u64) {
+    let Some(s) = scratch() else { return };
+    let tw = timer - config!(off_tw_timer) as u64;
+    let Some(head) = read_skc(tw) else { return };
+    let family = head.family as u8;
+    // tcp_tw_reuse: __inet_hash_connect() kills the timewait socket inside the connect() that
+    // just went CLOSE -> SYN_SENT towards the same destination.
+    let reuse = s.connect_pid_tgid == bpf_get_current_pid_tgid()
+        && s.connect_dport == u16::from_be(head.dport_be)
+        && s.connect_family == head.family
+        // SAFETY: helper without arguments.
+        && unsafe { bpf_ktime_get_ns() }.wrapping_sub(s.connect_ts) < REUSE_WINDOW_NS
+        && (if family == AF_INET {
+            s.connect_daddr[..4] == head.daddr
+        } else {
+            let mut daddr = [0u8; 16];
+            // SAFETY: as in skc_tuple.
+            let _ = unsafe {
+                bpf_probe_read_kernel_buf(
+                    (tw + config!(off_skc_v6_daddr) as u64) as *const u8,
+                    &mut daddr,
+                )
+            };
+            s.connect_daddr == daddr
+        });
+    if reuse {
+        s.connect_pid_tgid = 0;
+    }
+    emit(|e: &mut TimerEvent| {
+        let fl = if reuse { flags::REUSE } else { 0 };
+        e.header = header(kind::TW_CANCEL, family, fl | flags::HAS_TUPLE);
+        e.timer = timer;
+        skc_tuple(tw, &head, &mut e.tuple);
+    });
+    s.cancel_timer = timer;
+    s.cancel_portpair = portpair(&head);
+    s.pending_timer = 0;
+}
+
+#[tracepoint(category = "timer", name = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
+    let function: u64 = field(&ctx, tp::timer_expire_entry::FUNCTION);
+    if function == config!(tw_timer_fn) {
+        on_tw_expire(&ctx);
+    }
+    0
+}
+
+fn on_tw_expire(ctx: &TracePointContext) {
+    let timer: u64 = field(ctx, tp::timer_expire_entry::TIMER);
+    if let Some(s) = scratch() {
+        s.cancel_timer = 0;
+    }
+    let tw = timer - config!(off_tw_timer) as u64;
+    let head = read_skc(tw);
+    emit(|e: &mut TimerEvent| {
+        e.timer = timer;
+        e.header = match &head {
+            Some(h) => {
+                skc_tuple(tw, h, &mut e.tuple);
+                header(kind::TW_EXPIRE, h.family as u8, flags::HAS_TUPLE)
+            }
+            None => header(kind::TW_EXPIRE, 0, 0),
+        };
+    });
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

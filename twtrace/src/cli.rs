@@ -1,0 +1,238 @@
+//! Command line: clap definitions and strict parsers. Every rejected value is named in the error.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::filter::{Cidr, Filter};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "twtrace",
+    version,
+    about = "Shows, live, where a Linux host's TCP TIME_WAIT sockets come from",
+    after_help = "Exit codes: 0 ok, 1 error, 2 bad usage, 3 budget exceeded (exec), \
+                  4 missing privilege, 5 kernel lacks a feature, 6 tracefs unavailable, \
+                  7 the kernel refused to load or attach."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Stream TIME_WAIT births and deaths (and, with --all-states, every TCP transition)
+    Watch(WatchArgs),
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    /// Only connections with this local or remote port (repeatable)
+    #[arg(long = "port", value_name = "PORT", value_parser = parse_port)]
+    pub ports: Vec<u16>,
+    /// Only connections whose remote address is in this network (repeatable)
+    #[arg(long = "peer", value_name = "CIDR", value_parser = parse_cidr)]
+    pub peers: Vec<Cidr>,
+    /// Only sockets owned by this process id (repeatable)
+    #[arg(long = "pid", value_name = "PID", value_parser = parse_pid)]
+    pub pids: Vec<u32>,
+    /// Only sockets owned by a process with this exact name (repeatable)
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub comms: Vec<String>,
+    /// Only IPv4 (v4-mapped IPv6 counts as IPv4)
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Only IPv6
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+}
+
+impl FilterArgs {
+    pub fn to_filter(&self) -> Filter {
+        Filter {
+            ports: self.ports.clone(),
+            peers: self.peers.clone(),
+            pids: self.pids.clone(),
+            comms: self.comms.clone(),
+            family: if self.ipv4 {
+                Some(4)
+            } else if self.ipv6 {
+                Some(6)
+            } else {
+                None
+            },
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// Ring buffer size between kernel and twtrace (a power of two, at least 4KiB)
+    #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_ring_size)]
+    pub ring_size: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// One JSON object per line
+    #[arg(long)]
+    pub json: bool,
+    /// Also stream every TCP state transition, with its owner where known
+    #[arg(long)]
+    pub all_states: bool,
+    /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 && s.chars().all(|c| c.is_ascii_digit()) => Ok(p),
+        _ => Err(format!("'{s}' is not a TCP port (1 to 65535)")),
+    }
+}
+
+pub fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse()
+}
+
+pub fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(p) if p > 0 && s.chars().all(|c| c.is_ascii_digit()) => Ok(p),
+        _ => Err(format!("'{s}' is not a process id (a positive integer)")),
+    }
+}
+
+pub fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("a process name cannot be empty".into())
+    } else if s.len() > 15 {
+        Err(format!(
+            "'{s}' is longer than 15 bytes; the kernel keeps only the first 15 of a process \
+             name: use '{}'",
+            s.get(..15).unwrap_or(s)
+        ))
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+/// `500ms`, `30s`, `5m`, `1h`, or plain seconds. Zero is refused.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("'{s}' is not a duration (like 500ms, 30s, 5m, 1h)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() || num.len() > 9 {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(bad()),
+    };
+    if d.is_zero() {
+        return Err(format!("'{s}': the duration must be more than zero"));
+    }
+    Ok(d)
+}
+
+/// `4096`, `64KiB`, `4MiB`, `1GiB` (also `K`, `M`, `G`): a power of two, 4 KiB to 1 GiB.
+pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let bad = || format!("'{s}' is not a size (like 65536, 256KiB, 4MiB)");
+    let n: u64 = if num.is_empty() || num.len() > 10 {
+        return Err(bad());
+    } else {
+        num.parse().map_err(|_| bad())?
+    };
+    let mult: u64 = match unit {
+        "" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(mult).ok_or_else(bad)?;
+    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+        return Err(format!(
+            "'{s}': the ring buffer size must be a power of two from 4KiB to 1GiB"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        assert_eq!(parse_port("80"), Ok(80));
+        assert_eq!(parse_port("65535"), Ok(65535));
+        for bad in ["0", "65536", "-1", "+80", "http", "", " 80", "8o"] {
+            let e = parse_port(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "0s", "-1s", "1.5s", "10x", "1000000000000s", "1 s"] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains(&format!("'{bad}'")), "{e}");
+        }
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert_eq!(parse_ring_size("64K"), Ok(64 << 10));
+        for bad in ["3MiB", "1024", "2GiB", "abc", "", "4Mb", "99999999999999999999"] {
+            assert!(parse_ring_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn comms_and_pids() {
+        assert_eq!(parse_comm("nginx"), Ok("nginx".into()));
+        assert!(
+            parse_comm("a-very-long-process-name")
+                .unwrap_err()
+                .contains("'a-very-long-pr")
+        );
+        assert!(parse_comm("").is_err());
+        assert_eq!(parse_pid("1"), Ok(1));
+        assert!(parse_pid("0").unwrap_err().contains("'0'"));
+        assert!(parse_pid("x").is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_conflict() {
+        assert!(Cli::try_parse_from(["twtrace", "watch", "-4", "-6"]).is_err());
+        let cli = Cli::try_parse_from(["twtrace", "watch", "--port", "80", "--peer", "::1"])
+            .unwrap();
+        let Command::Watch(w) = cli.command;
+        assert_eq!(w.filter.to_filter().ports, vec![80]);
+    }
+}

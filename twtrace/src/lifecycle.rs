@@ -1,0 +1,557 @@
+//! Kernel facts -> TIME_WAIT lifecycles: who entered, who left, why, after how long.
+//!
+//! The kernel programs report what the timer tracepoints show and nothing more. One fact needs
+//! context to be understood: every end of a TIME_WAIT socket starts with `timer_cancel`, but so
+//! do its expiry (the timer is detached just before it runs) and its re-arm (`mod_timer_pending`
+//! detaches, then enqueues). Both of those happen back to back on the same CPU with interrupts
+//! off, so the kernel's next event *from that CPU* settles what a cancel was:
+//!
+//! | next event from the CPU      | the cancel was                               |
+//! |------------------------------|----------------------------------------------|
+//! | expire of the same timer     | the expiry: reason `expired`                 |
+//! | re-arm of the same timer     | a restart of the 60 s: nothing ended         |
+//! | SYN take-over of the timer   | a new SYN took the 4-tuple: reason `syn`     |
+//! | anything else, or nothing    | an early end: `reused` (connect() reuse, the |
+//! | within `SETTLE_NS`           | kernel flags it) or `killed` (RST, ss -K, …) |
+//!
+//! Pure: fed events built in code by the unit tests.
+
+use std::collections::HashMap;
+
+use crate::decode::{Conn, KernelEvent, Process, Role};
+
+/// How long a cancel waits for the event that explains it. The explaining event is produced
+/// within microseconds on the same CPU; this only bounds how late an early death is reported
+/// when that CPU then goes quiet.
+pub const SETTLE_NS: u64 = 50_000_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    Expired,
+    Reused,
+    Syn,
+    Killed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 4] = [Reason::Expired, Reason::Reused, Reason::Syn, Reason::Killed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Expired => "expired",
+            Reason::Reused => "reused",
+            Reason::Syn => "syn",
+            Reason::Killed => "killed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwEnter {
+    pub ts_ns: u64,
+    pub timer: u64,
+    pub conn: Conn,
+    pub owner: Option<Process>,
+    pub role: Role,
+    pub timeout_jiffies: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwExit {
+    pub ts_ns: u64,
+    pub timer: u64,
+    /// None only when the kernel could not read the 4-tuple of a socket born before start.
+    pub conn: Option<Conn>,
+    pub owner: Option<Process>,
+    pub role: Role,
+    pub reason: Reason,
+    /// None for a TIME_WAIT socket born before twtrace started.
+    pub lifetime_ns: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub ts_ns: u64,
+    pub conn: Conn,
+    pub old_state: u8,
+    pub new_state: u8,
+    pub owner: Option<Process>,
+    pub role: Role,
+    pub skaddr: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Enter(TwEnter),
+    Exit(TwExit),
+    State(Transition),
+}
+
+impl Event {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::Enter(e) => e.ts_ns,
+            Event::Exit(e) => e.ts_ns,
+            Event::State(e) => e.ts_ns,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Live {
+    birth_ts: u64,
+    conn: Conn,
+    owner: Option<Process>,
+    role: Role,
+    /// The last cancel that turned out to be a re-arm; see `on_birth`.
+    last_cancel: Option<(u64, bool)>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingCancel {
+    timer: u64,
+    ts_ns: u64,
+    reuse: bool,
+    conn: Option<Conn>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LifecycleStats {
+    /// Re-arms seen (a FIN_WAIT2-substate socket becoming TIME_WAIT, or a restarted 60 s).
+    pub rearms: u64,
+    /// A birth arrived for a timer still thought alive: its end was lost or hidden.
+    pub replaced: u64,
+}
+
+#[derive(Default)]
+pub struct Lifecycle {
+    live: HashMap<u64, Live>,
+    /// Indexed by CPU: at most one unexplained cancel per CPU.
+    pending: Vec<Option<PendingCancel>>,
+    stats: LifecycleStats,
+}
+
+impl Lifecycle {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// TIME_WAIT sockets born since start and not yet ended.
+    pub fn live_count(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn stats(&self) -> LifecycleStats {
+        self.stats
+    }
+
+    pub fn feed(&mut self, ev: KernelEvent, out: &mut Vec<Event>) {
+        let cpu = ev.cpu() as usize;
+        if self.pending.len() <= cpu {
+            self.pending.resize(cpu + 1, None);
+        }
+        if let Some(p) = self.pending[cpu].take() {
+            match &ev {
+                KernelEvent::Expire { timer, ts_ns, .. } if *timer == p.timer => {
+                    self.end(p.timer, Reason::Expired, *ts_ns, p.conn, out);
+                    return;
+                }
+                KernelEvent::Rearm { timer, .. } if *timer == p.timer => {
+                    self.stats.rearms += 1;
+                    if let Some(live) = self.live.get_mut(&p.timer) {
+                        live.last_cancel = Some((p.ts_ns, p.reuse));
+                    }
+                    return;
+                }
+                KernelEvent::SynTakeover { timer, .. } if *timer == p.timer => {
+                    self.end(p.timer, Reason::Syn, p.ts_ns, p.conn, out);
+                    return;
+                }
+                _ => self.end_early(p, out),
+            }
+        }
+        match ev {
+            KernelEvent::Cancel {
+                timer,
+                ts_ns,
+                conn,
+                reuse,
+                ..
+            } => {
+                self.pending[cpu] = Some(PendingCancel {
+                    timer,
+                    ts_ns,
+                    reuse,
+                    conn,
+                });
+            }
+            // An expiry without its cancel (the cancel was lost): still an expiry.
+            KernelEvent::Expire {
+                timer, ts_ns, conn, ..
+            } => self.end(timer, Reason::Expired, ts_ns, conn, out),
+            KernelEvent::Rearm { .. } | KernelEvent::SynTakeover { .. } => {}
+            KernelEvent::Birth {
+                ts_ns,
+                timer,
+                conn,
+                owner,
+                role,
+                timeout_jiffies,
+                ..
+            } => self.on_birth(
+                TwEnter {
+                    ts_ns,
+                    timer,
+                    conn,
+                    owner,
+                    role,
+                    timeout_jiffies,
+                },
+                out,
+            ),
+            KernelEvent::State {
+                ts_ns,
+                conn,
+                old_state,
+                new_state,
+                owner,
+                role,
+                skaddr,
+                ..
+            } => out.push(Event::State(Transition {
+                ts_ns,
+                conn,
+                old_state,
+                new_state,
+                owner,
+                role,
+                skaddr,
+            })),
+        }
+    }
+
+    fn on_birth(&mut self, enter: TwEnter, out: &mut Vec<Event>) {
+        // Timewait sockets are freed and their memory reused at once. A cancel of this timer
+        // still waiting on another CPU is the death of the previous socket at this address.
+        for cpu in 0..self.pending.len() {
+            if self.pending[cpu]
+                .as_ref()
+                .is_some_and(|p| p.timer == enter.timer)
+            {
+                let p = self.pending[cpu].take().expect("checked");
+                self.end_early(p, out);
+            }
+        }
+        // Still alive: its death was hidden behind a cancel that looked like a re-arm (the new
+        // socket's timer started right after the old one's cancel on the same CPU), or lost.
+        if let Some(old) = self.live.remove(&enter.timer) {
+            self.stats.replaced += 1;
+            let (ts, reuse) = old.last_cancel.unwrap_or((enter.ts_ns, false));
+            let reason = if reuse {
+                Reason::Reused
+            } else {
+                Reason::Killed
+            };
+            out.push(Event::Exit(TwExit {
+                ts_ns: ts,
+                timer: enter.timer,
+                conn: Some(old.conn),
+                owner: old.owner,
+                role: old.role,
+                reason,
+                lifetime_ns: Some(ts.saturating_sub(old.birth_ts)),
+            }));
+        }
+        self.live.insert(
+            enter.timer,
+            Live {
+                birth_ts: enter.ts_ns,
+                conn: enter.conn,
+                owner: enter.owner.clone(),
+                role: enter.role,
+                last_cancel: None,
+            },
+        );
+        out.push(Event::Enter(enter));
+    }
+
+    fn end_early(&mut self, p: PendingCancel, out: &mut Vec<Event>) {
+        let reason = if p.reuse {
+            Reason::Reused
+        } else {
+            Reason::Killed
+        };
+        self.end(p.timer, reason, p.ts_ns, p.conn, out);
+    }
+
+    fn end(
+        &mut self,
+        timer: u64,
+        reason: Reason,
+        ts_ns: u64,
+        conn: Option<Conn>,
+        out: &mut Vec<Event>,
+    ) {
+        let exit = match self.live.remove(&timer) {
+            Some(live) => TwExit {
+                ts_ns,
+                timer,
+                conn: Some(live.conn),
+                owner: live.owner,
+                role: live.role,
+                reason,
+                lifetime_ns: Some(ts_ns.saturating_sub(live.birth_ts)),
+            },
+            None => TwExit {
+                ts_ns,
+                timer,
+                conn,
+                owner: None,
+                role: Role::Unknown,
+                reason,
+                lifetime_ns: None,
+            },
+        };
+        out.push(Event::Exit(exit));
+    }
+
+    /// Ends the cancels that nothing explained within `SETTLE_NS` of `now_ns` (monotonic).
+    pub fn settle(&mut self, now_ns: u64, out: &mut Vec<Event>) {
+        for cpu in 0..self.pending.len() {
+            if self.pending[cpu]
+                .as_ref()
+                .is_some_and(|p| now_ns.saturating_sub(p.ts_ns) >= SETTLE_NS)
+            {
+                let p = self.pending[cpu].take().expect("checked");
+                self.end_early(p, out);
+            }
+        }
+    }
+
+    /// At shutdown: every waiting cancel is an early end.
+    pub fn flush(&mut self, out: &mut Vec<Event>) {
+        self.settle(u64::MAX, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(port: u16) -> Conn {
+        Conn {
+            local: format!("127.0.0.1:{port}").parse().unwrap(),
+            remote: "127.0.0.1:80".parse().unwrap(),
+        }
+    }
+
+    fn owner() -> Option<Process> {
+        Some(Process {
+            pid: 10,
+            tid: 10,
+            comm: "client".into(),
+            cgroup_id: 1,
+        })
+    }
+
+    fn birth(cpu: u32, ts: u64, timer: u64, port: u16) -> KernelEvent {
+        KernelEvent::Birth {
+            cpu,
+            ts_ns: ts,
+            timer,
+            conn: conn(port),
+            owner: owner(),
+            role: Role::Connected,
+            timeout_jiffies: 15000,
+        }
+    }
+
+    fn cancel(cpu: u32, ts: u64, timer: u64, reuse: bool) -> KernelEvent {
+        KernelEvent::Cancel {
+            cpu,
+            ts_ns: ts,
+            timer,
+            conn: None,
+            reuse,
+        }
+    }
+
+    fn run(events: Vec<KernelEvent>) -> (Vec<Event>, Lifecycle) {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        for e in events {
+            lc.feed(e, &mut out);
+        }
+        (out, lc)
+    }
+
+    fn exits(out: &[Event]) -> Vec<(u64, Reason, Option<u64>)> {
+        out.iter()
+            .filter_map(|e| match e {
+                Event::Exit(x) => Some((x.timer, x.reason, x.lifetime_ns)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cancel_then_expire_is_an_expiry_with_lifetime() {
+        let (out, lc) = run(vec![
+            birth(0, 1_000, 7, 1),
+            cancel(1, 60_000_001_000, 7, false),
+            KernelEvent::Expire {
+                cpu: 1,
+                ts_ns: 60_000_002_000,
+                timer: 7,
+                conn: None,
+            },
+        ]);
+        assert_eq!(
+            exits(&out),
+            vec![(7, Reason::Expired, Some(60_000_001_000))]
+        );
+        assert_eq!(lc.live_count(), 0);
+        match &out[1] {
+            Event::Exit(x) => {
+                assert_eq!(x.owner, owner());
+                assert_eq!(x.conn, Some(conn(1)));
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn cancel_then_rearm_ends_nothing() {
+        let (out, lc) = run(vec![
+            birth(0, 0, 7, 1),
+            cancel(0, 5, 7, false),
+            KernelEvent::Rearm {
+                cpu: 0,
+                ts_ns: 6,
+                timer: 7,
+                timeout_jiffies: 15000,
+            },
+        ]);
+        assert!(exits(&out).is_empty());
+        assert_eq!(lc.live_count(), 1);
+        assert_eq!(lc.stats().rearms, 1);
+    }
+
+    #[test]
+    fn cancel_then_syn_is_a_syn_takeover() {
+        let (out, _) = run(vec![
+            birth(0, 0, 7, 1),
+            cancel(1, 100, 7, false),
+            KernelEvent::SynTakeover {
+                cpu: 1,
+                ts_ns: 101,
+                timer: 7,
+            },
+        ]);
+        assert_eq!(exits(&out), vec![(7, Reason::Syn, Some(100))]);
+    }
+
+    #[test]
+    fn cancel_followed_by_something_else_is_early() {
+        let (out, _) = run(vec![
+            birth(0, 0, 7, 1),
+            birth(0, 0, 8, 2),
+            cancel(1, 100, 7, true),
+            cancel(1, 200, 8, false),
+            birth(1, 300, 9, 3),
+        ]);
+        assert_eq!(
+            exits(&out),
+            vec![(7, Reason::Reused, Some(100)), (8, Reason::Killed, Some(200))]
+        );
+    }
+
+    #[test]
+    fn a_quiet_cpu_settles_after_the_window() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        lc.feed(birth(0, 0, 7, 1), &mut out);
+        lc.feed(cancel(3, 1_000, 7, false), &mut out);
+        lc.settle(1_000 + SETTLE_NS - 1, &mut out);
+        assert!(exits(&out).is_empty());
+        lc.settle(1_000 + SETTLE_NS, &mut out);
+        assert_eq!(exits(&out), vec![(7, Reason::Killed, Some(1_000))]);
+    }
+
+    #[test]
+    fn other_cpus_do_not_explain_a_cancel() {
+        // The expire of the same timer on another CPU cannot be this cancel's expiry.
+        let (out, _) = run(vec![
+            birth(0, 0, 7, 1),
+            cancel(0, 10, 7, false),
+            KernelEvent::Rearm {
+                cpu: 1,
+                ts_ns: 11,
+                timer: 7,
+                timeout_jiffies: 1,
+            },
+        ]);
+        assert!(exits(&out).is_empty(), "still pending on cpu 0");
+    }
+
+    #[test]
+    fn address_reuse_after_death_is_two_lives() {
+        // Old socket at timer 7 is killed on cpu 0; its memory is reused at once by a new
+        // timewait socket on cpu 0, whose start looks like a re-arm to the kernel.
+        let (out, lc) = run(vec![
+            birth(0, 0, 7, 1),
+            cancel(0, 50, 7, false),
+            KernelEvent::Rearm {
+                cpu: 0,
+                ts_ns: 51,
+                timer: 7,
+                timeout_jiffies: 15000,
+            },
+            birth(0, 52, 7, 2),
+        ]);
+        assert_eq!(exits(&out), vec![(7, Reason::Killed, Some(50))]);
+        assert_eq!(lc.live_count(), 1);
+        assert_eq!(lc.stats().replaced, 1);
+    }
+
+    #[test]
+    fn birth_at_an_address_with_a_pending_cancel_elsewhere_ends_the_old_one_first() {
+        let (out, lc) = run(vec![
+            birth(0, 0, 7, 1),
+            cancel(0, 50, 7, true),
+            birth(1, 60, 7, 2),
+        ]);
+        assert_eq!(exits(&out), vec![(7, Reason::Reused, Some(50))]);
+        assert!(matches!(out.last(), Some(Event::Enter(e)) if e.conn == conn(2)));
+        assert_eq!(lc.live_count(), 1);
+    }
+
+    #[test]
+    fn ends_of_sockets_born_before_start_have_no_lifetime() {
+        let c = conn(5);
+        let (out, _) = run(vec![KernelEvent::Expire {
+            cpu: 0,
+            ts_ns: 9,
+            timer: 3,
+            conn: Some(c),
+        }]);
+        match &out[0] {
+            Event::Exit(x) => {
+                assert_eq!(x.conn, Some(c));
+                assert_eq!(x.lifetime_ns, None);
+                assert_eq!(x.owner, None);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn flush_ends_everything_pending() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        lc.feed(birth(0, 0, 7, 1), &mut out);
+        lc.feed(cancel(1, 5, 7, false), &mut out);
+        lc.flush(&mut out);
+        assert_eq!(exits(&out).len(), 1);
+    }
+}

@@ -1,0 +1,211 @@
+//! The kernel side as userspace sees it: load, configure, attach, read counters, detach.
+//!
+//! Detaching needs no code: every link belongs to the `Ebpf` object, and the kernel drops a
+//! tracepoint link when its last file descriptor closes, so normal exit, an error during
+//! attach, a panic and SIGKILL all leave nothing behind.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use twtrace_common::{Config, counter};
+
+use crate::{
+    failure::{Code, Failure},
+    preflight::{self, KernelInfo},
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
+
+/// (program, category, tracepoint)
+pub const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("timer_start", "timer", "timer_start"),
+    ("timer_cancel", "timer", "timer_cancel"),
+    ("timer_expire_entry", "timer", "timer_expire_entry"),
+];
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeOptions {
+    pub ring_size: u32,
+    /// Emit every TCP state transition (watch --all-states).
+    pub emit_states: bool,
+}
+
+/// The kernel programs' own counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub lost: u64,
+    pub emitted: u64,
+    pub tw_timer_starts: u64,
+    pub birth_unmatched: u64,
+    pub close_without_tw: u64,
+    pub owner_store_failed: u64,
+}
+
+/// What the kernel keeps per program (BPF_OBJ_GET_INFO_BY_FD).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub id: u32,
+    /// Filled only while `kernel.bpf_stats_enabled` is 1.
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+    /// Runs the kernel skipped because a program was already running on that CPU.
+    pub recursion_misses: u64,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub info: KernelInfo,
+}
+
+fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        Code::Refused,
+        format!("the kernel refused to {what}: {e}"),
+    )
+}
+
+impl Probes {
+    pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
+        let info = preflight::check()?;
+        if info.mounted_tracefs {
+            eprintln!(
+                "twtrace: mounted tracefs at {} (it was not mounted)",
+                info.tracefs.display()
+            );
+        }
+        raise_memlock_limit();
+        let config = Config {
+            tw_timer_fn: info.tw_timer_fn,
+            reqsk_timer_fn: info.reqsk_timer_fn,
+            off_tw_timer: info.off_tw_timer,
+            off_rsk_timer: info.off_rsk_timer,
+            off_timer_function: info.off_timer_function,
+            off_skc_v6_daddr: info.off_skc_v6_daddr,
+            off_skc_v6_rcv_saddr: info.off_skc_v6_rcv_saddr,
+            emit_states: opts.emit_states as u8,
+            _pad: [0; 3],
+            wakeup_bytes: (opts.ring_size / 16) as u64,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", opts.ring_size)
+            .load(OBJECT)
+            .map_err(|e| refused("load twtrace's programs and maps", e))?;
+        for (prog, category, name) in PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| refused("load", format!("program {prog} missing from object")))?
+                .try_into()
+                .map_err(|e| refused("load", e))?;
+            program
+                .load()
+                .map_err(|e| refused(&format!("load program {prog}"), e))?;
+            program
+                .attach(category, name)
+                .map_err(|e| refused(&format!("attach to tracepoint {category}:{name}"), e))?;
+        }
+        Ok(Self { ebpf, info })
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, Failure> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| refused("create the ring buffer", "map EVENTS missing"))?;
+        RingBuf::try_from(map).map_err(|e| refused("create the ring buffer", e))
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let Some(map) = self.ebpf.map("COUNTERS") else {
+            return KernelCounters::default();
+        };
+        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else {
+            return KernelCounters::default();
+        };
+        let sum = |slot: u32| -> u64 {
+            array
+                .get(&slot, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or_default()
+        };
+        KernelCounters {
+            lost: sum(counter::LOST),
+            emitted: sum(counter::EMITTED),
+            tw_timer_starts: sum(counter::TW_TIMER_STARTS),
+            birth_unmatched: sum(counter::BIRTH_UNMATCHED),
+            close_without_tw: sum(counter::CLOSE_WITHOUT_TW),
+            owner_store_failed: sum(counter::OWNER_STORE_FAILED),
+        }
+    }
+
+    pub fn program_stats(&self) -> Vec<ProgramStats> {
+        PROGRAMS
+            .iter()
+            .filter_map(|(name, _, _)| {
+                let fd = self.ebpf.program(name)?.fd().ok()?;
+                let mut stats = prog_info(fd.as_fd().as_raw_fd())?;
+                stats.name = name;
+                Some(stats)
+            })
+            .collect()
+    }
+
+    /// Runs the kernel skipped for any twtrace program (each may have carried an event).
+    pub fn recursion_misses(&self) -> u64 {
+        self.program_stats().iter().map(|s| s.recursion_misses).sum()
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer; failure only matters on old kernels and shows at map creation.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+/// BPF_OBJ_GET_INFO_BY_FD. aya's ProgramInfo does not expose run time, run count or recursion
+/// misses, so ask the kernel directly with its own struct layout.
+fn prog_info(fd: i32) -> Option<ProgramStats> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+        _rest: [u8; 112],
+    }
+    // SAFETY: bpf_prog_info is a plain C struct; all zeroes is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: size_of::<aya_obj::generated::bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+        _rest: [0; 112],
+    };
+    // SAFETY: attr points to a valid, zero-padded bpf_attr and info to a writable buffer of
+    // the declared length; the kernel writes at most info_len bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    (rc == 0).then(|| ProgramStats {
+        name: "",
+        id: info.id,
+        run_time_ns: info.run_time_ns,
+        run_cnt: info.run_cnt,
+        recursion_misses: info.recursion_misses,
+    })
+}

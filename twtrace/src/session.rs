@@ -1,0 +1,137 @@
+//! One tracing session: the probes attached, the ring buffer read, the lifecycles resolved.
+//! Every view drives a session and only sees `lifecycle::Event`s and loss figures.
+
+use std::{io, time::Duration};
+
+use crate::{
+    clock::{self, WallClock},
+    decode::KernelEvent,
+    failure::Failure,
+    lifecycle::{Event, Lifecycle},
+    probes::{KernelCounters, ProbeOptions, Probes},
+    source::Source,
+};
+
+/// Everything that was not seen, and why.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Loss {
+    /// Events the kernel could not put in the ring buffer (it was full).
+    pub ring_full: u64,
+    /// Program runs the kernel skipped because one was already running on that CPU.
+    pub recursion_misses: u64,
+    /// Records that did not decode.
+    pub malformed: u64,
+}
+
+impl Loss {
+    pub fn total(&self) -> u64 {
+        self.ring_full + self.recursion_misses + self.malformed
+    }
+}
+
+pub struct Session {
+    pub probes: Probes,
+    source: Source,
+    lifecycle: Lifecycle,
+    pub wall: WallClock,
+    /// CONFIG_HZ, when the kernel config says.
+    pub hz: Option<u32>,
+    batch: Vec<KernelEvent>,
+    events: Vec<Event>,
+}
+
+impl Session {
+    pub fn start(opts: ProbeOptions) -> Result<Self, Failure> {
+        let mut probes = Probes::attach(opts)?;
+        let ring = probes.take_ring()?;
+        let source = Source::new(ring).map_err(|e| {
+            Failure::new(
+                crate::failure::Code::Error,
+                format!("cannot poll the ring buffer: {e}"),
+            )
+        })?;
+        let hz = clock::kernel_hz(&probes.info.release);
+        Ok(Self {
+            probes,
+            source,
+            lifecycle: Lifecycle::new(),
+            wall: WallClock::now(),
+            hz,
+            batch: Vec::with_capacity(4096),
+            events: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Waits for the next batch from the kernel; returns the lifecycle events it resolved.
+    pub async fn next(&mut self) -> io::Result<&[Event]> {
+        self.events.clear();
+        self.source.next_batch(&mut self.batch).await?;
+        self.resolve(false);
+        Ok(&self.events)
+    }
+
+    /// At the end: everything still in the ring, and every cancel still waiting.
+    pub fn finish(&mut self) -> &[Event] {
+        self.events.clear();
+        self.source.drain(&mut self.batch);
+        self.resolve(true);
+        &self.events
+    }
+
+    fn resolve(&mut self, last: bool) {
+        for ev in self.batch.drain(..) {
+            self.lifecycle.feed(ev, &mut self.events);
+        }
+        if last {
+            self.lifecycle.flush(&mut self.events);
+        } else {
+            self.lifecycle.settle(clock::monotonic_ns(), &mut self.events);
+        }
+    }
+
+    pub fn loss(&self) -> Loss {
+        Loss {
+            ring_full: self.probes.counters().lost,
+            recursion_misses: self.probes.recursion_misses(),
+            malformed: self.source.malformed,
+        }
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        self.probes.counters()
+    }
+
+    pub fn received(&self) -> u64 {
+        self.source.received
+    }
+}
+
+/// Resolves on SIGINT, SIGTERM, or after `limit`.
+pub async fn stop_signal(limit: Option<Duration>) -> io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let timeout = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = timeout => {}
+    }
+    Ok(())
+}
+
+/// `N events lost (...)` for stderr at the end of a run.
+pub fn loss_line(loss: &Loss) -> String {
+    format!(
+        "{} events lost (ring buffer full: {}, kernel recursion skips: {}, malformed: {})",
+        loss.total(),
+        loss.ring_full,
+        loss.recursion_misses,
+        loss.malformed
+    )
+}

@@ -1,0 +1,3 @@
+//! The views: each reads lifecycle events (or an aggregate of them) and renders them.
+
+pub mod watch;

@@ -1,0 +1,372 @@
+//! `twtrace watch`: every TIME_WAIT birth and death as it happens, as text or JSON lines.
+
+use std::io::{self, Write};
+
+use serde_json::{Map, Value, json};
+
+use crate::{
+    cli::WatchArgs,
+    clock::{WallClock, hms_millis, jiffies_to_ms},
+    decode::{Conn, Process, Role},
+    filter::Filter,
+    lifecycle::Event,
+    probes::ProbeOptions,
+    session::{self, Session},
+};
+
+/// Kernel names of TCP states (include/net/tcp_states.h), as `ss` and the kernel print them.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+/// How the views render one event.
+pub struct Renderer {
+    pub wall: WallClock,
+    /// CONFIG_HZ, to show the kernel's timeout; None leaves it out.
+    pub hz: Option<u32>,
+}
+
+fn role_short(role: Role) -> &'static str {
+    match role {
+        Role::Connected => "out",
+        Role::Accepted => "in",
+        Role::Unknown => "?",
+    }
+}
+
+fn secs(ns: u64) -> String {
+    format!("{:.2}s", ns as f64 / 1e9)
+}
+
+impl Renderer {
+    pub const HEADER: &'static str =
+        "TIME         EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL";
+
+    pub fn text(&self, ev: &Event) -> String {
+        let (name, conn, owner, role, detail) = match ev {
+            Event::Enter(e) => (
+                "ENTER",
+                Some(e.conn),
+                e.owner.as_ref(),
+                e.role,
+                jiffies_to_ms(e.timeout_jiffies, self.hz)
+                    .map(|ms| format!("for {}", secs(ms * 1_000_000)))
+                    .unwrap_or_default(),
+            ),
+            Event::Exit(e) => (
+                "EXIT",
+                e.conn,
+                e.owner.as_ref(),
+                e.role,
+                match e.lifetime_ns {
+                    Some(ns) => format!("{} after {}", e.reason.as_str(), secs(ns)),
+                    None => format!("{} (born before start)", e.reason.as_str()),
+                },
+            ),
+            Event::State(e) => (
+                "STATE",
+                Some(e.conn),
+                e.owner.as_ref(),
+                e.role,
+                format!("{} > {}", state_name(e.old_state), state_name(e.new_state)),
+            ),
+        };
+        let (pid, comm) = match owner {
+            Some(p) => (p.pid.to_string(), p.comm.as_str()),
+            None => ("-".to_owned(), "-"),
+        };
+        let conn = match conn {
+            Some(c) => format!("{} > {}", c.local, c.remote),
+            None => "? > ?".to_owned(),
+        };
+        format!(
+            "{} {:<5} {:>7} {:<15} {} ({}) {}",
+            hms_millis(self.wall.epoch_ns(ev.ts_ns())),
+            name,
+            pid,
+            comm,
+            conn,
+            role_short(role),
+            detail
+        )
+        .trim_end()
+        .to_owned()
+    }
+
+    pub fn json(&self, ev: &Event) -> Value {
+        let mut m = Map::new();
+        let (name, conn, owner, role) = match ev {
+            Event::Enter(e) => ("tw_enter", Some(e.conn), e.owner.as_ref(), e.role),
+            Event::Exit(e) => ("tw_exit", e.conn, e.owner.as_ref(), e.role),
+            Event::State(e) => ("state", Some(e.conn), e.owner.as_ref(), e.role),
+        };
+        m.insert("event".into(), json!(name));
+        m.insert("ts_ns".into(), json!(self.wall.epoch_ns(ev.ts_ns())));
+        insert_conn(&mut m, conn.as_ref());
+        m.insert("role".into(), json!(role.as_str()));
+        insert_owner(&mut m, owner);
+        match ev {
+            Event::Enter(e) => {
+                m.insert(
+                    "timeout_ms".into(),
+                    json!(jiffies_to_ms(e.timeout_jiffies, self.hz)),
+                );
+            }
+            Event::Exit(e) => {
+                m.insert("reason".into(), json!(e.reason.as_str()));
+                m.insert(
+                    "lifetime_ms".into(),
+                    json!(e.lifetime_ns.map(|ns| ns / 1_000_000)),
+                );
+            }
+            Event::State(e) => {
+                m.insert("old_state".into(), json!(state_name(e.old_state)));
+                m.insert("new_state".into(), json!(state_name(e.new_state)));
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+fn insert_conn(m: &mut Map<String, Value>, conn: Option<&Conn>) {
+    match conn {
+        Some(c) => {
+            m.insert("family".into(), json!(c.family()));
+            m.insert("local_addr".into(), json!(c.local.ip().to_string()));
+            m.insert("local_port".into(), json!(c.local.port()));
+            m.insert("remote_addr".into(), json!(c.remote.ip().to_string()));
+            m.insert("remote_port".into(), json!(c.remote.port()));
+        }
+        None => {
+            for k in [
+                "family",
+                "local_addr",
+                "local_port",
+                "remote_addr",
+                "remote_port",
+            ] {
+                m.insert(k.into(), Value::Null);
+            }
+        }
+    }
+}
+
+fn insert_owner(m: &mut Map<String, Value>, owner: Option<&Process>) {
+    m.insert("pid".into(), json!(owner.map(|p| p.pid)));
+    m.insert("tid".into(), json!(owner.map(|p| p.tid)));
+    m.insert("comm".into(), json!(owner.map(|p| p.comm.as_str())));
+    m.insert("cgroup_id".into(), json!(owner.map(|p| p.cgroup_id)));
+}
+
+pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
+    let filter: Filter = args.filter.to_filter();
+    let mut session = Session::start(ProbeOptions {
+        ring_size: args.probe.ring_size,
+        emit_states: args.all_states,
+    })?;
+    let renderer = Renderer {
+        wall: session.wall,
+        hz: session.hz,
+    };
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    if !args.json {
+        writeln!(out, "{}", Renderer::HEADER)?;
+        out.flush()?;
+    }
+    eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
+    let stop = session::stop_signal(args.duration);
+    tokio::pin!(stop);
+    let mut open = true;
+    loop {
+        let events = tokio::select! {
+            r = &mut stop => { r?; break; }
+            r = session.next() => r?,
+        };
+        if !emit(&mut out, &renderer, &filter, args.json, events) {
+            open = false;
+            break;
+        }
+    }
+    if open {
+        let events = session.finish();
+        emit(&mut out, &renderer, &filter, args.json, events);
+    }
+    let loss = session.loss();
+    eprintln!("twtrace: {}", session::loss_line(&loss));
+    Ok(())
+}
+
+/// Writes the events that pass the filter; false once stdout is closed (a pipe reader left).
+fn emit(
+    out: &mut impl Write,
+    r: &Renderer,
+    filter: &Filter,
+    json: bool,
+    events: &[Event],
+) -> bool {
+    let mut write = || -> io::Result<()> {
+        for ev in events.iter().filter(|e| filter.matches(e)) {
+            if json {
+                serde_json::to_writer(&mut *out, &r.json(ev))?;
+                out.write_all(b"\n")?;
+            } else {
+                writeln!(out, "{}", r.text(ev))?;
+            }
+        }
+        out.flush()
+    };
+    write().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Reason, Transition, TwEnter, TwExit};
+
+    fn conn() -> Conn {
+        Conn {
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "[::1]:80".parse().unwrap(),
+        }
+    }
+
+    fn owner() -> Option<Process> {
+        Some(Process {
+            pid: 42,
+            tid: 43,
+            comm: "curl".into(),
+            cgroup_id: 9,
+        })
+    }
+
+    fn renderer(hz: Option<u32>) -> Renderer {
+        Renderer {
+            wall: WallClock::with_offset(1_000_000_000 * 3600),
+            hz,
+        }
+    }
+
+    #[test]
+    fn json_keys_of_each_event() {
+        let r = renderer(Some(250));
+        let enter = Event::Enter(TwEnter {
+            ts_ns: 5,
+            timer: 1,
+            conn: conn(),
+            owner: owner(),
+            role: Role::Connected,
+            timeout_jiffies: 15000,
+        });
+        let v = r.json(&enter);
+        assert_eq!(v["event"], "tw_enter");
+        assert_eq!(v["ts_ns"], 3_600_000_000_005u64);
+        assert_eq!(v["local_addr"], "127.0.0.1");
+        assert_eq!(v["local_port"], 40000);
+        assert_eq!(v["remote_addr"], "::1");
+        assert_eq!(v["remote_port"], 80);
+        assert_eq!(v["family"], 4);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["comm"], "curl");
+        assert_eq!(v["role"], "connected");
+        assert_eq!(v["timeout_ms"], 60000);
+
+        let exit = Event::Exit(TwExit {
+            ts_ns: 6,
+            timer: 1,
+            conn: Some(conn()),
+            owner: None,
+            role: Role::Unknown,
+            reason: Reason::Syn,
+            lifetime_ns: Some(1_500_000_000),
+        });
+        let v = r.json(&exit);
+        assert_eq!(v["event"], "tw_exit");
+        assert_eq!(v["reason"], "syn");
+        assert_eq!(v["lifetime_ms"], 1500);
+        assert!(v["pid"].is_null() && v["comm"].is_null());
+
+        let state = Event::State(Transition {
+            ts_ns: 7,
+            conn: conn(),
+            old_state: 5,
+            new_state: 7,
+            owner: owner(),
+            role: Role::Accepted,
+            skaddr: 1,
+        });
+        let v = r.json(&state);
+        assert_eq!(v["old_state"], "FIN_WAIT2");
+        assert_eq!(v["new_state"], "CLOSE");
+    }
+
+    #[test]
+    fn text_lines_fit_and_say_why() {
+        let r = renderer(None);
+        let exit = Event::Exit(TwExit {
+            ts_ns: 0,
+            timer: 1,
+            conn: Some(Conn {
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.0.0.2:6379".parse().unwrap(),
+            }),
+            owner: owner(),
+            role: Role::Connected,
+            reason: Reason::Expired,
+            lifetime_ns: Some(60_310_000_000),
+        });
+        let line = r.text(&exit);
+        assert_eq!(
+            line,
+            "01:00:00.000 EXIT       42 curl            10.0.0.1:40000 > 10.0.0.2:6379 (out) \
+             expired after 60.31s"
+        );
+        assert!(Renderer::HEADER.len() <= 80);
+        let unknown = Event::Exit(TwExit {
+            lifetime_ns: None,
+            owner: None,
+            conn: None,
+            ..match exit {
+                Event::Exit(e) => e,
+                _ => unreachable!(),
+            }
+        });
+        assert!(r.text(&unknown).contains("-       ? > ? (out) expired (born before start)"));
+    }
+
+    #[test]
+    fn closed_stdout_stops_the_stream() {
+        struct Closed;
+        impl Write for Closed {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let ev = Event::State(Transition {
+            ts_ns: 0,
+            conn: conn(),
+            old_state: 1,
+            new_state: 4,
+            owner: None,
+            role: Role::Unknown,
+            skaddr: 0,
+        });
+        assert!(!emit(&mut Closed, &renderer(None), &Filter::default(), true, &[ev]));
+    }
+}
