@@ -1,1 +1,513 @@
-pub fn placeholder() {}
+//! Harness for the integration tests: they run the real `twtrace` binary as root, load its real
+//! programs into the running kernel, make real TCP traffic (on loopback and in network
+//! namespaces they create) and compare with the kernel's own accounting.
+//!
+//! Nothing here mocks the kernel. Every wait is bounded.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, Command, ExitStatus, Stdio},
+    sync::{
+        Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The directory of the build the test runs from (target/<profile>): the test executable sits
+/// in its `deps/`.
+fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// The twtrace binary under test: `TWTRACE_BIN`, or the one of the same build.
+pub fn twtrace_bin() -> PathBuf {
+    std::env::var_os("TWTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| build_dir().join("twtrace"))
+}
+
+/// The churn generator (this package's binary, built with the tests).
+pub fn churn_bin() -> PathBuf {
+    build_dir().join("twt-churn")
+}
+
+/// The integration tests load programs into the kernel: they need root, and say so.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "integration tests load eBPF programs and create network namespaces: run them as root \
+         (cargo +stable xtask test does)"
+    );
+    assert!(
+        twtrace_bin().exists(),
+        "{} is missing: build it first (cargo +stable xtask test does)",
+        twtrace_bin().display()
+    );
+}
+
+/// A port no other test uses, from a range outside the ephemeral one.
+pub fn unique_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    // Spread by pid so that two test binaries running at once do not collide.
+    (20000 + (std::process::id() % 200) * 40 + n) as u16
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sh(script: &str) -> String {
+    run(Command::new("sh").arg("-c").arg(script))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Network namespaces
+
+/// A network namespace of the test's own, deleted on drop: clean kernel counters, no
+/// interference from the host's traffic.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "twt-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        run(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip netns exec NAME ARGS...` as a Command (the program keeps its pid across the exec).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        run(&mut self.command(args))
+    }
+
+    /// TcpExt counters of this namespace (/proc/net/netstat as its processes see it).
+    pub fn tcpext(&self) -> HashMap<String, u64> {
+        parse_netstat(&self.exec_ok(&["cat", "/proc/net/netstat"]), "TcpExt:")
+    }
+
+    /// The `tw` figure of /proc/net/sockstat: timewait sockets alive now.
+    pub fn sockstat_tw(&self) -> u64 {
+        parse_sockstat_tw(&self.exec_ok(&["cat", "/proc/net/sockstat"]))
+    }
+
+    /// TIME_WAIT 4-tuples from sock_diag, through `ss` (local, remote).
+    pub fn ss_time_wait(&self, port: u16) -> Vec<(String, String)> {
+        let out = self.exec_ok(&[
+            "ss",
+            "-Htan",
+            "state",
+            "time-wait",
+            &format!("( sport = :{port} or dport = :{port} )"),
+        ]);
+        out.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // Recv-Q Send-Q Local Peer
+                (f.len() >= 4).then(|| (norm_ss(f[2]), norm_ss(f[3])))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// `ss` prints v4-mapped addresses as `[::ffff:127.0.0.1]:80`; twtrace shows them as IPv4.
+fn norm_ss(s: &str) -> String {
+    match s.strip_prefix("[::ffff:") {
+        Some(rest) if rest.contains('.') => rest.replacen("]:", ":", 1),
+        _ => s.to_owned(),
+    }
+}
+
+pub fn parse_netstat(text: &str, prefix: &str) -> HashMap<String, u64> {
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+    let mut out = HashMap::new();
+    if lines.len() >= 2 {
+        for (k, v) in lines[0]
+            .split_whitespace()
+            .skip(1)
+            .zip(lines[1].split_whitespace().skip(1))
+        {
+            out.insert(k.to_owned(), v.parse().unwrap_or(0));
+        }
+    }
+    out
+}
+
+pub fn parse_sockstat_tw(text: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.iter()
+                .position(|&x| x == "tw")
+                .and_then(|i| f.get(i + 1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// twtrace under test
+
+/// `twtrace watch --json ...`, running until stopped.
+pub struct Watch {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<Mutex<String>>,
+}
+
+pub struct WatchResult {
+    pub events: Vec<Value>,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+impl Watch {
+    /// Starts watching and returns once the programs are attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(twtrace_bin())
+            .arg("watch")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn twtrace");
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let err_buf = stderr.clone();
+        let mut err = child.stderr.take().expect("stderr");
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let mut signalled = false;
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut s = err_buf.lock().unwrap();
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                if !signalled && s.contains("tracing TIME_WAIT") {
+                    signalled = true;
+                    let _ = ready_tx.send(());
+                }
+            }
+            let _ = ready_tx.send(());
+        });
+        let _ = ready_rx.recv_timeout(Duration::from_secs(20));
+        let mut w = Watch {
+            child,
+            lines,
+            stderr,
+        };
+        if let Ok(Some(status)) = w.child.try_wait() {
+            panic!(
+                "twtrace watch exited at start ({status}): {}",
+                w.stderr.lock().unwrap()
+            );
+        }
+        assert!(
+            w.stderr.lock().unwrap().contains("tracing TIME_WAIT"),
+            "twtrace watch did not start in 20 s: {}",
+            w.stderr.lock().unwrap()
+        );
+        w
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Collects events until `pred` holds over everything seen, or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        seen: &mut Vec<Value>,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(seen) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) => seen.push(parse_line(&line)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return pred(seen),
+            }
+        }
+    }
+
+    /// Sends `signal`, waits for the exit (bounded) and returns everything it printed.
+    pub fn stop_with(mut self, signal: i32, mut seen: Vec<Value>) -> WatchResult {
+        // Let the last events through the poll interval first.
+        thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("twtrace did not exit within 10 s of signal {signal}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(2)) {
+            seen.push(parse_line(&line));
+        }
+        // The stderr reader finishes when the pipe closes.
+        thread::sleep(Duration::from_millis(100));
+        let stderr = self.stderr.lock().unwrap().clone();
+        WatchResult {
+            events: seen,
+            stderr,
+            status,
+        }
+    }
+
+    pub fn stop(self) -> WatchResult {
+        self.stop_with(libc::SIGINT, Vec::new())
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_line(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+impl WatchResult {
+    pub fn of_kind<'a>(&'a self, event: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.events.iter().filter(move |e| e["event"] == event)
+    }
+
+    pub fn lost(&self) -> u64 {
+        lost_from(&self.stderr)
+    }
+}
+
+/// `N events lost` from twtrace's closing line.
+pub fn lost_from(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .find_map(|l| {
+            let i = l.find(" events lost")?;
+            l[..i].rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no 'events lost' line in: {stderr}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic
+
+/// A `twt-churn server`, stopped on drop.
+pub struct Server {
+    child: Child,
+    _stdin: ChildStdin,
+    pub pid: u32,
+}
+
+impl Server {
+    /// Starts a server (in `ns` when given) and waits until it listens.
+    pub fn start(ns: Option<&Netns>, listen: &str, extra: &[&str]) -> Self {
+        let churn = churn_bin();
+        let churn = churn.to_str().expect("utf-8 path");
+        let mut args = vec![churn, "server", "--listen", listen];
+        args.extend_from_slice(extra);
+        let mut cmd = match ns {
+            Some(ns) => ns.command(&args),
+            None => {
+                let mut c = Command::new(args[0]);
+                c.args(&args[1..]);
+                c
+            }
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn twt-churn server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("server output");
+        assert!(line.starts_with("listening"), "server said: {line}");
+        let stdin = child.stdin.take().expect("stdin");
+        let pid = child.id();
+        Server {
+            child,
+            _stdin: stdin,
+            pid,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a `twt-churn client` run did.
+#[derive(Debug)]
+pub struct ClientRun {
+    pub pid: u32,
+    pub local_ports: Vec<u16>,
+}
+
+/// Runs a `twt-churn client` to completion (in `ns` when given).
+pub fn client(ns: Option<&Netns>, args: &[&str]) -> ClientRun {
+    let churn = churn_bin();
+    let churn = churn.to_str().expect("utf-8 path");
+    let mut all = vec![churn, "client"];
+    all.extend_from_slice(args);
+    let mut cmd = match ns {
+        Some(ns) => ns.command(&all),
+        None => {
+            let mut c = Command::new(all[0]);
+            c.args(&all[1..]);
+            c
+        }
+    };
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn twt-churn client");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("client output");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    assert_eq!(
+        v["pid"], pid,
+        "the client keeps its pid through ip netns exec"
+    );
+    ClientRun {
+        pid,
+        local_ports: v["local_ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p.as_u64().expect("port") as u16)
+            .collect(),
+    }
+}
+
+/// Names of the BPF programs loaded in the kernel now (bpftool), to check nothing is left.
+pub fn loaded_program_names() -> Vec<String> {
+    let out = run(Command::new("bpftool").args(["-j", "prog", "show"]));
+    let v: Value = serde_json::from_str(&out).expect("bpftool JSON");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+static KERNEL: RwLock<()> = RwLock::new(());
+
+/// Held by every test that loads twtrace, so that the tests which count what is loaded in the
+/// kernel (`exclusive`) do not see another test's programs.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    KERNEL.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    KERNEL.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How many of twtrace's programs are loaded (by their names, as the kernel truncates them).
+pub fn twtrace_programs_loaded() -> usize {
+    const OURS: [&str; 6] = [
+        "inet_sock_set_state",
+        "inet_sock_set_s",
+        "timer_start",
+        "timer_cancel",
+        "timer_expire_entry",
+        "timer_expire_en",
+    ];
+    loaded_program_names()
+        .iter()
+        .filter(|n| OURS.contains(&n.as_str()))
+        .count()
+}
+
+pub fn write_all(path: &str, value: &str) {
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .unwrap_or_else(|e| panic!("write {path}: {e}"));
+}

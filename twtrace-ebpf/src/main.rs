@@ -486,9 +486,10 @@ pub fn timer_cancel(ctx: TracePointContext) -> u32 {
     let timer: u64 = field(&ctx, tp::timer_cancel::TIMER);
     // The record carries no function: read it from the timer_list itself.
     // SAFETY: bpf_probe_read_kernel tolerates any address.
-    let function =
-        unsafe { bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64) }
-            .unwrap_or(0);
+    let function = unsafe {
+        bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64)
+    }
+    .unwrap_or(0);
     if function == config!(tw_timer_fn) {
         on_tw_cancel(timer);
     }

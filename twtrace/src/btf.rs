@@ -54,7 +54,6 @@ struct Member {
 #[derive(Debug, Clone)]
 enum Type {
     Composite {
-        name_off: u32,
         members: Vec<Member>,
     },
     /// Typedefs, qualifiers: resolve through `type_id` to reach an anonymous composite.
@@ -140,7 +139,7 @@ impl Btf {
                         // Keep the first definition: vmlinux has each named struct once.
                         structs_by_name.entry(name).or_insert(types.len() as u32);
                     }
-                    Type::Composite { name_off, members }
+                    Type::Composite { members }
                 }
                 KIND_INT | KIND_VAR | KIND_DECL_TAG => {
                     pos += 4;
@@ -221,14 +220,6 @@ impl Btf {
     pub fn has_struct(&self, name: &str) -> bool {
         self.structs_by_name.contains_key(name)
     }
-
-    #[cfg(test)]
-    fn struct_name(&self, id: u32) -> Option<&str> {
-        match self.types.get(id as usize)? {
-            Type::Composite { name_off, .. } => Some(str_at(&self.strings, *name_off)),
-            _ => None,
-        }
-    }
 }
 
 fn str_at(strings: &[u8], off: u32) -> &str {
@@ -296,7 +287,6 @@ pub(crate) mod tests {
     #[test]
     fn finds_direct_nested_and_bitfield_members() {
         let btf = Btf::parse(&sample()).unwrap();
-        assert_eq!(btf.struct_name(5), Some("outer"));
         assert_eq!(btf.member_offset("outer", "a"), Ok(0));
         assert_eq!(btf.member_offset("outer", "x"), Ok(8));
         assert_eq!(btf.member_offset("outer", "in"), Ok(8));

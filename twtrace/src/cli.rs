@@ -202,7 +202,15 @@ mod tests {
         assert_eq!(parse_ring_size("4MiB"), Ok(4 << 20));
         assert_eq!(parse_ring_size("4096"), Ok(4096));
         assert_eq!(parse_ring_size("64K"), Ok(64 << 10));
-        for bad in ["3MiB", "1024", "2GiB", "abc", "", "4Mb", "99999999999999999999"] {
+        for bad in [
+            "3MiB",
+            "1024",
+            "2GiB",
+            "abc",
+            "",
+            "4Mb",
+            "99999999999999999999",
+        ] {
             assert!(parse_ring_size(bad).is_err(), "{bad}");
         }
     }
@@ -230,8 +238,8 @@ mod tests {
     #[test]
     fn ipv4_and_ipv6_conflict() {
         assert!(Cli::try_parse_from(["twtrace", "watch", "-4", "-6"]).is_err());
-        let cli = Cli::try_parse_from(["twtrace", "watch", "--port", "80", "--peer", "::1"])
-            .unwrap();
+        let cli =
+            Cli::try_parse_from(["twtrace", "watch", "--port", "80", "--peer", "::1"]).unwrap();
         let Command::Watch(w) = cli.command;
         assert_eq!(w.filter.to_filter().ports, vec![80]);
     }

@@ -63,7 +63,9 @@ pub fn kernel_hz(release: &str) -> Option<u32> {
     let text = from_boot.or_else(|| {
         let gz = fs::File::open("/proc/config.gz").ok()?;
         let mut s = String::new();
-        flate2::read::GzDecoder::new(gz).read_to_string(&mut s).ok()?;
+        flate2::read::GzDecoder::new(gz)
+            .read_to_string(&mut s)
+            .ok()?;
         Some(s)
     })?;
     hz_from_config(&text)

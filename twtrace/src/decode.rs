@@ -270,8 +270,7 @@ pub(crate) mod build {
 
     pub fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: reading the bytes of a #[repr(C)] plain struct with explicit padding fields.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     pub fn tuple_v4(s: [u8; 4], sport: u16, d: [u8; 4], dport: u16) -> Tuple {
@@ -405,7 +404,10 @@ mod tests {
     #[test]
     fn rejects_bad_records() {
         assert_eq!(decode(&[]), Err(DecodeError::Empty));
-        assert_eq!(decode(&[99, EVENT_VERSION]), Err(DecodeError::UnknownKind(99)));
+        assert_eq!(
+            decode(&[99, EVENT_VERSION]),
+            Err(DecodeError::UnknownKind(99))
+        );
         assert_eq!(decode(&[kind::STATE, 200]), Err(DecodeError::Version(200)));
         assert_eq!(
             decode(&[kind::STATE, EVENT_VERSION, 0]),

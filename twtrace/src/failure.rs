@@ -8,10 +8,7 @@ use std::fmt;
 pub enum Code {
     /// Anything unexpected.
     Error = 1,
-    /// Bad usage (clap uses 2 too).
-    Usage = 2,
-    /// `exec`: a budget was exceeded.
-    Budget = 3,
+    // 2: bad usage (clap's own exit code). 3: `exec`, a budget was exceeded.
     /// Not root and not the needed capabilities.
     Privilege = 4,
     /// The kernel lacks something twtrace needs (version, BTF, a symbol, visible addresses).

@@ -34,8 +34,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 4] = [Reason::Expired, Reason::Reused, Reason::Syn, Reason::Killed];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Expired => "expired",
@@ -117,6 +115,8 @@ struct PendingCancel {
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LifecycleStats {
+    pub births: u64,
+    pub exits: u64,
     /// Re-arms seen (a FIN_WAIT2-substate socket becoming TIME_WAIT, or a restarted 60 s).
     pub rearms: u64,
     /// A birth arrived for a timer still thought alive: its end was lost or hidden.
@@ -252,6 +252,7 @@ impl Lifecycle {
             } else {
                 Reason::Killed
             };
+            self.stats.exits += 1;
             out.push(Event::Exit(TwExit {
                 ts_ns: ts,
                 timer: enter.timer,
@@ -262,6 +263,7 @@ impl Lifecycle {
                 lifetime_ns: Some(ts.saturating_sub(old.birth_ts)),
             }));
         }
+        self.stats.births += 1;
         self.live.insert(
             enter.timer,
             Live {
@@ -312,6 +314,7 @@ impl Lifecycle {
                 lifetime_ns: None,
             },
         };
+        self.stats.exits += 1;
         out.push(Event::Exit(exit));
     }
 
@@ -462,7 +465,10 @@ mod tests {
         ]);
         assert_eq!(
             exits(&out),
-            vec![(7, Reason::Reused, Some(100)), (8, Reason::Killed, Some(200))]
+            vec![
+                (7, Reason::Reused, Some(100)),
+                (8, Reason::Killed, Some(200))
+            ]
         );
     }
 

@@ -142,7 +142,9 @@ fn btf_offsets() -> Result<KernelInfo, Failure> {
         Ok(Ok(btf)) => btf,
         Ok(Err(e)) => return Err(missing(format!("/sys/kernel/btf/vmlinux: {e}"))),
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            return Err(missing("BTF missing (/sys/kernel/btf/vmlinux absent)".into()));
+            return Err(missing(
+                "BTF missing (/sys/kernel/btf/vmlinux absent)".into(),
+            ));
         }
         Err(e) => return Err(missing(format!("cannot read /sys/kernel/btf/vmlinux: {e}"))),
     };
@@ -274,15 +276,27 @@ pub fn tracefs_from_mounts(mounts: &str) -> Option<PathBuf> {
 }
 
 const TRACEPOINTS: [(&str, &str, &[tp::Field]); 4] = [
-    ("sock", "inet_sock_set_state", tp::inet_sock_set_state::FIELDS),
+    (
+        "sock",
+        "inet_sock_set_state",
+        tp::inet_sock_set_state::FIELDS,
+    ),
     ("timer", "timer_start", tp::timer_start::FIELDS),
     ("timer", "timer_cancel", tp::timer_cancel::FIELDS),
-    ("timer", "timer_expire_entry", tp::timer_expire_entry::FIELDS),
+    (
+        "timer",
+        "timer_expire_entry",
+        tp::timer_expire_entry::FIELDS,
+    ),
 ];
 
 fn check_formats(tracefs: &Path) -> Result<(), Failure> {
     for (category, name, fields) in TRACEPOINTS {
-        let path = tracefs.join("events").join(category).join(name).join("format");
+        let path = tracefs
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         let text = fs::read_to_string(&path).map_err(|e| {
             let code = if e.kind() == ErrorKind::PermissionDenied {
                 Code::Privilege
@@ -291,7 +305,10 @@ fn check_formats(tracefs: &Path) -> Result<(), Failure> {
             };
             Failure::new(
                 code,
-                format!("cannot read tracepoint {category}:{name} ({}): {e}", path.display()),
+                format!(
+                    "cannot read tracepoint {category}:{name} ({}): {e}",
+                    path.display()
+                ),
             )
         })?;
         check_format(category, name, &text, fields)?;
@@ -299,7 +316,8 @@ fn check_formats(tracefs: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `field:TYPE NAME;	offset:N;	size:N;	signed:N;` lines -> (name, offset, size).
+/// `field:TYPE NAME; offset:N; size:N; signed:N;` lines (tab separated) -> (name, offset,
+/// size).
 pub fn parse_format(text: &str) -> Vec<(String, usize, usize)> {
     let mut out = Vec::new();
     for line in text.lines() {
@@ -369,7 +387,12 @@ mod tests {
         let admin = 1 << CAP_SYS_ADMIN | 1 << CAP_SYSLOG | 1 << CAP_DAC_READ_SEARCH;
         assert!(check_privileges(admin).is_ok());
         let no_syslog = ALL & !(1 << CAP_SYSLOG);
-        assert!(check_privileges(no_syslog).unwrap_err().message.contains("CAP_SYSLOG"));
+        assert!(
+            check_privileges(no_syslog)
+                .unwrap_err()
+                .message
+                .contains("CAP_SYSLOG")
+        );
     }
 
     #[test]
@@ -433,10 +456,17 @@ mod tests {
         assert!(check_format("timer", "timer_start", TIMER_START, tp::timer_start::FIELDS).is_ok());
         // A kernel before 5.11 had no bucket_expiry: `now` sat at 32.
         let old = TIMER_START
-            .replace("\tfield:unsigned long bucket_expiry;\toffset:32;\tsize:8;\tsigned:0;\n", "")
+            .replace(
+                "\tfield:unsigned long bucket_expiry;\toffset:32;\tsize:8;\tsigned:0;\n",
+                "",
+            )
             .replace("offset:40", "offset:32");
         let e = check_format("timer", "timer_start", &old, tp::timer_start::FIELDS).unwrap_err();
-        assert!(e.message.contains("field now: offset 32 size 8"), "{}", e.message);
+        assert!(
+            e.message.contains("field now: offset 32 size 8"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::{
     preflight::{self, KernelInfo},
 };
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
 /// (program, category, tracepoint)
 pub const PROGRAMS: [(&str, &str, &str); 4] = [
@@ -64,10 +64,7 @@ pub struct Probes {
 }
 
 fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
-    Failure::new(
-        Code::Refused,
-        format!("the kernel refused to {what}: {e}"),
-    )
+    Failure::new(Code::Refused, format!("the kernel refused to {what}: {e}"))
 }
 
 impl Probes {
@@ -158,7 +155,10 @@ impl Probes {
 
     /// Runs the kernel skipped for any twtrace program (each may have carried an event).
     pub fn recursion_misses(&self) -> u64 {
-        self.program_stats().iter().map(|s| s.recursion_misses).sum()
+        self.program_stats()
+            .iter()
+            .map(|s| s.recursion_misses)
+            .sum()
     }
 }
 
@@ -201,7 +201,7 @@ fn prog_info(fd: i32) -> Option<ProgramStats> {
             size_of::<InfoAttr>(),
         )
     };
-    (rc == 0).then(|| ProgramStats {
+    (rc == 0).then_some(ProgramStats {
         name: "",
         id: info.id,
         run_time_ns: info.run_time_ns,

@@ -8,7 +8,7 @@ use crate::{
     decode::KernelEvent,
     failure::Failure,
     lifecycle::{Event, Lifecycle},
-    probes::{KernelCounters, ProbeOptions, Probes},
+    probes::{ProbeOptions, Probes},
     source::Source,
 };
 
@@ -85,8 +85,20 @@ impl Session {
         if last {
             self.lifecycle.flush(&mut self.events);
         } else {
-            self.lifecycle.settle(clock::monotonic_ns(), &mut self.events);
+            self.lifecycle
+                .settle(clock::monotonic_ns(), &mut self.events);
         }
+    }
+
+    /// `N births, M ends, K still in TIME_WAIT` (all traffic, before any filter).
+    pub fn summary(&self) -> String {
+        let s = self.lifecycle.stats();
+        format!(
+            "{} TIME_WAIT births and {} ends seen, {} of those born still in TIME_WAIT",
+            s.births,
+            s.exits,
+            self.lifecycle.live_count()
+        )
     }
 
     pub fn loss(&self) -> Loss {
@@ -95,14 +107,6 @@ impl Session {
             recursion_misses: self.probes.recursion_misses(),
             malformed: self.source.malformed,
         }
-    }
-
-    pub fn counters(&self) -> KernelCounters {
-        self.probes.counters()
-    }
-
-    pub fn received(&self) -> u64 {
-        self.source.received
     }
 }
 

@@ -206,18 +206,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         emit(&mut out, &renderer, &filter, args.json, events);
     }
     let loss = session.loss();
+    eprintln!("twtrace: {}", session.summary());
     eprintln!("twtrace: {}", session::loss_line(&loss));
     Ok(())
 }
 
 /// Writes the events that pass the filter; false once stdout is closed (a pipe reader left).
-fn emit(
-    out: &mut impl Write,
-    r: &Renderer,
-    filter: &Filter,
-    json: bool,
-    events: &[Event],
-) -> bool {
+fn emit(out: &mut impl Write, r: &Renderer, filter: &Filter, json: bool, events: &[Event]) -> bool {
     let mut write = || -> io::Result<()> {
         for ev in events.iter().filter(|e| filter.matches(e)) {
             if json {
@@ -344,7 +339,10 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        assert!(r.text(&unknown).contains("-       ? > ? (out) expired (born before start)"));
+        assert!(
+            r.text(&unknown)
+                .contains("-       ? > ? (out) expired (born before start)")
+        );
     }
 
     #[test]
@@ -367,6 +365,12 @@ mod tests {
             role: Role::Unknown,
             skaddr: 0,
         });
-        assert!(!emit(&mut Closed, &renderer(None), &Filter::default(), true, &[ev]));
+        assert!(!emit(
+            &mut Closed,
+            &renderer(None),
+            &Filter::default(),
+            true,
+            &[ev]
+        ));
     }
 }

@@ -1,0 +1,332 @@
+//! A connection churn generator for the tests and the benchmark: real TCP, bounded in count and
+//! time, that says exactly what it did.
+//!
+//! ```text
+//! twt-churn server --listen ADDR:PORT [--closer client|server] [--count N] [--name COMM]
+//! twt-churn client --to ADDR:PORT --count N [--closer client|server] [--bind ADDR[:PORT]]
+//!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold]
+//! ```
+//!
+//! Each exchange is one byte each way. `--closer client`: the client closes after the reply and
+//! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
+//! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
+//! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). The client
+//! prints one JSON line: its pid, name, and the local ports it used, in order.
+//! The server prints `listening` once bound, and serves until `--count` connections or stdin
+//! closes.
+
+use std::{
+    io::{BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::ExitCode,
+    thread,
+    time::{Duration, Instant},
+};
+
+/// No run lasts longer than this, whatever the arguments.
+const MAX_RUN: Duration = Duration::from_secs(600);
+const MAX_COUNT: u64 = 10_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Closer {
+    Client,
+    Server,
+}
+
+struct Opts {
+    listen: Option<SocketAddr>,
+    to: Option<SocketAddr>,
+    bind: Option<SocketAddr>,
+    count: u64,
+    closer: Closer,
+    keepalive: bool,
+    hold: bool,
+    rate: Option<f64>,
+    name: Option<String>,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        listen: None,
+        to: None,
+        bind: None,
+        count: 0,
+        closer: Closer::Client,
+        keepalive: false,
+        hold: false,
+        rate: None,
+        name: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--listen" => o.listen = Some(val()?.parse().map_err(|e| format!("--listen: {e}"))?),
+            "--to" => o.to = Some(val()?.parse().map_err(|e| format!("--to: {e}"))?),
+            "--bind" => {
+                let v = val()?;
+                let addr = v
+                    .parse::<SocketAddr>()
+                    .or_else(|_| {
+                        v.parse::<std::net::IpAddr>()
+                            .map(|ip| SocketAddr::new(ip, 0))
+                    })
+                    .map_err(|e| format!("--bind: {e}"))?;
+                o.bind = Some(addr);
+            }
+            "--count" => o.count = val()?.parse().map_err(|e| format!("--count: {e}"))?,
+            "--closer" => {
+                o.closer = match val()?.as_str() {
+                    "client" => Closer::Client,
+                    "server" => Closer::Server,
+                    other => return Err(format!("--closer: {other}")),
+                }
+            }
+            "--keepalive" => o.keepalive = true,
+            "--hold" => o.hold = true,
+            "--rate" => o.rate = Some(val()?.parse().map_err(|e| format!("--rate: {e}"))?),
+            "--name" => o.name = Some(val()?),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if o.count > MAX_COUNT {
+        return Err(format!("--count is at most {MAX_COUNT}"));
+    }
+    Ok(o)
+}
+
+fn set_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
+fn socket_for(addr: &SocketAddr) -> std::io::Result<i32> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: zeroed sockaddr_storage is valid; we fill the right variant.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut ss).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+/// connect() from an optional local address (SO_REUSEADDR so a fixed port can be reused while
+/// a TIME_WAIT of ours holds it: that is how tcp_tw_reuse gets exercised).
+fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let fd = socket_for(to)?;
+    // SAFETY: fd is ours; from here on the TcpStream closes it.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    if let Some(b) = bind {
+        let one: libc::c_int = 1;
+        // SAFETY: valid option value pointer and length.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
+        };
+        let (ss, len) = sockaddr(b);
+        // SAFETY: ss holds a valid address of len bytes.
+        if unsafe { libc::bind(fd, (&raw const ss).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let (ss, len) = sockaddr(to);
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd, (&raw const ss).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
+fn serve(o: &Opts) -> Result<(), String> {
+    let listen = o.listen.ok_or("server needs --listen")?;
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    println!(
+        "listening {}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    std::io::stdout().flush().ok();
+    // Stop when stdin closes (the test dropped us) or after MAX_RUN.
+    thread::spawn(|| {
+        let stdin = std::io::stdin();
+        for _ in stdin.lock().lines() {}
+        std::process::exit(0);
+    });
+    thread::spawn(|| {
+        thread::sleep(MAX_RUN);
+        std::process::exit(0);
+    });
+    let mut held = Vec::new();
+    let mut served = 0u64;
+    for conn in listener.incoming() {
+        let mut s = conn.map_err(|e| format!("accept: {e}"))?;
+        served += 1;
+        if o.hold {
+            // Never close: the peer's close leaves this side in CLOSE_WAIT.
+            held.push(s);
+        } else {
+            let closer = o.closer;
+            thread::spawn(move || {
+                let mut b = [0u8; 1];
+                while let Ok(1) = s.read(&mut b) {
+                    if closer == Closer::Server {
+                        // Closing first, with the request read: TIME_WAIT stays here.
+                        return;
+                    }
+                    if s.write_all(&b).is_err() {
+                        return;
+                    }
+                }
+                // EOF: the client closed first; close our side (LAST_ACK -> CLOSE).
+            });
+        }
+        if o.count > 0 && served >= o.count && !o.hold {
+            // Give the handler threads a moment to finish their exchange.
+            thread::sleep(Duration::from_millis(200));
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn exchange(s: &mut TcpStream, closer: Closer) -> std::io::Result<()> {
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    match closer {
+        Closer::Client => {
+            s.read_exact(&mut b)?;
+        }
+        Closer::Server => {
+            // Wait for the server's FIN, then close (LAST_ACK on our side).
+            let _ = s.read(&mut b)?;
+        }
+    }
+    Ok(())
+}
+
+fn client(o: &Opts) -> Result<(), String> {
+    let to = o.to.ok_or("client needs --to")?;
+    let deadline = Instant::now() + MAX_RUN;
+    let start = Instant::now();
+    let mut ports = Vec::with_capacity(o.count as usize);
+    let mut keep: Option<TcpStream> = None;
+    for i in 0..o.count {
+        if Instant::now() > deadline {
+            return Err(format!("stopped at {i} connections: time limit"));
+        }
+        if let Some(rate) = o.rate {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        let mut s = match keep.take() {
+            Some(s) => s,
+            None => {
+                let s = connect(&to, o.bind.as_ref()).map_err(|e| format!("connect {to}: {e}"))?;
+                ports.push(s.local_addr().map_err(|e| e.to_string())?.port());
+                s
+            }
+        };
+        if o.hold {
+            // Close right away without waiting: the server holds its end in CLOSE_WAIT.
+            s.write_all(b"x").map_err(|e| e.to_string())?;
+            drop(s);
+            continue;
+        }
+        if o.keepalive {
+            s.write_all(b"x").map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).map_err(|e| e.to_string())?;
+            keep = Some(s);
+            continue;
+        }
+        exchange(&mut s, o.closer).map_err(|e| format!("exchange {i}: {e}"))?;
+    }
+    drop(keep);
+    let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    println!(
+        "{{\"pid\":{},\"connections\":{},\"local_ports\":[{}]}}",
+        std::process::id(),
+        ports.len(),
+        ports.join(",")
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(mode) = args.first() else {
+        eprintln!("usage: twt-churn server|client [options]");
+        return ExitCode::from(2);
+    };
+    let opts = match parse(&args[1..]) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("twt-churn: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(n) = &opts.name {
+        set_name(n);
+    }
+    let r = match mode.as_str() {
+        "server" => serve(&opts),
+        "client" => client(&opts),
+        other => Err(format!("unknown mode {other}")),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("twt-churn: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
