@@ -1,26 +1,12 @@
-//! twtrace: where a Linux host's TCP TIME_WAIT sockets come from.
-//!
-//! Data flows one way: kernel programs -> ring buffer (`source`) -> `decode` -> `lifecycle`
-//! -> views. See ARCHITECTURE.md.
-
-mod btf;
-mod cli;
-mod clock;
-mod decode;
-mod failure;
-mod filter;
-mod lifecycle;
-mod preflight;
-mod probes;
-mod session;
-mod source;
-mod views;
+//! The `twtrace` command. Everything lives in the library (src/lib.rs).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-
-use crate::cli::{Cli, Command};
+use twtrace::{
+    cli::{Cli, Command},
+    failure, views,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

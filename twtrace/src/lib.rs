@@ -1,0 +1,17 @@
+//! twtrace: where a Linux host's TCP TIME_WAIT sockets come from.
+//!
+//! Data flows one way: kernel programs -> ring buffer (`source`) -> `decode` -> `lifecycle`
+//! -> views. See ARCHITECTURE.md.
+
+pub mod btf;
+pub mod cli;
+pub mod clock;
+pub mod decode;
+pub mod failure;
+pub mod filter;
+pub mod lifecycle;
+pub mod preflight;
+pub mod probes;
+pub mod session;
+pub mod source;
+pub mod views;
