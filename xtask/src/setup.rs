@@ -26,12 +26,14 @@ const BPF_LINKER: &str = "0.13.0";
 const LLVM: &str = "22";
 
 /// Debian packages the tests drive, by the command that shows they are there.
-const TEST_TOOLS: [(&str, &str); 5] = [
+const TEST_TOOLS: [(&str, &str); 7] = [
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("bpftool", "bpftool"),
     ("setpriv", "util-linux"),
     ("tmux", "tmux"),
+    ("promtool", "prometheus"),
+    ("systemd-analyze", "systemd"),
 ];
 
 pub fn which(cmd: &str) -> Option<PathBuf> {
@@ -248,6 +250,12 @@ impl Apt {
                 .args(&self.packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        if self.packages.iter().any(|p| p == "prometheus") {
+            // Debian starts the packaged servers at once; the tests start their own.
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "prometheus", "prometheus-node-exporter"])
+                .output();
+        }
         self.packages.clear();
         Ok(())
     }

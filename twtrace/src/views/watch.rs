@@ -339,9 +339,9 @@ mod tests {
                 _ => unreachable!(),
             }
         });
-        assert!(
-            r.text(&unknown)
-                .contains("-       ? > ? (out) expired (born before start)")
+        assert_eq!(
+            r.text(&unknown),
+            "01:00:00.000 EXIT        - -               ? > ? (out) expired (born before start)"
         );
     }
 
