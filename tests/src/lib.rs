@@ -113,6 +113,22 @@ impl Netns {
         c
     }
 
+    /// A veth pair between this namespace and `peer`, with an address on each end (`a/24`
+    /// here, `b/24` there), both up.
+    pub fn link(&self, peer: &Netns, a: &str, b: &str) {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let here = format!("tv{}a{n}", std::process::id() % 100_000);
+        let there = format!("tv{}b{n}", std::process::id() % 100_000);
+        self.exec_ok(&[
+            "ip", "link", "add", &here, "type", "veth", "peer", "name", &there, "netns", &peer.name,
+        ]);
+        self.exec_ok(&["ip", "addr", "add", &format!("{a}/24"), "dev", &here]);
+        self.exec_ok(&["ip", "link", "set", &here, "up"]);
+        peer.exec_ok(&["ip", "addr", "add", &format!("{b}/24"), "dev", &there]);
+        peer.exec_ok(&["ip", "link", "set", &there, "up"]);
+    }
+
     pub fn exec_ok(&self, args: &[&str]) -> String {
         run(&mut self.command(args))
     }
@@ -362,6 +378,88 @@ pub fn lost_from(stderr: &str) -> u64 {
             l[..i].rsplit(' ').next()?.parse().ok()
         })
         .unwrap_or_else(|| panic!("no 'events lost' line in: {stderr}"))
+}
+
+/// A twtrace command that runs to its end (`report`, ...), started in the background.
+pub struct Run {
+    child: Child,
+    stderr: std::sync::Arc<Mutex<String>>,
+}
+
+pub struct RunResult {
+    pub stdout: String,
+    pub stderr: String,
+    pub status: ExitStatus,
+}
+
+impl Run {
+    /// Starts `twtrace ARGS` and returns once it printed `ready` on stderr (or exited).
+    pub fn start(args: &[&str], ready: &str) -> Self {
+        let mut child = Command::new(twtrace_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn twtrace");
+        let stderr = std::sync::Arc::new(Mutex::new(String::new()));
+        let buf = stderr.clone();
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        let ready = ready.to_owned();
+        thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            let mut sent = false;
+            while let Ok(n) = err.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                let mut s = buf.lock().unwrap();
+                s.push_str(&String::from_utf8_lossy(&chunk[..n]));
+                if !sent && s.contains(&ready) {
+                    sent = true;
+                    let _ = tx.send(());
+                }
+            }
+            let _ = tx.send(());
+        });
+        let _ = rx.recv_timeout(Duration::from_secs(20));
+        Run { child, stderr }
+    }
+
+    /// Waits (at most `limit`) for the command to end.
+    pub fn finish(mut self, limit: Duration) -> RunResult {
+        let deadline = Instant::now() + limit;
+        let mut stdout = String::new();
+        let mut out = self.child.stdout.take().expect("stdout");
+        let reader = thread::spawn(move || {
+            let _ = out.read_to_string(&mut stdout);
+            stdout
+        });
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("twtrace did not finish within {limit:?}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        let stdout = reader.join().expect("stdout reader");
+        thread::sleep(Duration::from_millis(50));
+        RunResult {
+            stdout,
+            stderr: self.stderr.lock().unwrap().clone(),
+            status,
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

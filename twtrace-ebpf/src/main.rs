@@ -301,8 +301,9 @@ fn sock_tuple(ctx: &TracePointContext, family: u8, t: &mut Tuple) {
 fn on_state(ctx: &TracePointContext) {
     use tp::inet_sock_set_state as f;
     let Some(s) = scratch() else { return };
-    let old: i32 = field(ctx, f::OLDSTATE);
-    let new: i32 = field(ctx, f::NEWSTATE);
+    // States are small numbers (include/net/tcp_states.h) in int fields.
+    let old = field::<i32>(ctx, f::OLDSTATE) as u8;
+    let new = field::<i32>(ctx, f::NEWSTATE) as u8;
     let skaddr: u64 = field(ctx, f::SKADDR);
     let family = field::<u16>(ctx, f::FAMILY) as u8;
 
@@ -370,8 +371,8 @@ fn on_state(ctx: &TracePointContext) {
             e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
             sock_tuple(ctx, family, &mut e.tuple);
             e.skaddr = skaddr;
-            e.old_state = old as u8;
-            e.new_state = new as u8;
+            e.old_state = old;
+            e.new_state = new;
             e.role = rl;
         });
     }
@@ -417,7 +418,7 @@ fn on_close_after_tw_start(ctx: &TracePointContext, timer: u64, timeout: u64, fa
         e.timer = timer;
         e.timeout_jiffies = timeout as u32;
         e.old_state = field::<i32>(ctx, f::OLDSTATE) as u8;
-        e.new_state = st::CLOSE as u8;
+        e.new_state = st::CLOSE;
         e.role = rl;
     });
 }

@@ -4,7 +4,11 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::filter::{Cidr, Filter};
+use crate::{
+    aggregate::By,
+    filter::{Cidr, Filter},
+    report::Sort,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +28,53 @@ pub struct Cli {
 pub enum Command {
     /// Stream TIME_WAIT births and deaths (and, with --all-states, every TCP transition)
     Watch(WatchArgs),
+    /// Collect for a while, then print who makes the TIME_WAIT (table or JSON)
+    Report(ReportArgs),
+    /// Full-screen live view of who makes the TIME_WAIT
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GroupArgs {
+    /// Group by: service (destination for connections out, port for connections in), peer,
+    /// port or process
+    #[arg(long, value_name = "GROUPING", default_value = "service", value_parser = parse_by)]
+    pub by: By,
+    /// Sort by: tw (TIME_WAIT now), rate (births/s over 10 s) or births
+    #[arg(long, value_name = "ORDER", default_value = "tw", value_parser = parse_sort)]
+    pub sort: Sort,
+    /// Groups kept per grouping before the smallest are folded into 'other' (memory bound)
+    #[arg(long, value_name = "N", default_value = "2000", value_parser = parse_positive)]
+    pub max_groups: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
+    /// How long to collect
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Show the N largest groups
+    #[arg(long, value_name = "N", default_value = "20", value_parser = parse_positive)]
+    pub top: usize,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
 }
 
 #[derive(Args, Debug, Clone, Default)]
@@ -88,6 +139,22 @@ pub struct WatchArgs {
     /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+}
+
+pub fn parse_by(s: &str) -> Result<By, String> {
+    s.parse()
+}
+
+pub fn parse_sort(s: &str) -> Result<Sort, String> {
+    s.parse()
+}
+
+/// A count of at least 1 (and at most a million: these bound memory and screen lines).
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=1_000_000).contains(&n) && s.chars().all(|c| c.is_ascii_digit()) => Ok(n),
+        _ => Err(format!("'{s}' is not a count from 1 to 1000000")),
+    }
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {
@@ -240,7 +307,24 @@ mod tests {
         assert!(Cli::try_parse_from(["twtrace", "watch", "-4", "-6"]).is_err());
         let cli =
             Cli::try_parse_from(["twtrace", "watch", "--port", "80", "--peer", "::1"]).unwrap();
-        let Command::Watch(w) = cli.command;
+        let Command::Watch(w) = cli.command else {
+            panic!("watch")
+        };
         assert_eq!(w.filter.to_filter().ports, vec![80]);
+        for bad in [
+            vec!["twtrace", "report", "--by", "host"],
+            vec!["twtrace", "report", "--top", "0"],
+            vec!["twtrace", "report", "--sort", "size"],
+            vec!["twtrace", "report", "--duration", "0s"],
+            vec!["twtrace", "top", "--max-groups", "-1"],
+        ] {
+            let e = Cli::try_parse_from(&bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("'{}'", bad[3])), "{e}");
+        }
+        let cli = Cli::try_parse_from(["twtrace", "report", "--by", "peer", "--json"]).unwrap();
+        let Command::Report(r) = cli.command else {
+            panic!("report")
+        };
+        assert_eq!((r.group.by, r.top, r.json), (By::Peer, 20, true));
     }
 }

@@ -3,15 +3,20 @@
 //! Data flows one way: kernel programs -> ring buffer (`source`) -> `decode` -> `lifecycle`
 //! -> views. See ARCHITECTURE.md.
 
+pub mod aggregate;
 pub mod btf;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod decode;
 pub mod failure;
 pub mod filter;
+pub mod host;
 pub mod lifecycle;
 pub mod preflight;
 pub mod probes;
+pub mod report;
 pub mod session;
+pub mod sockdiag;
 pub mod source;
 pub mod views;

@@ -52,6 +52,8 @@ pub struct TwEnter {
     pub owner: Option<Process>,
     pub role: Role,
     pub timeout_jiffies: u32,
+    /// Listed by sock_diag at start (born before twtrace): no owner, no timer, not a birth.
+    pub seeded: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,6 +67,8 @@ pub struct TwExit {
     pub reason: Reason,
     /// None for a TIME_WAIT socket born before twtrace started.
     pub lifetime_ns: Option<u64>,
+    /// It was seeded at start (see `Lifecycle::seed`).
+    pub seeded: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +109,18 @@ struct Live {
     last_cancel: Option<(u64, bool)>,
 }
 
+/// A TIME_WAIT socket that existed at start, known by its 4-tuple.
+#[derive(Debug, Clone, Copy)]
+struct Seed {
+    role: Role,
+    /// When the kernel will expire it (monotonic ns), from sock_diag's idiag_expires.
+    deadline_ns: u64,
+}
+
+/// A seeded socket whose end was not seen this long after its deadline is taken as expired
+/// (its end was lost): the "now" figures heal themselves.
+pub const SEED_GRACE_NS: u64 = 5_000_000_000;
+
 #[derive(Debug, Clone)]
 struct PendingCancel {
     timer: u64,
@@ -121,6 +137,8 @@ pub struct LifecycleStats {
     pub rearms: u64,
     /// A birth arrived for a timer still thought alive: its end was lost or hidden.
     pub replaced: u64,
+    /// Seeded sockets ended by their deadline, their end unseen.
+    pub overdue_seeds: u64,
 }
 
 #[derive(Default)]
@@ -128,6 +146,7 @@ pub struct Lifecycle {
     live: HashMap<u64, Live>,
     /// Indexed by CPU: at most one unexplained cancel per CPU.
     pending: Vec<Option<PendingCancel>>,
+    seeds: HashMap<Conn, Seed>,
     stats: LifecycleStats,
 }
 
@@ -143,6 +162,39 @@ impl Lifecycle {
 
     pub fn stats(&self) -> LifecycleStats {
         self.stats
+    }
+
+    /// A TIME_WAIT socket that exists now (sock_diag), born before start: emitted as a seeded
+    /// `Enter`. Call after the probes are attached, so that its end cannot be missed; a birth
+    /// of the same 4-tuple seen later in the ring (it happened between attach and the dump)
+    /// replaces it.
+    pub fn seed(
+        &mut self,
+        conn: Conn,
+        role: Role,
+        now_ns: u64,
+        remaining_ms: u64,
+        out: &mut Vec<Event>,
+    ) {
+        if self.seeds.contains_key(&conn) || self.live.values().any(|l| l.conn == conn) {
+            return;
+        }
+        self.seeds.insert(
+            conn,
+            Seed {
+                role,
+                deadline_ns: now_ns + remaining_ms * 1_000_000,
+            },
+        );
+        out.push(Event::Enter(TwEnter {
+            ts_ns: now_ns,
+            timer: 0,
+            conn,
+            owner: None,
+            role,
+            timeout_jiffies: 0,
+            seeded: true,
+        }));
     }
 
     pub fn feed(&mut self, ev: KernelEvent, out: &mut Vec<Event>) {
@@ -206,6 +258,7 @@ impl Lifecycle {
                     owner,
                     role,
                     timeout_jiffies,
+                    seeded: false,
                 },
                 out,
             ),
@@ -231,6 +284,9 @@ impl Lifecycle {
     }
 
     fn on_birth(&mut self, enter: TwEnter, out: &mut Vec<Event>) {
+        // Born between attach and the seeding dump: the birth replaces the seed (the
+        // aggregator does the same by 4-tuple).
+        self.seeds.remove(&enter.conn);
         // Timewait sockets are freed and their memory reused at once. A cancel of this timer
         // still waiting on another CPU is the death of the previous socket at this address.
         for cpu in 0..self.pending.len() {
@@ -261,6 +317,7 @@ impl Lifecycle {
                 role: old.role,
                 reason,
                 lifetime_ns: Some(ts.saturating_sub(old.birth_ts)),
+                seeded: false,
             }));
         }
         self.stats.births += 1;
@@ -303,23 +360,57 @@ impl Lifecycle {
                 role: live.role,
                 reason,
                 lifetime_ns: Some(ts_ns.saturating_sub(live.birth_ts)),
+                seeded: false,
             },
-            None => TwExit {
-                ts_ns,
-                timer,
-                conn,
-                owner: None,
-                role: Role::Unknown,
-                reason,
-                lifetime_ns: None,
-            },
+            None => {
+                let seed = conn.and_then(|c| self.seeds.remove(&c));
+                TwExit {
+                    ts_ns,
+                    timer,
+                    conn,
+                    owner: None,
+                    role: seed.map_or(Role::Unknown, |s| s.role),
+                    reason,
+                    lifetime_ns: None,
+                    seeded: seed.is_some(),
+                }
+            }
         };
         self.stats.exits += 1;
         out.push(Event::Exit(exit));
     }
 
-    /// Ends the cancels that nothing explained within `SETTLE_NS` of `now_ns` (monotonic).
+    /// Ends the cancels that nothing explained within `SETTLE_NS` of `now_ns` (monotonic), and
+    /// the seeded sockets whose end was not seen `SEED_GRACE_NS` after their deadline.
     pub fn settle(&mut self, now_ns: u64, out: &mut Vec<Event>) {
+        self.settle_cancels(now_ns, out);
+        if self.seeds.is_empty() {
+            return;
+        }
+        let overdue: Vec<Conn> = self
+            .seeds
+            .iter()
+            .filter(|(_, s)| now_ns > s.deadline_ns.saturating_add(SEED_GRACE_NS))
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in overdue {
+            let seed = self.seeds.remove(&conn).expect("listed");
+            self.stats.exits += 1;
+            self.stats.overdue_seeds += 1;
+            out.push(Event::Exit(TwExit {
+                ts_ns: seed.deadline_ns,
+                timer: 0,
+                conn: Some(conn),
+                owner: None,
+                role: seed.role,
+                reason: Reason::Expired,
+                lifetime_ns: None,
+                seeded: true,
+            }));
+        }
+    }
+
+    fn settle_cancels(&mut self, now_ns: u64, out: &mut Vec<Event>) {
         for cpu in 0..self.pending.len() {
             if self.pending[cpu]
                 .as_ref()
@@ -333,7 +424,7 @@ impl Lifecycle {
 
     /// At shutdown: every waiting cancel is an early end.
     pub fn flush(&mut self, out: &mut Vec<Event>) {
-        self.settle(u64::MAX, out);
+        self.settle_cancels(u64::MAX, out);
     }
 }
 
@@ -546,6 +637,60 @@ mod tests {
                 assert_eq!(x.conn, Some(c));
                 assert_eq!(x.lifetime_ns, None);
                 assert_eq!(x.owner, None);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn seeds_end_by_4_tuple_or_by_their_deadline() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        lc.seed(conn(1), Role::Accepted, 1_000, 30_000, &mut out);
+        lc.seed(conn(2), Role::Connected, 1_000, 10_000, &mut out);
+        lc.seed(conn(2), Role::Connected, 1_000, 10_000, &mut out);
+        assert_eq!(out.len(), 2, "a 4-tuple is seeded once");
+        assert!(matches!(&out[0], Event::Enter(e) if e.seeded && e.owner.is_none()));
+        out.clear();
+        lc.feed(
+            KernelEvent::Expire {
+                cpu: 0,
+                ts_ns: 2_000,
+                timer: 99,
+                conn: Some(conn(1)),
+            },
+            &mut out,
+        );
+        match &out[0] {
+            Event::Exit(x) => {
+                assert!(x.seeded);
+                assert_eq!(x.role, Role::Accepted);
+                assert_eq!(x.lifetime_ns, None);
+            }
+            e => panic!("{e:?}"),
+        }
+        out.clear();
+        // conn(2)'s end is never seen: it is taken as expired once overdue.
+        let deadline = 1_000 + 10_000 * 1_000_000;
+        lc.settle(deadline + SEED_GRACE_NS, &mut out);
+        assert!(out.is_empty());
+        lc.settle(deadline + SEED_GRACE_NS + 1, &mut out);
+        assert!(matches!(&out[0], Event::Exit(x) if x.seeded && x.reason == Reason::Expired));
+        assert_eq!(lc.stats().overdue_seeds, 1);
+    }
+
+    #[test]
+    fn a_birth_replaces_the_seed_of_the_same_4_tuple() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        lc.seed(conn(1), Role::Connected, 0, 60_000, &mut out);
+        lc.feed(birth(0, 5, 7, 1), &mut out);
+        lc.feed(cancel(0, 9, 7, false), &mut out);
+        lc.flush(&mut out);
+        match out.last() {
+            Some(Event::Exit(x)) => {
+                assert!(!x.seeded);
+                assert_eq!(x.owner, owner());
             }
             e => panic!("{e:?}"),
         }

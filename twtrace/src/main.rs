@@ -33,5 +33,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Watch(args) => views::watch::run(args).await,
+        Command::Report(args) => views::report::run(args).await,
+        Command::Top(_args) => anyhow::bail!("top is not built yet"),
     }
 }

@@ -1,14 +1,16 @@
 //! One tracing session: the probes attached, the ring buffer read, the lifecycles resolved.
 //! Every view drives a session and only sees `lifecycle::Event`s and loss figures.
 
-use std::{io, time::Duration};
+use std::{collections::HashSet, io, time::Duration};
 
 use crate::{
     clock::{self, WallClock},
-    decode::KernelEvent,
+    decode::{KernelEvent, Role},
     failure::Failure,
+    host::{self, TwCounters},
     lifecycle::{Event, Lifecycle},
     probes::{ProbeOptions, Probes},
+    sockdiag::{self, state},
     source::Source,
 };
 
@@ -33,6 +35,13 @@ pub struct Session {
     pub probes: Probes,
     source: Source,
     lifecycle: Lifecycle,
+    /// Local ports with a listener at start (sock_diag): tells accepted from connected for
+    /// sockets whose opening was not seen.
+    pub listening: HashSet<u16>,
+    /// The kernel's TIME_WAIT counters at start (TcpExt), for "since start" figures.
+    pub counters_at_start: TwCounters,
+    /// Events produced before the first batch (the seeded sockets).
+    carry: Vec<Event>,
     pub wall: WallClock,
     /// CONFIG_HZ, when the kernel config says.
     pub hz: Option<u32>,
@@ -41,7 +50,11 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn start(opts: ProbeOptions) -> Result<Self, Failure> {
+    /// Attaches the probes. With `seed`, the TIME_WAIT sockets that exist already are read
+    /// through sock_diag (after attaching, so that none can end unseen) and come out of the
+    /// first `next()` as seeded `Enter` events.
+    pub fn start(opts: ProbeOptions, seed: bool) -> Result<Self, Failure> {
+        let counters_at_start = host::tw_counters();
         let mut probes = Probes::attach(opts)?;
         let ring = probes.take_ring()?;
         let source = Source::new(ring).map_err(|e| {
@@ -51,20 +64,51 @@ impl Session {
             )
         })?;
         let hz = clock::kernel_hz(&probes.info.release);
-        Ok(Self {
+        let mut session = Self {
             probes,
             source,
             lifecycle: Lifecycle::new(),
+            listening: HashSet::new(),
+            counters_at_start,
+            carry: Vec::new(),
             wall: WallClock::now(),
             hz,
             batch: Vec::with_capacity(4096),
             events: Vec::with_capacity(4096),
-        })
+        };
+        if seed {
+            session.seed().map_err(|e| {
+                Failure::new(
+                    crate::failure::Code::Error,
+                    format!("cannot list the existing TIME_WAIT sockets (sock_diag): {e}"),
+                )
+            })?;
+        }
+        Ok(session)
+    }
+
+    fn seed(&mut self) -> io::Result<()> {
+        self.listening = sockdiag::listening_ports()?;
+        let now = clock::monotonic_ns();
+        for s in sockdiag::dump(&[state::TIME_WAIT])? {
+            let role = if self.listening.contains(&s.conn.local.port()) {
+                Role::Accepted
+            } else {
+                Role::Connected
+            };
+            self.lifecycle
+                .seed(s.conn, role, now, s.expires_ms as u64, &mut self.carry);
+        }
+        Ok(())
     }
 
     /// Waits for the next batch from the kernel; returns the lifecycle events it resolved.
     pub async fn next(&mut self) -> io::Result<&[Event]> {
         self.events.clear();
+        if !self.carry.is_empty() {
+            std::mem::swap(&mut self.events, &mut self.carry);
+            return Ok(&self.events);
+        }
         self.source.next_batch(&mut self.batch).await?;
         self.resolve(false);
         Ok(&self.events)

@@ -1,3 +1,4 @@
 //! The views: each reads lifecycle events (or an aggregate of them) and renders them.
 
+pub mod report;
 pub mod watch;

@@ -174,10 +174,13 @@ fn insert_owner(m: &mut Map<String, Value>, owner: Option<&Process>) {
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let filter: Filter = args.filter.to_filter();
-    let mut session = Session::start(ProbeOptions {
-        ring_size: args.probe.ring_size,
-        emit_states: args.all_states,
-    })?;
+    let mut session = Session::start(
+        ProbeOptions {
+            ring_size: args.probe.ring_size,
+            emit_states: args.all_states,
+        },
+        false,
+    )?;
     let renderer = Renderer {
         wall: session.wall,
         hz: session.hz,
@@ -265,6 +268,7 @@ mod tests {
             owner: owner(),
             role: Role::Connected,
             timeout_jiffies: 15000,
+            seeded: false,
         });
         let v = r.json(&enter);
         assert_eq!(v["event"], "tw_enter");
@@ -287,6 +291,7 @@ mod tests {
             role: Role::Unknown,
             reason: Reason::Syn,
             lifetime_ns: Some(1_500_000_000),
+            seeded: false,
         });
         let v = r.json(&exit);
         assert_eq!(v["event"], "tw_exit");
@@ -322,6 +327,7 @@ mod tests {
             role: Role::Connected,
             reason: Reason::Expired,
             lifetime_ns: Some(60_310_000_000),
+            seeded: false,
         });
         let line = r.text(&exit);
         assert_eq!(

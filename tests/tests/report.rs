@@ -1,0 +1,157 @@
+//! `twtrace report` against real peers: network namespaces joined by veth pairs, servers in
+//! each, client processes with known names making known numbers of connections.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::Value;
+use twtrace_tests::*;
+
+fn groups(doc: &Value) -> BTreeMap<String, Value> {
+    doc["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| (g["key"].as_str().unwrap().to_owned(), g.clone()))
+        .collect()
+}
+
+fn report_json(r: RunResult) -> Value {
+    assert!(r.status.success(), "report failed: {}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+/// Three peers, each a namespace of its own with a server; two client processes with
+/// different names make different, known numbers of connections to them.
+#[test]
+fn report_by_peer_and_by_process_gives_exact_counts() {
+    require_root();
+    let _g = shared();
+    let clients = Netns::new("rc");
+    let servers: Vec<Netns> = (0..3).map(|i| Netns::new(&format!("rs{i}"))).collect();
+    let net = 100 + (std::process::id() % 100) as u8;
+    for (i, s) in servers.iter().enumerate() {
+        clients.link(
+            s,
+            &format!("10.{net}.{}.1", i + 1),
+            &format!("10.{net}.{}.2", i + 1),
+        );
+    }
+    let port = unique_port();
+    let peer = |i: usize| format!("10.{net}.{}.2:{port}", i + 1);
+    let _servers: Vec<Server> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Server::start(Some(s), &peer(i), &[]))
+        .collect();
+
+    let filter = format!("10.{net}.0.0/16");
+    let common = [
+        "--duration",
+        "6s",
+        "--json",
+        "--peer",
+        &filter,
+        "--top",
+        "50",
+    ];
+    let by_peer = Run::start(
+        &[&["report", "--by", "peer"][..], &common[..]].concat(),
+        "collecting",
+    );
+    let by_process = Run::start(
+        &[&["report", "--by", "process"][..], &common[..]].concat(),
+        "collecting",
+    );
+
+    // Client A: 3, 5 and 7 connections to the three peers; client B: 6 to the second.
+    let mut a_pids = Vec::new();
+    for (i, n) in [(0, 3), (1, 5), (2, 7)] {
+        let run = client(
+            Some(&clients),
+            &[
+                "--to",
+                &peer(i),
+                "--count",
+                &n.to_string(),
+                "--name",
+                "twt-client-a",
+            ],
+        );
+        a_pids.push(run.pid);
+    }
+    let b = client(
+        Some(&clients),
+        &["--to", &peer(1), "--count", "6", "--name", "twt-client-b"],
+    );
+    assert_eq!(
+        clients.sockstat_tw(),
+        3 + 5 + 7 + 6,
+        "the kernel's own count"
+    );
+
+    let doc = report_json(by_peer.finish(Duration::from_secs(30)));
+    assert_eq!(doc["by"], "peer");
+    assert_eq!(doc["totals"]["entered"], 21);
+    assert_eq!(doc["totals"]["lost_events"], 0);
+    let g = groups(&doc);
+    assert_eq!(g.len(), 3, "{g:?}");
+    for (i, n) in [(0, 3), (1, 11), (2, 7)] {
+        let grp = &g[&peer(i)];
+        assert_eq!(grp["entered"], n, "{grp}");
+        assert_eq!(grp["in_time_wait"], n, "{grp}");
+        assert_eq!(grp["exited"], 0);
+        assert_eq!(grp["by"], "peer");
+    }
+    let second: Vec<&str> = g[&peer(1)]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["comm"].as_str().unwrap())
+        .collect();
+    assert!(second.contains(&"twt-client-a") && second.contains(&"twt-client-b"));
+
+    // Each client run is a process of its own: A's three runs and B's one.
+    let doc = report_json(by_process.finish(Duration::from_secs(30)));
+    let g = groups(&doc);
+    for (pid, n) in a_pids.iter().zip([3, 5, 7]) {
+        let key = format!("twt-client-a[{pid}]");
+        assert_eq!(g[&key]["entered"], n, "{key}: {g:?}");
+    }
+    assert_eq!(g[&format!("twt-client-b[{}]", b.pid)]["entered"], 6);
+    assert_eq!(g.len(), 4, "{g:?}");
+}
+
+/// Started while TIME_WAIT sockets already exist: they are counted from the first second,
+/// with their owner unknown.
+#[test]
+fn report_counts_time_wait_that_existed_before_it_started() {
+    require_root();
+    let _g = shared();
+    const K: u64 = 13;
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(None, &addr, &[]);
+    client(None, &["--to", &addr, "--count", &K.to_string()]);
+    let r = Run::start(
+        &[
+            "report",
+            "--duration",
+            "2s",
+            "--json",
+            "--port",
+            &port.to_string(),
+            "--by",
+            "process",
+        ],
+        "collecting",
+    );
+    let doc = report_json(r.finish(Duration::from_secs(20)));
+    assert_eq!(doc["totals"]["in_time_wait"], K, "{doc}");
+    assert_eq!(doc["totals"]["seeded"], K);
+    assert_eq!(
+        doc["totals"]["entered"], 0,
+        "they were not born during the report"
+    );
+    let g = groups(&doc);
+    assert_eq!(g["(before start)"]["in_time_wait"], K, "{g:?}");
+}

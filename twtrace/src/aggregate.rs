@@ -1,0 +1,984 @@
+//! TIME_WAIT lifecycles -> who makes them: per port, peer, process and service, with rates,
+//! lifetimes and reasons. Pure: fed `lifecycle::Event`s and times, unit-tested with events built
+//! in code.
+//!
+//! All four groupings are kept at once, so a view can switch between them without losing
+//! history. Each grouping keeps at most `cap` groups: once a second (and at once when twice the
+//! cap is reached) the smallest are folded into one `other` group. A TIME_WAIT socket remembers
+//! the slot of each of its groups; a folded slot keeps only a reference count, so the socket's
+//! end is then charged to `other`, where its birth went. Totals never depend on folding.
+//!
+//! Memory (documented in ARCHITECTURE.md, checked by `memory_stays_bounded_with_200k_peers`):
+//! at most `2 * cap` groups per grouping of about `GROUP_BYTES` each, plus about
+//! `LIVE_TW_BYTES` per TIME_WAIT socket alive (the kernel bounds those by tcp_max_tw_buckets).
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    str::FromStr,
+};
+
+use crate::{
+    decode::{Conn, Process, Role},
+    lifecycle::{Event, Reason, TwEnter, TwExit},
+};
+
+/// Default number of groups kept per grouping before the smallest are folded into `other`.
+pub const DEFAULT_CAP: usize = 2000;
+/// Bytes of one group at most, all included (key, counters, rate ring, histogram, owners, its
+/// entry in the key map).
+pub const GROUP_BYTES: usize = 1536;
+/// Bytes per live TIME_WAIT socket at most: its entry in the live map (timer address and four
+/// slot references, at the hash map's worst load) and, in the worst case where each socket has
+/// a folded group of its own in every grouping, four 12-byte slots.
+pub const LIVE_TW_BYTES: usize = 112;
+/// Owners remembered per group (the most recent distinct ones).
+const OWNERS_PER_GROUP: usize = 8;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum By {
+    Port,
+    Peer,
+    Process,
+    Service,
+}
+
+impl By {
+    pub const ALL: [By; 4] = [By::Service, By::Peer, By::Port, By::Process];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            By::Port => "port",
+            By::Peer => "peer",
+            By::Process => "process",
+            By::Service => "service",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for By {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for By {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "port" => Ok(By::Port),
+            "peer" => Ok(By::Peer),
+            "process" => Ok(By::Process),
+            "service" => Ok(By::Service),
+            _ => Err(format!(
+                "'{s}' is not a grouping (port, peer, process or service)"
+            )),
+        }
+    }
+}
+
+/// A group's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    /// Local port (`port`), or a listening port the host accepted on (`service`).
+    Port(u16),
+    /// Remote address and port (`peer`), or a destination the host connected to (`service`).
+    Peer(SocketAddr),
+    /// Owner process; pid 0 when unknown (`comm` then says why).
+    Process { pid: u32, comm: String },
+}
+
+/// Owner shown for TIME_WAIT sockets that existed before twtrace started.
+pub const BEFORE_START: &str = "(before start)";
+/// Owner shown when no process was recorded (the socket was opened and closed unseen).
+pub const UNKNOWN_OWNER: &str = "(unknown)";
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::Port(p) => write!(f, "{p}"),
+            Key::Peer(a) => write!(f, "{a}"),
+            Key::Process { pid: 0, comm } => f.write_str(comm),
+            Key::Process { pid, comm } => write!(f, "{comm}[{pid}]"),
+        }
+    }
+}
+
+/// Births per second over the last minute, one slot per second, rotated lazily.
+#[derive(Clone, Debug)]
+struct RateRing {
+    slots: [u32; 60],
+    /// The second (monotonic) that `slots[head % 60]` counts.
+    head: u64,
+}
+
+impl Default for RateRing {
+    fn default() -> Self {
+        Self {
+            slots: [0; 60],
+            head: 0,
+        }
+    }
+}
+
+impl RateRing {
+    fn advance(&mut self, sec: u64) {
+        if sec <= self.head {
+            return;
+        }
+        let steps = (sec - self.head).min(60);
+        for i in 1..=steps {
+            self.slots[((self.head + i) % 60) as usize] = 0;
+        }
+        self.head = sec;
+    }
+
+    fn record(&mut self, sec: u64) {
+        self.advance(sec);
+        if self.head - sec < 60 {
+            let slot = &mut self.slots[(sec % 60) as usize];
+            *slot = slot.saturating_add(1);
+        }
+    }
+
+    /// Births per second over the `window` complete seconds before `now_sec`.
+    fn rate(&self, now_sec: u64, window: u64) -> f64 {
+        let window = window.clamp(1, 59);
+        let mut sum = 0u64;
+        for s in now_sec.saturating_sub(window)..now_sec {
+            if s <= self.head && self.head - s < 60 {
+                sum += self.slots[(s % 60) as usize] as u64;
+            }
+        }
+        sum as f64 / window as f64
+    }
+
+    fn merge(&mut self, other: &RateRing) {
+        let head = self.head.max(other.head);
+        self.advance(head);
+        for s in head.saturating_sub(59)..=head {
+            if s <= other.head && other.head - s < 60 {
+                let v = other.slots[(s % 60) as usize];
+                let slot = &mut self.slots[(s % 60) as usize];
+                *slot = slot.saturating_add(v);
+            }
+        }
+    }
+}
+
+/// Lifetimes in ms, log-linear buckets with 64 sub-buckets per power of two (at most 1.6 %
+/// error), kept sparse: TIME_WAIT lifetimes cluster in a handful of buckets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Lifetimes {
+    buckets: Vec<(u16, u32)>,
+    count: u64,
+    max_ms: u64,
+}
+
+fn bucket_of(ms: u64) -> u16 {
+    if ms < 64 {
+        return ms as u16;
+    }
+    let k = 63 - ms.leading_zeros() as u64 - 6;
+    let m = ms >> k;
+    (64 + k * 64 + (m - 64)).min(u16::MAX as u64) as u16
+}
+
+/// (lowest, highest) ms of a bucket.
+fn bucket_range(b: u16) -> (u64, u64) {
+    let b = b as u64;
+    if b < 64 {
+        return (b, b);
+    }
+    let k = (b - 64) / 64;
+    let m = 64 + (b - 64) % 64;
+    (m << k, ((m + 1) << k) - 1)
+}
+
+impl Lifetimes {
+    pub fn record(&mut self, ms: u64) {
+        let b = bucket_of(ms);
+        match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
+            Ok(i) => self.buckets[i].1 = self.buckets[i].1.saturating_add(1),
+            Err(i) => self.buckets.insert(i, (b, 1)),
+        }
+        self.count += 1;
+        self.max_ms = self.max_ms.max(ms);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn max_ms(&self) -> Option<u64> {
+        (self.count > 0).then_some(self.max_ms)
+    }
+
+    /// The q-quantile (0..=1), as the middle of its bucket, never above the maximum.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0u64;
+        for &(b, n) in &self.buckets {
+            seen += n as u64;
+            if seen >= rank {
+                let (lo, hi) = bucket_range(b);
+                return Some(((lo + hi) / 2).min(self.max_ms));
+            }
+        }
+        Some(self.max_ms)
+    }
+
+    /// How many lifetimes were at most `ms` (exact at bucket edges, else a bucket's worth).
+    pub fn count_le(&self, ms: u64) -> u64 {
+        self.buckets
+            .iter()
+            .take_while(|&&(b, _)| bucket_range(b).1 <= ms)
+            .map(|&(_, n)| n as u64)
+            .sum()
+    }
+
+    fn merge(&mut self, other: &Lifetimes) {
+        for &(b, n) in &other.buckets {
+            match self.buckets.binary_search_by_key(&b, |&(k, _)| k) {
+                Ok(i) => self.buckets[i].1 = self.buckets[i].1.saturating_add(n),
+                Err(i) => self.buckets.insert(i, (b, n)),
+            }
+        }
+        self.count += other.count;
+        self.max_ms = self.max_ms.max(other.max_ms);
+    }
+}
+
+fn reason_index(r: Reason) -> usize {
+    match r {
+        Reason::Expired => 0,
+        Reason::Reused => 1,
+        Reason::Syn => 2,
+        Reason::Killed => 3,
+    }
+}
+
+pub const REASONS: [Reason; 4] = [Reason::Expired, Reason::Reused, Reason::Syn, Reason::Killed];
+
+/// What twtrace knows about one group.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    pub entered: u64,
+    pub exited: u64,
+    pub in_time_wait: u64,
+    /// Indexed like `REASONS`.
+    pub exits: [u64; 4],
+    rates: RateRing,
+    pub lifetimes: Lifetimes,
+    /// Most recent distinct owners (pid, comm), newest last.
+    pub owners: Vec<(u32, String)>,
+    /// cgroup id of the most recent owner (resolved to a unit or container by the views).
+    pub cgroup_id: Option<u64>,
+}
+
+impl Group {
+    fn enter(&mut self, sec: u64, owner: Option<&Process>, counted: bool) {
+        self.in_time_wait += 1;
+        if counted {
+            self.entered += 1;
+            self.rates.record(sec);
+        }
+        if let Some(p) = owner {
+            self.cgroup_id = Some(p.cgroup_id);
+            if let Some(i) = self
+                .owners
+                .iter()
+                .position(|(pid, comm)| *pid == p.pid && *comm == p.comm)
+            {
+                let o = self.owners.remove(i);
+                self.owners.push(o);
+            } else {
+                if self.owners.len() == OWNERS_PER_GROUP {
+                    self.owners.remove(0);
+                }
+                self.owners.push((p.pid, p.comm.clone()));
+            }
+        }
+    }
+
+    fn exit(&mut self, reason: Reason, lifetime_ms: Option<u64>) {
+        self.in_time_wait = self.in_time_wait.saturating_sub(1);
+        self.exited += 1;
+        self.exits[reason_index(reason)] += 1;
+        if let Some(ms) = lifetime_ms {
+            self.lifetimes.record(ms);
+        }
+    }
+
+    fn absorb(&mut self, g: &Group) {
+        self.entered += g.entered;
+        self.exited += g.exited;
+        self.in_time_wait += g.in_time_wait;
+        for i in 0..4 {
+            self.exits[i] += g.exits[i];
+        }
+        self.rates.merge(&g.rates);
+        self.lifetimes.merge(&g.lifetimes);
+    }
+
+    /// Births per second over the last `window` seconds (1 to 59) before `now_sec`.
+    pub fn rate(&self, now_sec: u64, window: u64) -> f64 {
+        self.rates.rate(now_sec, window)
+    }
+
+    pub fn exits_by(&self, r: Reason) -> u64 {
+        self.exits[reason_index(r)]
+    }
+}
+
+/// Reference count of a slot that is not live: folded into `other` (the count of live TIME_WAIT
+/// sockets still referring to it), or free (0).
+const LIVE: u32 = u32::MAX;
+
+/// One grouping's groups, bounded. Slots are what TIME_WAIT sockets refer to; a slot costs
+/// 12 bytes once its group is folded, so the references of a million sockets stay cheap.
+#[derive(Debug)]
+struct Table {
+    map: HashMap<Key, u32>,
+    /// Per slot: `LIVE`, or the references left to a folded slot (0: free).
+    refs: Vec<u32>,
+    /// Per slot: the group while it is live.
+    groups: Vec<Option<Box<(Key, Group)>>>,
+    free: Vec<u32>,
+    other: Group,
+    folded_groups: u64,
+    cap: usize,
+}
+
+impl Table {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            refs: Vec::new(),
+            groups: Vec::new(),
+            free: Vec::new(),
+            other: Group::default(),
+            folded_groups: 0,
+            cap: cap.max(1),
+        }
+    }
+
+    fn slot_for(&mut self, key: Key) -> u32 {
+        if let Some(&s) = self.map.get(&key) {
+            return s;
+        }
+        if self.map.len() >= 2 * self.cap {
+            self.compact();
+        }
+        let entry = Some(Box::new((key.clone(), Group::default())));
+        let s = match self.free.pop() {
+            Some(s) => {
+                self.refs[s as usize] = LIVE;
+                self.groups[s as usize] = entry;
+                s
+            }
+            None => {
+                self.refs.push(LIVE);
+                self.groups.push(entry);
+                (self.refs.len() - 1) as u32
+            }
+        };
+        self.map.insert(key, s);
+        s
+    }
+
+    /// A socket entering the group at slot `s` (just returned by `slot_for`, so live).
+    fn enter(&mut self, s: u32, sec: u64, owner: Option<&Process>, counted: bool) {
+        if let Some(g) = self.groups.get_mut(s as usize).and_then(Option::as_mut) {
+            g.1.enter(sec, owner, counted);
+        }
+    }
+
+    fn exit(&mut self, s: u32, reason: Reason, lifetime_ms: Option<u64>) {
+        let i = s as usize;
+        match self.refs.get(i).copied() {
+            Some(LIVE) => {
+                if let Some(g) = self.groups[i].as_mut() {
+                    g.1.exit(reason, lifetime_ms);
+                }
+            }
+            Some(n) if n > 0 => {
+                self.other.exit(reason, lifetime_ms);
+                self.refs[i] = n - 1;
+                if n == 1 {
+                    self.free.push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes a seeded socket replaced by its own birth (not an end).
+    fn forget(&mut self, s: u32) {
+        let i = s as usize;
+        match self.refs.get(i).copied() {
+            Some(LIVE) => {
+                if let Some(g) = self.groups[i].as_mut() {
+                    g.1.in_time_wait = g.1.in_time_wait.saturating_sub(1);
+                }
+            }
+            Some(n) if n > 0 => {
+                self.other.in_time_wait = self.other.in_time_wait.saturating_sub(1);
+                self.refs[i] = n - 1;
+                if n == 1 {
+                    self.free.push(s);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Folds the smallest groups into `other` until at most `cap` remain.
+    fn compact(&mut self) {
+        if self.map.len() <= self.cap {
+            return;
+        }
+        let mut ranked: Vec<(u64, u64, u32)> = self
+            .map
+            .values()
+            .filter_map(|&s| {
+                let g = &self.groups[s as usize].as_ref()?.1;
+                Some((g.in_time_wait, g.entered, s))
+            })
+            .collect();
+        // Largest first: TIME_WAIT now, then births.
+        ranked.sort_unstable_by_key(|&(tw, entered, _)| std::cmp::Reverse((tw, entered)));
+        for &(_, _, s) in &ranked[self.cap..] {
+            let Some(entry) = self.groups[s as usize].take() else {
+                continue;
+            };
+            let (key, group) = *entry;
+            self.map.remove(&key);
+            self.other.absorb(&group);
+            self.folded_groups += 1;
+            self.refs[s as usize] = group.in_time_wait.min(u32::MAX as u64 - 1) as u32;
+            if group.in_time_wait == 0 {
+                self.free.push(s);
+            }
+        }
+        self.map.shrink_to(self.cap * 2);
+    }
+
+    fn groups(&self) -> impl Iterator<Item = (&Key, &Group)> {
+        self.groups
+            .iter()
+            .filter_map(|g| g.as_ref().map(|b| (&b.0, &b.1)))
+    }
+
+    fn approx_bytes(&self) -> usize {
+        self.refs.capacity() * 4
+            + self.groups.capacity() * 8
+            + self.map.capacity() * (size_of::<Key>() + 5)
+            + self.free.capacity() * 4
+            + self
+                .groups()
+                .map(|(_, g)| {
+                    size_of::<(Key, Group)>()
+                        + g.lifetimes.buckets.capacity() * 8
+                        + g.owners.capacity() * 48
+                })
+                .sum::<usize>()
+    }
+}
+
+/// Host-wide figures, exact whatever the folding.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Births seen since start.
+    pub entered: u64,
+    /// Ends seen since start (including sockets born before start).
+    pub exited: u64,
+    /// Indexed like `REASONS`.
+    pub exits: [u64; 4],
+    /// TIME_WAIT sockets alive now that twtrace knows of (born since start, or seeded).
+    pub in_time_wait: u64,
+    /// Of those, how many were seeded at start.
+    pub seeded: u64,
+}
+
+pub struct Aggregator {
+    tables: [Table; 4],
+    /// Live TIME_WAIT sockets born since start, by timer address: their slot in each table.
+    live: HashMap<u64, [u32; 4]>,
+    /// Seeded at start (sock_diag): no timer address known; the 4-tuple is unique while alive.
+    seeded: HashMap<Conn, [u32; 4]>,
+    totals: Totals,
+    /// Local ports with a listener: tells accepted from connected when the kernel programs did
+    /// not see the connection open (sockets born before start).
+    listening: HashSet<u16>,
+    cap: usize,
+}
+
+fn sec_of(ts_ns: u64) -> u64 {
+    ts_ns / 1_000_000_000
+}
+
+impl Aggregator {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            tables: [cap; 4].map(Table::new),
+            live: HashMap::new(),
+            seeded: HashMap::new(),
+            totals: Totals::default(),
+            listening: HashSet::new(),
+            cap,
+        }
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    pub fn set_listening_ports(&mut self, ports: HashSet<u16>) {
+        self.listening = ports;
+    }
+
+    fn role_of(&self, role: Role, conn: &Conn) -> Role {
+        match role {
+            Role::Unknown if self.listening.contains(&conn.local.port()) => Role::Accepted,
+            Role::Unknown => Role::Connected,
+            known => known,
+        }
+    }
+
+    fn key(&self, by: By, conn: &Conn, owner: Option<&Process>, role: Role, seeded: bool) -> Key {
+        match by {
+            By::Port => Key::Port(conn.local.port()),
+            By::Peer => Key::Peer(conn.remote),
+            By::Process => match owner {
+                Some(p) => Key::Process {
+                    pid: p.pid,
+                    comm: p.comm.clone(),
+                },
+                None => Key::Process {
+                    pid: 0,
+                    comm: if seeded { BEFORE_START } else { UNKNOWN_OWNER }.to_owned(),
+                },
+            },
+            By::Service => match self.role_of(role, conn) {
+                Role::Accepted => Key::Port(conn.local.port()),
+                _ => Key::Peer(conn.remote),
+            },
+        }
+    }
+
+    pub fn on_event(&mut self, ev: &Event) {
+        match ev {
+            Event::Enter(e) => self.enter(e),
+            Event::Exit(x) => self.exit(x),
+            Event::State(_) => {}
+        }
+    }
+
+    fn enter(&mut self, e: &TwEnter) {
+        if e.seeded {
+            if self.seeded.contains_key(&e.conn) {
+                return;
+            }
+        } else {
+            if self.live.contains_key(&e.timer) {
+                return;
+            }
+            // Born between attach and the seeding dump: the birth replaces the seed.
+            if !self.seeded.is_empty()
+                && let Some(slots) = self.seeded.remove(&e.conn)
+            {
+                for by in By::ALL {
+                    self.tables[by.index()].forget(slots[by.index()]);
+                }
+                self.totals.in_time_wait -= 1;
+                self.totals.seeded -= 1;
+            }
+        }
+        let sec = sec_of(e.ts_ns);
+        let mut slots = [0u32; 4];
+        for by in By::ALL {
+            let key = self.key(by, &e.conn, e.owner.as_ref(), e.role, e.seeded);
+            let t = &mut self.tables[by.index()];
+            let s = t.slot_for(key);
+            t.enter(s, sec, e.owner.as_ref(), !e.seeded);
+            slots[by.index()] = s;
+        }
+        if e.seeded {
+            self.seeded.insert(e.conn, slots);
+        } else {
+            self.live.insert(e.timer, slots);
+        }
+        self.totals.in_time_wait += 1;
+        if e.seeded {
+            self.totals.seeded += 1;
+        } else {
+            self.totals.entered += 1;
+        }
+    }
+
+    fn exit(&mut self, x: &TwExit) {
+        self.totals.exited += 1;
+        self.totals.exits[reason_index(x.reason)] += 1;
+        let slots = match (x.seeded, x.conn) {
+            (true, Some(c)) => self.seeded.remove(&c),
+            _ => self.live.remove(&x.timer),
+        };
+        let Some(slots) = slots else {
+            // Born before start and not seeded: counted in the totals only.
+            return;
+        };
+        self.totals.in_time_wait -= 1;
+        let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
+        for by in By::ALL {
+            self.tables[by.index()].exit(slots[by.index()], x.reason, lifetime_ms);
+        }
+    }
+
+    /// Once a second: fold the smallest groups of each grouping beyond the cap.
+    pub fn tick(&mut self) {
+        for t in &mut self.tables {
+            t.compact();
+        }
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// The groups of one grouping, unsorted, and the `other` group (None while nothing folded).
+    pub fn groups(&self, by: By) -> (Vec<(&Key, &Group)>, Option<&Group>) {
+        let t = &self.tables[by.index()];
+        let other = (t.folded_groups > 0).then_some(&t.other);
+        (t.groups().collect(), other)
+    }
+
+    /// How many groups were folded into `other` so far.
+    pub fn folded_groups(&self, by: By) -> u64 {
+        self.tables[by.index()].folded_groups
+    }
+
+    /// Heap bytes held, approximately (for the memory bound's test and the benchmark).
+    pub fn approx_bytes(&self) -> usize {
+        self.tables.iter().map(Table::approx_bytes).sum::<usize>()
+            + self.live.capacity() * (8 + 16 + 1)
+            + self.seeded.capacity() * (size_of::<Conn>() + 16 + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn conn(local: &str, remote: &str) -> Conn {
+        Conn {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+        }
+    }
+
+    fn owner(pid: u32, comm: &str) -> Option<Process> {
+        Some(Process {
+            pid,
+            tid: pid,
+            comm: comm.into(),
+            cgroup_id: 7,
+        })
+    }
+
+    fn enter(timer: u64, ts: u64, c: Conn, o: Option<Process>, role: Role) -> Event {
+        Event::Enter(TwEnter {
+            ts_ns: ts,
+            timer,
+            conn: c,
+            owner: o,
+            role,
+            timeout_jiffies: 15000,
+            seeded: false,
+        })
+    }
+
+    fn exit(timer: u64, ts: u64, c: Conn, reason: Reason, life_ms: u64) -> Event {
+        Event::Exit(TwExit {
+            ts_ns: ts,
+            timer,
+            conn: Some(c),
+            owner: None,
+            role: Role::Unknown,
+            reason,
+            lifetime_ns: Some(life_ms * 1_000_000),
+            seeded: false,
+        })
+    }
+
+    fn find<'a>(a: &'a Aggregator, by: By, key: &str) -> &'a Group {
+        a.groups(by)
+            .0
+            .into_iter()
+            .find(|(k, _)| k.to_string() == key)
+            .map(|(_, g)| g)
+            .unwrap_or_else(|| panic!("no group {key} by {by}"))
+    }
+
+    #[test]
+    fn groups_by_each_key_at_once() {
+        let mut a = Aggregator::new(100);
+        let redis = conn("10.0.0.1:40000", "10.0.0.2:6379");
+        let redis2 = conn("10.0.0.1:40001", "10.0.0.2:6379");
+        let web_in = conn("10.0.0.1:443", "10.9.9.9:50000");
+        a.on_event(&enter(1, 10 * S, redis, owner(5, "api"), Role::Connected));
+        a.on_event(&enter(
+            2,
+            10 * S,
+            redis2,
+            owner(6, "worker"),
+            Role::Connected,
+        ));
+        a.on_event(&enter(3, 11 * S, web_in, owner(7, "nginx"), Role::Accepted));
+        assert_eq!(find(&a, By::Peer, "10.0.0.2:6379").in_time_wait, 2);
+        assert_eq!(find(&a, By::Port, "443").entered, 1);
+        assert_eq!(find(&a, By::Process, "api[5]").entered, 1);
+        // service: outgoing by destination, incoming by listening port.
+        assert_eq!(find(&a, By::Service, "10.0.0.2:6379").entered, 2);
+        assert_eq!(find(&a, By::Service, "443").entered, 1);
+        let g = find(&a, By::Peer, "10.0.0.2:6379");
+        assert_eq!(
+            g.owners,
+            vec![(5, "api".to_owned()), (6, "worker".to_owned())]
+        );
+
+        a.on_event(&exit(1, 70 * S, redis, Reason::Expired, 60_300));
+        a.on_event(&exit(3, 12 * S, web_in, Reason::Syn, 1_000));
+        let g = find(&a, By::Peer, "10.0.0.2:6379");
+        assert_eq!((g.in_time_wait, g.exited), (1, 1));
+        assert_eq!(g.exits_by(Reason::Expired), 1);
+        assert_eq!(g.lifetimes.max_ms(), Some(60_300));
+        assert_eq!(find(&a, By::Port, "443").exits_by(Reason::Syn), 1);
+        assert_eq!(
+            a.totals(),
+            &Totals {
+                entered: 3,
+                exited: 2,
+                exits: [1, 0, 1, 0],
+                in_time_wait: 1,
+                seeded: 0
+            }
+        );
+    }
+
+    #[test]
+    fn rates_over_1_10_and_60_seconds() {
+        let mut a = Aggregator::new(10);
+        let c = |i: u16| conn(&format!("127.0.0.1:{}", 30000 + i), "127.0.0.1:80");
+        let mut timer = 0;
+        // 10 births a second for 60 s, then 30 in the 61st second.
+        for sec in 100..160u64 {
+            for _ in 0..10 {
+                timer += 1;
+                a.on_event(&enter(
+                    timer,
+                    sec * S,
+                    c(timer as u16),
+                    None,
+                    Role::Connected,
+                ));
+            }
+        }
+        for _ in 0..30 {
+            timer += 1;
+            a.on_event(&enter(
+                timer,
+                160 * S + 5,
+                c(timer as u16),
+                None,
+                Role::Connected,
+            ));
+        }
+        let g = find(&a, By::Peer, "127.0.0.1:80");
+        assert_eq!(g.rate(161, 1), 30.0);
+        assert_eq!(g.rate(161, 10), (9.0 * 10.0 + 30.0) / 10.0);
+        assert_eq!(g.rate(160, 59), 10.0);
+        // A minute of silence empties the window.
+        assert_eq!(g.rate(300, 59), 0.0);
+    }
+
+    #[test]
+    fn lifetime_quantiles_are_within_two_percent() {
+        let mut l = Lifetimes::default();
+        for ms in 1..=1000u64 {
+            l.record(60_000 + ms);
+        }
+        l.record(5);
+        let p50 = l.quantile_ms(0.5).unwrap() as f64;
+        let p99 = l.quantile_ms(0.99).unwrap() as f64;
+        assert!((p50 - 60_500.0).abs() / 60_500.0 < 0.02, "{p50}");
+        assert!((p99 - 60_990.0).abs() / 60_990.0 < 0.02, "{p99}");
+        assert_eq!(l.max_ms(), Some(61_000));
+        assert_eq!(l.quantile_ms(0.0), Some(5));
+        assert_eq!(Lifetimes::default().quantile_ms(0.5), None);
+        assert_eq!(l.count_le(63), 1);
+        for ms in [0u64, 1, 63, 64, 65, 127, 128, 1000, 60_000, 1 << 40] {
+            let (lo, hi) = bucket_range(bucket_of(ms));
+            assert!(lo <= ms.min(hi) && ms.min(hi) <= hi, "{ms}: {lo}..{hi}");
+        }
+    }
+
+    #[test]
+    fn folding_keeps_the_largest_and_totals_exact() {
+        let mut a = Aggregator::new(3);
+        let mut timer = 0;
+        // Peer i gets i births.
+        for i in 1..=6u16 {
+            for _ in 0..i {
+                timer += 1;
+                let c = conn(
+                    &format!("10.0.0.1:{}", 30000 + timer),
+                    &format!("10.0.1.{i}:80"),
+                );
+                a.on_event(&enter(timer, S, c, None, Role::Connected));
+            }
+        }
+        a.tick();
+        let (groups, other) = a.groups(By::Peer);
+        let mut keys: Vec<String> = groups.iter().map(|(k, _)| k.to_string()).collect();
+        keys.sort();
+        assert_eq!(keys, vec!["10.0.1.4:80", "10.0.1.5:80", "10.0.1.6:80"]);
+        let other = other.expect("folded");
+        assert_eq!(other.in_time_wait, 1 + 2 + 3);
+        assert_eq!(a.folded_groups(By::Peer), 3);
+        // An end of a socket born in a folded group goes to `other`.
+        let first = conn("10.0.0.1:30001", "10.0.1.1:80");
+        a.on_event(&exit(1, 2 * S, first, Reason::Killed, 1000));
+        let (_, other) = a.groups(By::Peer);
+        assert_eq!(other.unwrap().in_time_wait, 5);
+        assert_eq!(other.unwrap().exits_by(Reason::Killed), 1);
+        assert_eq!(a.totals().in_time_wait, 21 - 1);
+        // The folded key comes back as a new group of its own.
+        timer += 1;
+        a.on_event(&enter(
+            timer,
+            3 * S,
+            conn("10.0.0.1:39999", "10.0.1.1:80"),
+            None,
+            Role::Connected,
+        ));
+        assert_eq!(find(&a, By::Peer, "10.0.1.1:80").in_time_wait, 1);
+    }
+
+    #[test]
+    fn memory_stays_bounded_with_200k_peers() {
+        const N: u32 = 200_000;
+        const CAP: usize = 1000;
+        let mut a = Aggregator::new(CAP);
+        for i in 0..N {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let c = Conn {
+                local: "10.255.0.1:40000".parse().unwrap(),
+                remote: SocketAddr::new(ip, 443),
+            };
+            a.on_event(&enter(
+                i as u64 + 1,
+                (i / 1000) as u64 * S,
+                c,
+                owner(1 + i % 3, "client"),
+                Role::Connected,
+            ));
+            if i % 1000 == 999 {
+                a.tick();
+            }
+        }
+        a.tick();
+        let t = a.totals().clone();
+        assert_eq!((t.entered, t.in_time_wait), (N as u64, N as u64));
+        let (groups, other) = a.groups(By::Peer);
+        assert!(groups.len() <= CAP);
+        let kept: u64 = groups.iter().map(|(_, g)| g.in_time_wait).sum();
+        assert_eq!(
+            kept + other.unwrap().in_time_wait,
+            N as u64,
+            "nothing lost by folding"
+        );
+        let bound = 4 * 2 * CAP * GROUP_BYTES + N as usize * LIVE_TW_BYTES;
+        eprintln!(
+            "aggregator holds {} bytes for {N} sockets (bound {bound})",
+            a.approx_bytes()
+        );
+        assert!(
+            a.approx_bytes() <= bound,
+            "{} bytes > documented bound {bound}",
+            a.approx_bytes()
+        );
+        // Every socket ends: every count returns to zero, every folded slot is freed.
+        for i in 0..N {
+            let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let c = Conn {
+                local: "10.255.0.1:40000".parse().unwrap(),
+                remote: SocketAddr::new(ip, 443),
+            };
+            a.on_event(&exit(i as u64 + 1, 300 * S, c, Reason::Expired, 60_000));
+        }
+        assert_eq!(a.totals().in_time_wait, 0);
+        assert_eq!(a.totals().exited, N as u64);
+        let (groups, other) = a.groups(By::Peer);
+        assert!(groups.iter().all(|(_, g)| g.in_time_wait == 0));
+        assert_eq!(other.unwrap().in_time_wait, 0);
+        assert_eq!(
+            groups.iter().map(|(_, g)| g.exited).sum::<u64>() + other.unwrap().exited,
+            N as u64
+        );
+    }
+
+    #[test]
+    fn seeded_sockets_count_now_not_as_births() {
+        let mut a = Aggregator::new(10);
+        a.set_listening_ports([8080].into_iter().collect());
+        let c_in = conn("127.0.0.1:8080", "127.0.0.1:50000");
+        let c_out = conn("127.0.0.1:50001", "127.0.0.1:5432");
+        for c in [c_in, c_out] {
+            a.on_event(&Event::Enter(TwEnter {
+                ts_ns: 0,
+                timer: 0,
+                conn: c,
+                owner: None,
+                role: Role::Unknown,
+                timeout_jiffies: 0,
+                seeded: true,
+            }));
+        }
+        assert_eq!(a.totals().in_time_wait, 2);
+        assert_eq!(a.totals().entered, 0);
+        assert_eq!(find(&a, By::Service, "8080").in_time_wait, 1);
+        assert_eq!(find(&a, By::Service, "127.0.0.1:5432").in_time_wait, 1);
+        assert_eq!(find(&a, By::Process, BEFORE_START).in_time_wait, 2);
+        a.on_event(&Event::Exit(TwExit {
+            ts_ns: 5,
+            timer: 77,
+            conn: Some(c_in),
+            owner: None,
+            role: Role::Unknown,
+            reason: Reason::Expired,
+            lifetime_ns: None,
+            seeded: true,
+        }));
+        assert_eq!(a.totals().in_time_wait, 1);
+        assert_eq!(find(&a, By::Service, "8080").in_time_wait, 0);
+    }
+
+    #[test]
+    fn by_parses_strictly() {
+        assert_eq!("peer".parse::<By>(), Ok(By::Peer));
+        assert!("Peer".parse::<By>().unwrap_err().contains("'Peer'"));
+    }
+}

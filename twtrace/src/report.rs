@@ -1,0 +1,455 @@
+//! The aggregate as rows, a table and the JSON document that `report --json`,
+//! `GET /api/v1/report` and `top` share. Pure: built from an `Aggregator` and a `Context`.
+
+use std::str::FromStr;
+
+use serde_json::{Value, json};
+
+use crate::{
+    aggregate::{Aggregator, By, Group, Key, REASONS},
+    host::CloseWait,
+    session::Loss,
+};
+
+/// What the aggregate does not know: the run and the kernel's own figures.
+#[derive(Clone, Debug, Default)]
+pub struct Context {
+    pub duration_s: f64,
+    /// Monotonic second "now", for the rate windows.
+    pub now_sec: u64,
+    pub loss: Loss,
+    /// TIME_WAIT not created since start because tcp_max_tw_buckets was full (TcpExt).
+    pub skipped_overflow: u64,
+    /// /proc/net/sockstat `tw`: the kernel's count of TIME_WAIT sockets now.
+    pub kernel_time_wait: Option<u64>,
+    pub ephemeral_ports: Option<u32>,
+    /// CLOSE_WAIT sockets per process now (sock_diag), largest first.
+    pub close_wait: Vec<CloseWait>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Sort {
+    /// TIME_WAIT sockets now.
+    #[default]
+    TimeWait,
+    /// Birth rate over the last 10 s.
+    Rate,
+    /// Births since start.
+    Entered,
+}
+
+impl Sort {
+    pub const ALL: [Sort; 3] = [Sort::TimeWait, Sort::Rate, Sort::Entered];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sort::TimeWait => "tw",
+            Sort::Rate => "rate",
+            Sort::Entered => "births",
+        }
+    }
+}
+
+impl FromStr for Sort {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tw" => Ok(Sort::TimeWait),
+            "rate" => Ok(Sort::Rate),
+            "births" => Ok(Sort::Entered),
+            _ => Err(format!("'{s}' is not a sort order (tw, rate or births)")),
+        }
+    }
+}
+
+/// One group, ready to show.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub key: String,
+    pub entered: u64,
+    pub exited: u64,
+    pub in_time_wait: u64,
+    pub rate_1s: f64,
+    pub rate_10s: f64,
+    pub rate_60s: f64,
+    /// Births per second over the whole run.
+    pub rate_avg: f64,
+    pub p50_ms: Option<u64>,
+    pub p99_ms: Option<u64>,
+    pub max_ms: Option<u64>,
+    /// Indexed like `aggregate::REASONS`.
+    pub exits: [u64; 4],
+    pub processes: Vec<(u32, String)>,
+    pub cgroup_id: Option<u64>,
+}
+
+fn row(key: String, g: &Group, ctx: &Context) -> Row {
+    Row {
+        key,
+        entered: g.entered,
+        exited: g.exited,
+        in_time_wait: g.in_time_wait,
+        rate_1s: g.rate(ctx.now_sec, 1),
+        rate_10s: g.rate(ctx.now_sec, 10),
+        rate_60s: g.rate(ctx.now_sec, 59),
+        rate_avg: if ctx.duration_s > 0.0 {
+            g.entered as f64 / ctx.duration_s
+        } else {
+            0.0
+        },
+        p50_ms: g.lifetimes.quantile_ms(0.5),
+        p99_ms: g.lifetimes.quantile_ms(0.99),
+        max_ms: g.lifetimes.max_ms(),
+        exits: g.exits,
+        processes: g.owners.iter().rev().cloned().collect(),
+        cgroup_id: g.cgroup_id,
+    }
+}
+
+/// Groups sorted (largest first), the top `top` of them, and `other` when groups were folded.
+/// `matches` keeps the rows whose key passes (the views' key filter).
+pub fn rows(
+    agg: &Aggregator,
+    by: By,
+    sort: Sort,
+    top: usize,
+    ctx: &Context,
+    matches: &dyn Fn(&Key) -> bool,
+) -> (Vec<Row>, Option<Row>) {
+    let (groups, other) = agg.groups(by);
+    let mut rows: Vec<(f64, u64, u64, Row)> = groups
+        .into_iter()
+        .filter(|(k, _)| matches(k))
+        .map(|(k, g)| {
+            let r = row(k.to_string(), g, ctx);
+            let primary = match sort {
+                Sort::TimeWait => r.in_time_wait as f64,
+                Sort::Rate => r.rate_10s,
+                Sort::Entered => r.entered as f64,
+            };
+            (primary, r.in_time_wait, r.entered, r)
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(b.1.cmp(&a.1))
+            .then(b.2.cmp(&a.2))
+            .then(a.3.key.cmp(&b.3.key))
+    });
+    let rows = rows.into_iter().take(top).map(|(_, _, _, r)| r).collect();
+    (rows, other.map(|g| row("other".into(), g, ctx)))
+}
+
+fn exits_json(exits: &[u64; 4]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (i, r) in REASONS.iter().enumerate() {
+        m.insert(r.as_str().into(), json!(exits[i]));
+    }
+    Value::Object(m)
+}
+
+fn row_json(by: By, r: &Row, unit: Option<String>) -> Value {
+    json!({
+        "by": by.as_str(),
+        "key": r.key,
+        "entered": r.entered,
+        "exited": r.exited,
+        "in_time_wait": r.in_time_wait,
+        "rate_per_s": round2(r.rate_avg),
+        "rates": {"1s": round2(r.rate_1s), "10s": round2(r.rate_10s), "60s": round2(r.rate_60s)},
+        "lifetime_ms": {"p50": r.p50_ms, "p99": r.p99_ms, "max": r.max_ms},
+        "exits": exits_json(&r.exits),
+        "processes": r.processes.iter().map(|(pid, comm)| json!({"pid": pid, "comm": comm})).collect::<Vec<_>>(),
+        "unit": unit,
+    })
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// The report document (see README "twtrace report").
+pub fn json(
+    agg: &Aggregator,
+    by: By,
+    sort: Sort,
+    top: usize,
+    ctx: &Context,
+    unit_of: &mut dyn FnMut(u64) -> Option<String>,
+) -> Value {
+    let (rows, other) = rows(agg, by, sort, top, ctx, &|_| true);
+    let t = agg.totals();
+    let mut unit = |r: &Row| {
+        if by == By::Process {
+            r.cgroup_id.and_then(&mut *unit_of)
+        } else {
+            None
+        }
+    };
+    let groups: Vec<Value> = rows.iter().map(|r| row_json(by, r, unit(r))).collect();
+    json!({
+        "duration_s": round2(ctx.duration_s),
+        "by": by.as_str(),
+        "complete": ctx.loss.total() == 0,
+        "totals": {
+            "entered": t.entered,
+            "exited": t.exited,
+            "in_time_wait": t.in_time_wait,
+            "seeded": t.seeded,
+            "lost_events": ctx.loss.total(),
+            "skipped_overflow": ctx.skipped_overflow,
+            "kernel_time_wait": ctx.kernel_time_wait,
+            "ephemeral_ports": ctx.ephemeral_ports,
+        },
+        "exits": exits_json(&t.exits),
+        "lost": {
+            "ring_full": ctx.loss.ring_full,
+            "recursion": ctx.loss.recursion_misses,
+            "malformed": ctx.loss.malformed,
+        },
+        "groups": groups,
+        "groups_total": agg.groups(by).0.len(),
+        "groups_folded": agg.folded_groups(by),
+        "other": other.map(|r| row_json(by, &r, None)),
+        "close_wait": ctx.close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn fmt_ms(ms: Option<u64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms"),
+        Some(ms) => format!("{:.1}s", ms as f64 / 1000.0),
+    }
+}
+
+fn owners(r: &Row) -> String {
+    let mut s = r
+        .processes
+        .iter()
+        .map(|(pid, comm)| format!("{comm}[{pid}]"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if s.is_empty() {
+        s = "-".into();
+    }
+    s
+}
+
+/// The report as text for a terminal: host totals, then one line per group (80 columns). The
+/// last column names the owners, or for `--by process` the unit or container.
+pub fn table(
+    agg: &Aggregator,
+    by: By,
+    sort: Sort,
+    top: usize,
+    ctx: &Context,
+    unit_of: &mut dyn FnMut(u64) -> Option<String>,
+) -> String {
+    let (rows, other) = rows(agg, by, sort, top, ctx, &|_| true);
+    let t = agg.totals();
+    let mut out = String::new();
+    let kernel = ctx
+        .kernel_time_wait
+        .map_or("-".to_owned(), |n| n.to_string());
+    out.push_str(&format!(
+        "{:.0}s: {} TIME_WAIT births, {} ends ({} expired, {} reused, {} syn, {} killed)\n",
+        ctx.duration_s, t.entered, t.exited, t.exits[0], t.exits[1], t.exits[2], t.exits[3]
+    ));
+    out.push_str(&format!(
+        "now: {} in TIME_WAIT ({} from before start), kernel says {}; ephemeral ports {}\n",
+        t.in_time_wait,
+        t.seeded,
+        kernel,
+        ctx.ephemeral_ports
+            .map_or("-".to_owned(), |n| n.to_string())
+    ));
+    if ctx.loss.total() > 0 || ctx.skipped_overflow > 0 {
+        out.push_str(&format!(
+            "INCOMPLETE: {} events lost, {} TIME_WAIT skipped (tcp_max_tw_buckets full)\n",
+            ctx.loss.total(),
+            ctx.skipped_overflow
+        ));
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {}\n",
+        by.as_str().to_uppercase(),
+        "TW NOW",
+        "BIRTHS",
+        "PER S",
+        "ENDS",
+        "P50",
+        if by == By::Process {
+            "UNIT"
+        } else {
+            "PROCESSES"
+        }
+    ));
+    for r in rows.iter().chain(other.iter()) {
+        let line = format!(
+            "{:<24} {:>7} {:>7} {:>7.1} {:>7} {:>7} {}",
+            r.key,
+            r.in_time_wait,
+            r.entered,
+            r.rate_avg,
+            r.exited,
+            fmt_ms(r.p50_ms),
+            if by == By::Process {
+                r.cgroup_id
+                    .and_then(&mut *unit_of)
+                    .unwrap_or_else(|| "-".into())
+            } else {
+                owners(r)
+            }
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let folded = agg.folded_groups(by);
+    if folded > 0 {
+        out.push_str(&format!(
+            "({folded} smaller groups folded into 'other' to bound memory)\n"
+        ));
+    }
+    if !ctx.close_wait.is_empty() {
+        out.push_str("\nCLOSE_WAIT now (the process never called close()):\n");
+        for c in &ctx.close_wait {
+            out.push_str(&format!("  {}[{}]: {}\n", c.comm, c.pid, c.sockets));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::{Conn, Process, Role},
+        host::CloseWait,
+        lifecycle::{Event, Reason, TwEnter, TwExit},
+    };
+
+    fn agg() -> Aggregator {
+        let mut a = Aggregator::new(100);
+        let s = 1_000_000_000u64;
+        let mut timer = 0;
+        for (peer, n) in [
+            ("10.0.0.2:6379", 5u64),
+            ("10.0.0.3:5432", 2),
+            ("[fd00::1]:80", 1),
+        ] {
+            for _ in 0..n {
+                timer += 1;
+                let conn = Conn {
+                    local: format!("10.0.0.1:{}", 40000 + timer).parse().unwrap(),
+                    remote: peer.parse().unwrap(),
+                };
+                a.on_event(&Event::Enter(TwEnter {
+                    ts_ns: 10 * s,
+                    timer,
+                    conn,
+                    owner: Some(Process {
+                        pid: 42,
+                        tid: 42,
+                        comm: "api".into(),
+                        cgroup_id: 9,
+                    }),
+                    role: Role::Connected,
+                    timeout_jiffies: 0,
+                    seeded: false,
+                }));
+                if timer == 1 {
+                    a.on_event(&Event::Exit(TwExit {
+                        ts_ns: 70 * s,
+                        timer,
+                        conn: Some(conn),
+                        owner: None,
+                        role: Role::Connected,
+                        reason: Reason::Expired,
+                        lifetime_ns: Some(60_500 * 1_000_000),
+                        seeded: false,
+                    }));
+                }
+            }
+        }
+        a
+    }
+
+    fn ctx() -> Context {
+        Context {
+            duration_s: 10.0,
+            now_sec: 11,
+            ..Context::default()
+        }
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let a = agg();
+        let v = json(&a, By::Peer, Sort::TimeWait, 10, &ctx(), &mut |_| None);
+        assert_eq!(v["duration_s"], 10.0);
+        assert_eq!(v["totals"]["entered"], 8);
+        assert_eq!(v["totals"]["exited"], 1);
+        assert_eq!(v["totals"]["in_time_wait"], 7);
+        assert_eq!(v["totals"]["lost_events"], 0);
+        assert_eq!(v["totals"]["skipped_overflow"], 0);
+        assert_eq!(v["exits"]["expired"], 1);
+        for k in ["reused", "syn", "killed"] {
+            assert_eq!(v["exits"][k], 0);
+        }
+        let g = &v["groups"][0];
+        assert_eq!(g["by"], "peer");
+        assert_eq!(g["key"], "10.0.0.2:6379");
+        assert_eq!(g["entered"], 5);
+        assert_eq!(g["exited"], 1);
+        assert_eq!(g["in_time_wait"], 4);
+        assert_eq!(g["rate_per_s"], 0.5);
+        assert!(g["lifetime_ms"]["p50"].as_u64().unwrap().abs_diff(60_500) < 1000);
+        assert_eq!(g["lifetime_ms"]["max"], 60_500);
+        assert_eq!(g["exits"]["expired"], 1);
+        assert_eq!(g["processes"][0]["pid"], 42);
+        assert_eq!(g["processes"][0]["comm"], "api");
+        assert_eq!(v["groups"][2]["key"], "[fd00::1]:80");
+        assert!(v["other"].is_null());
+        assert_eq!(v["complete"], true);
+    }
+
+    #[test]
+    fn sorting_and_top() {
+        let a = agg();
+        let (top2, _) = rows(&a, By::Peer, Sort::Entered, 2, &ctx(), &|_| true);
+        assert_eq!(
+            top2.iter().map(|r| r.key.as_str()).collect::<Vec<_>>(),
+            vec!["10.0.0.2:6379", "10.0.0.3:5432"]
+        );
+        let (one, _) = rows(&a, By::Peer, Sort::TimeWait, 10, &ctx(), &|k| {
+            k.to_string().contains("5432")
+        });
+        assert_eq!(one.len(), 1);
+        assert_eq!("rate".parse::<Sort>(), Ok(Sort::Rate));
+        assert!("size".parse::<Sort>().unwrap_err().contains("'size'"));
+    }
+
+    #[test]
+    fn table_fits_80_columns_and_flags_loss() {
+        let a = agg();
+        let mut c = ctx();
+        c.loss.ring_full = 3;
+        c.close_wait = vec![CloseWait {
+            pid: 7,
+            comm: "leaky".into(),
+            sockets: 12,
+        }];
+        let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
+        assert!(t.contains("INCOMPLETE: 3 events lost"), "{t}");
+        assert!(
+            t.contains("10.0.0.2:6379                  4       5     0.5       1   60.5s api[42]"),
+            "{t}"
+        );
+        assert!(t.contains("leaky[7]: 12"));
+        for line in t.lines() {
+            assert!(line.len() <= 80, "{line}");
+        }
+    }
+}

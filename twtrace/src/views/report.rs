@@ -1,0 +1,111 @@
+//! `twtrace report`: collect for a while, then print who made the TIME_WAIT.
+
+use std::{
+    io::{IsTerminal, Write},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    aggregate::Aggregator,
+    cgroup::CgroupNames,
+    cli::ReportArgs,
+    clock, host,
+    probes::ProbeOptions,
+    report::{self, Context},
+    session::{self, Session},
+};
+
+/// Everything a report needs besides the aggregate, read now.
+pub fn context(session: &Session, started: Instant) -> Context {
+    Context {
+        duration_s: started.elapsed().as_secs_f64(),
+        now_sec: clock::monotonic_ns() / 1_000_000_000,
+        loss: session.loss(),
+        skipped_overflow: host::tw_counters()
+            .since(&session.counters_at_start)
+            .overflow,
+        kernel_time_wait: host::sockstat_tw(),
+        ephemeral_ports: host::settings().ephemeral_ports(),
+        close_wait: host::close_wait_by_process(),
+    }
+}
+
+pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let filter = args.filter.to_filter();
+    let mut session = Session::start(
+        ProbeOptions {
+            ring_size: args.probe.ring_size,
+            emit_states: false,
+        },
+        true,
+    )?;
+    let mut agg = Aggregator::new(args.group.max_groups);
+    agg.set_listening_ports(session.listening.clone());
+    let started = Instant::now();
+    eprintln!(
+        "twtrace: collecting for {}s; Ctrl-C to stop early",
+        args.duration.as_secs_f64()
+    );
+    let progress = std::io::stderr().is_terminal();
+    let stop = session::stop_signal(Some(args.duration));
+    tokio::pin!(stop);
+    let mut last_tick = Instant::now();
+    loop {
+        let events = tokio::select! {
+            r = &mut stop => { r?; break; }
+            r = session.next() => r?,
+        };
+        for ev in events.iter().filter(|e| filter.matches(e)) {
+            agg.on_event(ev);
+        }
+        if last_tick.elapsed() >= Duration::from_secs(1) {
+            last_tick = Instant::now();
+            agg.tick();
+            if progress {
+                let t = agg.totals();
+                eprint!(
+                    "\rtwtrace: collecting {:>4.0}/{}s: {} births, {} in TIME_WAIT ",
+                    started.elapsed().as_secs_f64(),
+                    args.duration.as_secs(),
+                    t.entered,
+                    t.in_time_wait
+                );
+            }
+        }
+    }
+    for ev in session.finish().iter().filter(|e| filter.matches(e)) {
+        agg.on_event(ev);
+    }
+    agg.tick();
+    if progress {
+        eprint!("\r{:79}\r", "");
+    }
+    let ctx = context(&session, started);
+    let mut names = CgroupNames::new();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let doc = report::json(
+            &agg,
+            args.group.by,
+            args.group.sort,
+            args.top,
+            &ctx,
+            &mut |id| names.label(id),
+        );
+        writeln!(out, "{doc}")?;
+    } else {
+        let table = report::table(
+            &agg,
+            args.group.by,
+            args.group.sort,
+            args.top,
+            &ctx,
+            &mut |id| names.label(id),
+        );
+        write!(out, "{table}")?;
+    }
+    if ctx.loss.total() > 0 {
+        eprintln!("twtrace: {}", session::loss_line(&ctx.loss));
+    }
+    Ok(())
+}
