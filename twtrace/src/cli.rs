@@ -122,6 +122,10 @@ pub struct ProbeArgs {
     /// Ring buffer size between kernel and twtrace (a power of two, at least 4KiB)
     #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_ring_size)]
     pub ring_size: u32,
+    /// At the end, write what twtrace cost and saw (kernel counters, per-program run time and
+    /// recursion misses, events received) to this file as JSON
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

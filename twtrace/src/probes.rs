@@ -36,7 +36,7 @@ pub struct ProbeOptions {
 }
 
 /// The kernel programs' own counters, summed over CPUs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct KernelCounters {
     pub lost: u64,
     pub emitted: u64,
@@ -47,7 +47,7 @@ pub struct KernelCounters {
 }
 
 /// What the kernel keeps per program (BPF_OBJ_GET_INFO_BY_FD).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ProgramStats {
     pub name: &'static str,
     pub id: u32,

@@ -154,6 +154,33 @@ impl Session {
     }
 }
 
+impl Session {
+    /// What this run cost and saw, as JSON (`--stats-json`): the kernel programs' counters,
+    /// each program's run time, run count and recursion misses (run time only while
+    /// `kernel.bpf_stats_enabled` is 1), and what userspace received.
+    pub fn stats(&self) -> serde_json::Value {
+        let s = self.lifecycle.stats();
+        serde_json::json!({
+            "kernel": self.probes.counters(),
+            "programs": self.probes.program_stats(),
+            "received": self.source.received,
+            "malformed": self.source.malformed,
+            "births": s.births,
+            "exits": s.exits,
+            "rearms": s.rearms,
+        })
+    }
+
+    /// Writes `stats()` to `path` when asked for.
+    pub fn write_stats(&self, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+        if let Some(path) = path {
+            std::fs::write(path, self.stats().to_string())
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
 /// Resolves on SIGINT, SIGTERM, or after `limit`.
 pub async fn stop_signal(limit: Option<Duration>) -> io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};

@@ -104,6 +104,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
         );
         write!(out, "{table}")?;
     }
+    session.write_stats(args.probe.stats_json.as_deref())?;
     if ctx.loss.total() > 0 {
         eprintln!("twtrace: {}", session::loss_line(&ctx.loss));
     }

@@ -209,6 +209,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         emit(&mut out, &renderer, &filter, args.json, events);
     }
     let loss = session.loss();
+    session.write_stats(args.probe.stats_json.as_deref())?;
     eprintln!("twtrace: {}", session.summary());
     eprintln!("twtrace: {}", session::loss_line(&loss));
     Ok(())
