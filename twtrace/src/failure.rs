@@ -8,7 +8,9 @@ use std::fmt;
 pub enum Code {
     /// Anything unexpected.
     Error = 1,
-    // 2: bad usage (clap's own exit code). 3: `exec`, a budget was exceeded.
+    /// Bad usage (clap uses 2 too).
+    Usage = 2,
+    // 3: `exec`, a budget was exceeded.
     /// Not root and not the needed capabilities.
     Privilege = 4,
     /// The kernel lacks something twtrace needs (version, BTF, a symbol, visible addresses).

@@ -34,6 +34,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Watch(args) => views::watch::run(args).await,
         Command::Report(args) => views::report::run(args).await,
-        Command::Top(_args) => anyhow::bail!("top is not built yet"),
+        Command::Top(args) => views::top::run(args).await,
     }
 }

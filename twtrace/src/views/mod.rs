@@ -1,4 +1,5 @@
 //! The views: each reads lifecycle events (or an aggregate of them) and renders them.
 
 pub mod report;
+pub mod top;
 pub mod watch;

@@ -15,8 +15,9 @@ use crate::{
     session::{self, Session},
 };
 
-/// Everything a report needs besides the aggregate, read now.
-pub fn context(session: &Session, started: Instant) -> Context {
+/// Everything a report needs besides the aggregate, read now. The CLOSE_WAIT owners walk
+/// /proc, so a caller refreshing often can leave them out.
+pub fn context(session: &Session, started: Instant, close_wait: bool) -> Context {
     Context {
         duration_s: started.elapsed().as_secs_f64(),
         now_sec: clock::monotonic_ns() / 1_000_000_000,
@@ -26,7 +27,11 @@ pub fn context(session: &Session, started: Instant) -> Context {
             .overflow,
         kernel_time_wait: host::sockstat_tw(),
         ephemeral_ports: host::settings().ephemeral_ports(),
-        close_wait: host::close_wait_by_process(),
+        close_wait: if close_wait {
+            host::close_wait_by_process()
+        } else {
+            Vec::new()
+        },
     }
 }
 
@@ -80,7 +85,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     if progress {
         eprint!("\r{:79}\r", "");
     }
-    let ctx = context(&session, started);
+    let ctx = context(&session, started, true);
     let mut names = CgroupNames::new();
     let mut out = std::io::stdout().lock();
     if args.json {

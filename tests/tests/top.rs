@@ -1,0 +1,100 @@
+//! `twtrace top` in a real terminal: tmux drives it (send-keys) and reads it (capture-pane).
+
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use twtrace_tests::*;
+
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn new(cmd: &str) -> Self {
+        let socket = format!("twt-top-{}", std::process::id());
+        run(Command::new("tmux").args([
+            "-L",
+            &socket,
+            "new-session",
+            "-d",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            "-s",
+            "t",
+            cmd,
+        ]));
+        Tmux { socket }
+    }
+
+    fn screen(&self) -> String {
+        run(Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "t"]))
+    }
+
+    fn keys(&self, keys: &str) {
+        run(Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "t", keys]));
+    }
+
+    fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.screen();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no {what} on screen:\n{s}");
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+#[test]
+fn top_shows_the_rows_and_restores_the_terminal_on_q() {
+    require_root();
+    let _g = shared();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(None, &addr, &[]);
+    let cmd = format!(
+        "{} top --by peer --port {port}; echo \"top exited $?\"; sleep 60",
+        twtrace_bin().display()
+    );
+    let tmux = Tmux::new(&cmd);
+    tmux.wait_for("top's title", |s| s.contains("twtrace top  by peer"));
+    let run = client(
+        None,
+        &["--to", &addr, "--count", "9", "--name", "twt-top-client"],
+    );
+    let screen = tmux.wait_for("the peer's row", |s| {
+        s.lines()
+            .any(|l| l.starts_with(&addr) && l.split_whitespace().nth(1) == Some("9"))
+    });
+    let row = screen.lines().find(|l| l.starts_with(&addr)).unwrap();
+    assert!(
+        row.contains(&format!("twt-top-client[{}]", run.pid)),
+        "{row}"
+    );
+    assert!(screen.lines().count() <= 24);
+    // g switches the grouping to port: the row is then the client's ports, not the peer.
+    tmux.keys("g");
+    tmux.wait_for("the port grouping", |s| s.contains("by port"));
+    tmux.keys("q");
+    let after = tmux.wait_for("the exit", |s| s.contains("top exited"));
+    assert!(after.contains("top exited 0"), "{after}");
+    assert!(
+        !after.contains("twtrace top  by"),
+        "the alternate screen is gone:\n{after}"
+    );
+}

@@ -1,0 +1,413 @@
+//! `twtrace top`: the aggregate, live, full screen. Refreshed every second; keys switch the
+//! grouping (`g`), the sort (`s`) and set a filter on the group key (`/`); `q` or Ctrl-C quits.
+//! The terminal is restored on every way out (quit, SIGTERM, an error, a panic).
+
+use std::{
+    io::IsTerminal,
+    time::{Duration, Instant},
+};
+
+use ratatui::{
+    Frame,
+    crossterm::event::{self, Event as TermEvent, KeyCode, KeyEvent, KeyEventKind, KeyModifiers},
+    layout::{Constraint, Layout},
+    style::{Modifier, Style},
+    text::Line,
+    widgets::{Paragraph, Row as TableRow, Table},
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    aggregate::{Aggregator, By},
+    cli::TopArgs,
+    failure::{Code, Failure},
+    host,
+    probes::ProbeOptions,
+    report::{self, Context, Sort},
+    session::{self, Session},
+    views::report::context,
+};
+
+/// What the user chose on screen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Screen {
+    pub by: By,
+    pub sort: Sort,
+    /// Applied filter: rows whose key contains it.
+    pub filter: String,
+    /// Some while typing a filter after `/`.
+    pub editing: Option<String>,
+}
+
+pub enum Action {
+    Quit,
+    Redraw,
+    None,
+}
+
+fn next<T: Copy + PartialEq>(all: &[T], cur: T) -> T {
+    let i = all.iter().position(|&x| x == cur).unwrap_or(0);
+    all[(i + 1) % all.len()]
+}
+
+impl Screen {
+    pub fn key(&mut self, k: KeyEvent) -> Action {
+        if k.kind == KeyEventKind::Release {
+            return Action::None;
+        }
+        let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+        if ctrl_c {
+            return Action::Quit;
+        }
+        if let Some(buf) = &mut self.editing {
+            match k.code {
+                KeyCode::Enter => {
+                    self.filter = std::mem::take(buf);
+                    self.editing = None;
+                }
+                KeyCode::Esc => self.editing = None,
+                KeyCode::Backspace => {
+                    buf.pop();
+                }
+                KeyCode::Char(c) if buf.len() < 64 => buf.push(c),
+                _ => return Action::None,
+            }
+            return Action::Redraw;
+        }
+        match k.code {
+            KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+            KeyCode::Char('g') => {
+                self.by = next(&By::ALL, self.by);
+                Action::Redraw
+            }
+            KeyCode::Char('s') => {
+                self.sort = next(&Sort::ALL, self.sort);
+                Action::Redraw
+            }
+            KeyCode::Char('/') => {
+                self.editing = Some(self.filter.clone());
+                Action::Redraw
+            }
+            _ => Action::None,
+        }
+    }
+}
+
+/// Host figures shown in the header, refreshed every second.
+#[derive(Clone, Debug, Default)]
+pub struct Header {
+    pub max_tw_buckets: Option<u64>,
+    pub births_per_s: f64,
+}
+
+pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, screen: &Screen) {
+    let [title, totals, kernel, table, footer] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Length(1),
+        Constraint::Min(3),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    let t = agg.totals();
+    let filter = match &screen.editing {
+        Some(buf) => format!("  filter: {buf}_"),
+        None if !screen.filter.is_empty() => format!("  filter: {}", screen.filter),
+        None => String::new(),
+    };
+    f.render_widget(
+        Paragraph::new(Line::from(format!(
+            "twtrace top  by {}  sorted by {}{filter}",
+            screen.by,
+            screen.sort.as_str()
+        )))
+        .style(Style::default().add_modifier(Modifier::BOLD)),
+        title,
+    );
+    let kernel_tw = ctx
+        .kernel_time_wait
+        .map_or("-".to_owned(), |n| n.to_string());
+    f.render_widget(
+        Paragraph::new(format!(
+            "TIME_WAIT {} (kernel {kernel_tw})  births/s {:.1}  born {}  ended {}  lost {}",
+            t.in_time_wait,
+            head.births_per_s,
+            t.entered,
+            t.exited,
+            ctx.loss.total()
+        )),
+        totals,
+    );
+    let opt = |v: Option<u64>| v.map_or("-".to_owned(), |n| n.to_string());
+    f.render_widget(
+        Paragraph::new(format!(
+            "ephemeral ports {}  max_tw_buckets {}  skipped {}  CLOSE_WAIT {}",
+            opt(ctx.ephemeral_ports.map(u64::from)),
+            opt(head.max_tw_buckets),
+            ctx.skipped_overflow,
+            ctx.close_wait.iter().map(|c| c.sockets).sum::<u64>()
+        )),
+        kernel,
+    );
+    let needle = screen.filter.as_str();
+    let (rows, other) = report::rows(
+        agg,
+        screen.by,
+        screen.sort,
+        table.height as usize,
+        ctx,
+        &|k| needle.is_empty() || k.to_string().contains(needle),
+    );
+    let body: Vec<TableRow> = rows
+        .iter()
+        .chain(other.iter().filter(|_| needle.is_empty()))
+        .map(|r| {
+            TableRow::new(vec![
+                r.key.clone(),
+                r.in_time_wait.to_string(),
+                format!("{:.1}", r.rate_10s),
+                r.entered.to_string(),
+                r.exited.to_string(),
+                report::fmt_ms(r.p50_ms),
+                r.processes
+                    .first()
+                    .map(|(pid, comm)| format!("{comm}[{pid}]"))
+                    .unwrap_or_default(),
+            ])
+        })
+        .collect();
+    // 80 columns: an IPv4 ADDR:PORT key (21), four counts and a lifetime (6 each), and the
+    // owner gets the rest (a 15-character comm and a pid fit from 80 columns up).
+    let widths = [
+        Constraint::Length(21),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Length(6),
+        Constraint::Fill(1),
+    ];
+    f.render_widget(
+        Table::new(body, widths).header(
+            TableRow::new(vec![
+                screen.by.as_str().to_uppercase(),
+                "TW".into(),
+                "BORN/S".into(),
+                "BORN".into(),
+                "ENDED".into(),
+                "P50".into(),
+                "OWNER".into(),
+            ])
+            .style(Style::default().add_modifier(Modifier::REVERSED)),
+        ),
+        table,
+    );
+    f.render_widget(
+        Paragraph::new("g grouping  s sort  / filter  q quit"),
+        footer,
+    );
+}
+
+/// Restores the terminal when dropped, whatever the way out.
+struct TerminalGuard;
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        ratatui::restore();
+    }
+}
+
+pub async fn run(args: TopArgs) -> anyhow::Result<()> {
+    if !std::io::stdout().is_terminal() {
+        return Err(Failure::new(
+            Code::Usage,
+            "top needs a terminal; when piping, use `twtrace report` or `twtrace watch --json`",
+        )
+        .into());
+    }
+    let filter = args.filter.to_filter();
+    let mut session = Session::start(
+        ProbeOptions {
+            ring_size: args.probe.ring_size,
+            emit_states: false,
+        },
+        true,
+    )?;
+    let mut agg = Aggregator::new(args.group.max_groups);
+    agg.set_listening_ports(session.listening.clone());
+    let mut screen = Screen {
+        by: args.group.by,
+        sort: args.group.sort,
+        filter: String::new(),
+        editing: None,
+    };
+
+    // Keys are read on a thread of their own (crossterm's read blocks).
+    let (keys_tx, mut keys) = mpsc::channel::<KeyEvent>(64);
+    std::thread::spawn(move || {
+        while !keys_tx.is_closed() {
+            if event::poll(Duration::from_millis(200)).unwrap_or(false)
+                && let Ok(TermEvent::Key(k)) = event::read()
+                && keys_tx.blocking_send(k).is_err()
+            {
+                break;
+            }
+        }
+    });
+
+    let mut terminal = ratatui::try_init()?;
+    let _guard = TerminalGuard;
+    let started = Instant::now();
+    let mut ctx = context(&session, started, true);
+    let mut head = Header {
+        max_tw_buckets: host::settings().max_tw_buckets,
+        births_per_s: 0.0,
+    };
+    let mut last_entered = 0;
+    let mut last_close_wait = Instant::now();
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let stop = session::stop_signal(None);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            k = keys.recv() => match k.map(|k| screen.key(k)) {
+                Some(Action::Quit) | None => break,
+                Some(Action::Redraw) => {}
+                Some(Action::None) => continue,
+            },
+            r = session.next() => {
+                for ev in r?.iter().filter(|e| filter.matches(e)) {
+                    agg.on_event(ev);
+                }
+                continue;
+            }
+            _ = second.tick() => {
+                agg.tick();
+                let close_wait = std::mem::take(&mut ctx.close_wait);
+                ctx = Context { close_wait, ..context(&session, started, false) };
+                // Finding CLOSE_WAIT owners walks /proc: every 5 s is enough.
+                if last_close_wait.elapsed() >= Duration::from_secs(5) {
+                    ctx.close_wait = host::close_wait_by_process();
+                    last_close_wait = Instant::now();
+                }
+                let t = agg.totals();
+                head.births_per_s = (t.entered - last_entered) as f64;
+                last_entered = t.entered;
+            }
+        }
+        terminal.draw(|f| draw(f, &agg, &ctx, &head, &screen))?;
+    }
+    drop(_guard);
+    session.write_stats(args.probe.stats_json.as_deref())?;
+    let loss = session.loss();
+    if loss.total() > 0 {
+        eprintln!("twtrace: {}", session::loss_line(&loss));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::{Terminal, backend::TestBackend};
+
+    use super::*;
+    use crate::{
+        decode::{Conn, Process, Role},
+        lifecycle::{Event, TwEnter},
+    };
+
+    fn agg() -> Aggregator {
+        let mut a = Aggregator::new(100);
+        for i in 0..30u64 {
+            a.on_event(&Event::Enter(TwEnter {
+                ts_ns: 5_000_000_000,
+                timer: i + 1,
+                conn: Conn {
+                    local: format!("10.0.0.1:{}", 40000 + i).parse().unwrap(),
+                    remote: format!("10.0.{}.2:6379", i % 3).parse().unwrap(),
+                },
+                owner: Some(Process {
+                    pid: 100 + (i % 2) as u32,
+                    tid: 1,
+                    comm: "api".into(),
+                    cgroup_id: 1,
+                }),
+                role: Role::Connected,
+                timeout_jiffies: 0,
+                seeded: false,
+            }));
+        }
+        a
+    }
+
+    fn screen_text(a: &Aggregator, s: &Screen) -> String {
+        let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        let ctx = Context {
+            duration_s: 5.0,
+            now_sec: 6,
+            kernel_time_wait: Some(31),
+            ephemeral_ports: Some(28232),
+            ..Context::default()
+        };
+        t.draw(|f| draw(f, a, &ctx, &Header::default(), s)).unwrap();
+        let buf = t.backend().buffer().clone();
+        (0..24)
+            .map(|y| {
+                (0..80)
+                    .map(|x| buf[(x, y)].symbol().to_owned())
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn screen() -> Screen {
+        Screen {
+            by: By::Peer,
+            sort: Sort::TimeWait,
+            filter: String::new(),
+            editing: None,
+        }
+    }
+
+    #[test]
+    fn fits_80x24_with_header_and_rows() {
+        let text = screen_text(&agg(), &screen());
+        assert!(text.contains("by peer"), "{text}");
+        assert!(text.contains("TIME_WAIT 30 (kernel 31)"), "{text}");
+        assert!(text.contains("ephemeral ports 28232"), "{text}");
+        assert!(text.contains("10.0.0.2:6379"), "{text}");
+        assert!(text.contains("q quit"), "{text}");
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("10.0.1.2:6379"))
+            .unwrap();
+        assert!(row.contains(" 10 "), "{row}");
+    }
+
+    #[test]
+    fn keys_switch_grouping_sort_and_filter() {
+        let key = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE);
+        let mut s = screen();
+        assert!(matches!(s.key(key('g')), Action::Redraw));
+        assert_eq!(s.by, By::Port);
+        s.key(key('s'));
+        assert_eq!(s.sort, Sort::Rate);
+        s.key(key('/'));
+        for c in "10.0.2".chars() {
+            s.key(key(c));
+        }
+        s.key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE));
+        assert_eq!(s.filter, "10.0.2");
+        s.by = By::Peer;
+        let text = screen_text(&agg(), &s);
+        assert!(
+            text.contains("10.0.2.2:6379") && !text.contains("10.0.1.2:6379"),
+            "{text}"
+        );
+        assert!(matches!(s.key(key('q')), Action::Quit));
+        let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        assert!(matches!(screen().key(ctrl_c), Action::Quit));
+    }
+}
