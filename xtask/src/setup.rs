@@ -36,6 +36,14 @@ const TEST_TOOLS: [(&str, &str); 7] = [
     ("systemd-analyze", "systemd"),
 ];
 
+/// Debian packages the tests use that bring no command (Python modules), checked with dpkg.
+const TEST_PACKAGES: [&str; 2] = ["python3-yaml", "python3-kubernetes"];
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
 pub fn which(cmd: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     let mut dirs: Vec<PathBuf> = env::split_paths(&path).collect();
@@ -81,6 +89,13 @@ pub fn ensure(need: Need) -> Result<(), String> {
         for (cmd, pkg) in TEST_TOOLS {
             if which(cmd).is_none() {
                 apt.want(pkg);
+            }
+        }
+        if which("dpkg-query").is_some() {
+            for pkg in TEST_PACKAGES {
+                if !dpkg_installed(pkg) {
+                    apt.want(pkg);
+                }
             }
         }
         apt.install("the tools the tests drive")?;
