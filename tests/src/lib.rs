@@ -426,6 +426,10 @@ impl Run {
         Run { child, stderr }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits (at most `limit`) for the command to end.
     pub fn finish(mut self, limit: Duration) -> RunResult {
         let deadline = Instant::now() + limit;

@@ -353,6 +353,8 @@ struct Table {
     /// Per slot: the group while it is live.
     groups: Vec<Option<Box<(Key, Group)>>>,
     free: Vec<u32>,
+    /// Never folded (exported as metric series: their counters must not go back).
+    pinned: HashSet<Key>,
     other: Group,
     folded_groups: u64,
     cap: usize,
@@ -365,6 +367,7 @@ impl Table {
             refs: Vec::new(),
             groups: Vec::new(),
             free: Vec::new(),
+            pinned: HashSet::new(),
             other: Group::default(),
             folded_groups: 0,
             cap: cap.max(1),
@@ -450,8 +453,10 @@ impl Table {
             .map
             .values()
             .filter_map(|&s| {
-                let g = &self.groups[s as usize].as_ref()?.1;
-                Some((g.in_time_wait, g.entered, s))
+                let (k, g) = &**self.groups[s as usize].as_ref()?;
+                // Pinned groups rank above all others, so they are never folded.
+                let pinned = self.pinned.contains(k);
+                Some((if pinned { u64::MAX } else { g.in_time_wait }, g.entered, s))
             })
             .collect();
         // Largest first: TIME_WAIT now, then births.
@@ -494,6 +499,13 @@ impl Table {
     }
 }
 
+/// Upper bounds (seconds) of the host-wide lifetime histogram (`serve`'s
+/// twtrace_timewait_lifetime_seconds): early ends below a minute, and the expiries, which the
+/// timer wheel spreads over 60 to about 61.5 s.
+pub const LIFETIME_BOUNDS_S: [f64; 12] = [
+    0.1, 1.0, 5.0, 10.0, 30.0, 59.0, 60.0, 60.5, 61.0, 62.0, 65.0, 120.0,
+];
+
 /// Host-wide figures, exact whatever the folding.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -507,8 +519,39 @@ pub struct Totals {
     pub in_time_wait: u64,
     /// Of those, how many were seeded at start.
     pub seeded: u64,
+    /// Ends with a known lifetime, counted per `LIFETIME_BOUNDS_S` bucket (not cumulative; the
+    /// last slot is above the last bound), and their sum.
+    pub lifetime_buckets: [u64; LIFETIME_BOUNDS_S.len() + 1],
+    pub lifetime_sum_ms: u64,
 }
 
+impl Totals {
+    /// (upper bound in seconds, cumulative count) pairs, then +Inf; and the count.
+    pub fn lifetime_histogram(&self) -> (Vec<(f64, u64)>, u64) {
+        let mut cum = 0;
+        let mut out = Vec::with_capacity(self.lifetime_buckets.len());
+        for (i, n) in self.lifetime_buckets.iter().enumerate() {
+            cum += n;
+            out.push((
+                LIFETIME_BOUNDS_S.get(i).copied().unwrap_or(f64::INFINITY),
+                cum,
+            ));
+        }
+        (out, cum)
+    }
+
+    fn record_lifetime(&mut self, ms: u64) {
+        let s = ms as f64 / 1000.0;
+        let i = LIFETIME_BOUNDS_S
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LIFETIME_BOUNDS_S.len());
+        self.lifetime_buckets[i] += 1;
+        self.lifetime_sum_ms += ms;
+    }
+}
+
+#[derive(Debug)]
 pub struct Aggregator {
     tables: [Table; 4],
     /// Live TIME_WAIT sockets born since start, by timer address: their slot in each table.
@@ -583,7 +626,18 @@ impl Aggregator {
         }
     }
 
+    /// A TIME_WAIT socket alive before this aggregate started (a new filtered view in `serve`):
+    /// counted now, not as a birth.
+    pub fn adopt(&mut self, e: &TwEnter) {
+        self.insert(e, false);
+    }
+
     fn enter(&mut self, e: &TwEnter) {
+        self.insert(e, !e.seeded);
+    }
+
+    /// `counted`: a birth seen during this aggregate (entered, rates); else only "now".
+    fn insert(&mut self, e: &TwEnter, counted: bool) {
         if e.seeded {
             if self.seeded.contains_key(&e.conn) {
                 return;
@@ -609,18 +663,17 @@ impl Aggregator {
             let key = self.key(by, &e.conn, e.owner.as_ref(), e.role, e.seeded);
             let t = &mut self.tables[by.index()];
             let s = t.slot_for(key);
-            t.enter(s, sec, e.owner.as_ref(), !e.seeded);
+            t.enter(s, sec, e.owner.as_ref(), counted);
             slots[by.index()] = s;
         }
         if e.seeded {
             self.seeded.insert(e.conn, slots);
+            self.totals.seeded += 1;
         } else {
             self.live.insert(e.timer, slots);
         }
         self.totals.in_time_wait += 1;
-        if e.seeded {
-            self.totals.seeded += 1;
-        } else {
+        if counted {
             self.totals.entered += 1;
         }
     }
@@ -628,6 +681,9 @@ impl Aggregator {
     fn exit(&mut self, x: &TwExit) {
         self.totals.exited += 1;
         self.totals.exits[reason_index(x.reason)] += 1;
+        if let Some(ns) = x.lifetime_ns {
+            self.totals.record_lifetime(ns / 1_000_000);
+        }
         let slots = match (x.seeded, x.conn) {
             (true, Some(c)) => self.seeded.remove(&c),
             _ => self.live.remove(&x.timer),
@@ -659,6 +715,28 @@ impl Aggregator {
         let t = &self.tables[by.index()];
         let other = (t.folded_groups > 0).then_some(&t.other);
         (t.groups().collect(), other)
+    }
+
+    /// Keeps the group of `key` from ever being folded (it is created if missing). At most
+    /// `cap` keys can be pinned per grouping; returns whether this one is.
+    pub fn pin(&mut self, by: By, key: &Key) -> bool {
+        let t = &mut self.tables[by.index()];
+        if t.pinned.contains(key) {
+            return true;
+        }
+        if t.pinned.len() >= t.cap {
+            return false;
+        }
+        t.slot_for(key.clone());
+        t.pinned.insert(key.clone());
+        true
+    }
+
+    /// The group of `key`, when it has one of its own.
+    pub fn group(&self, by: By, key: &Key) -> Option<&Group> {
+        let t = &self.tables[by.index()];
+        let &s = t.map.get(key)?;
+        t.groups.get(s as usize)?.as_ref().map(|b| &b.1)
     }
 
     /// How many groups were folded into `other` so far.
@@ -766,16 +844,12 @@ mod tests {
         assert_eq!(g.exits_by(Reason::Expired), 1);
         assert_eq!(g.lifetimes.max_ms(), Some(60_300));
         assert_eq!(find(&a, By::Port, "443").exits_by(Reason::Syn), 1);
+        let t = a.totals();
         assert_eq!(
-            a.totals(),
-            &Totals {
-                entered: 3,
-                exited: 2,
-                exits: [1, 0, 1, 0],
-                in_time_wait: 1,
-                seeded: 0
-            }
+            (t.entered, t.exited, t.exits, t.in_time_wait, t.seeded),
+            (3, 2, [1, 0, 1, 0], 1, 0)
         );
+        assert_eq!(t.lifetime_sum_ms, 61_300);
     }
 
     #[test]
@@ -974,6 +1048,54 @@ mod tests {
         }));
         assert_eq!(a.totals().in_time_wait, 1);
         assert_eq!(find(&a, By::Service, "8080").in_time_wait, 0);
+    }
+
+    #[test]
+    fn pinned_groups_are_never_folded() {
+        let mut a = Aggregator::new(2);
+        let small = Key::Peer("10.0.1.1:80".parse().unwrap());
+        assert!(a.pin(By::Peer, &small));
+        let mut timer = 0;
+        for i in 2..=5u16 {
+            for _ in 0..i {
+                timer += 1;
+                let c = conn(
+                    &format!("10.0.0.1:{}", 30000 + timer),
+                    &format!("10.0.1.{i}:80"),
+                );
+                a.on_event(&enter(timer, S, c, None, Role::Connected));
+            }
+        }
+        a.tick();
+        assert!(a.group(By::Peer, &small).is_some(), "pinned, though empty");
+        assert!(
+            a.group(By::Peer, &Key::Peer("10.0.1.5:80".parse().unwrap()))
+                .is_some()
+        );
+        assert!(
+            a.group(By::Peer, &Key::Peer("10.0.1.2:80".parse().unwrap()))
+                .is_none()
+        );
+        // The cap bounds the pins too.
+        assert!(a.pin(By::Peer, &Key::Peer("10.0.1.4:80".parse().unwrap())));
+        assert!(!a.pin(By::Peer, &Key::Peer("10.0.1.3:80".parse().unwrap())));
+    }
+
+    #[test]
+    fn lifetime_histogram_is_cumulative() {
+        let mut a = Aggregator::new(10);
+        let c = conn("10.0.0.1:1", "10.0.0.2:2");
+        for (t, ms) in [(1u64, 50u64), (2, 60_400), (3, 60_700), (4, 500_000)] {
+            a.on_event(&enter(t, 0, c, None, Role::Connected));
+            a.on_event(&exit(t, S, c, Reason::Expired, ms));
+        }
+        let (buckets, count) = a.totals().lifetime_histogram();
+        assert_eq!(count, 4);
+        assert_eq!(buckets[0], (0.1, 1));
+        assert_eq!(buckets[7], (60.5, 2));
+        assert_eq!(buckets[8], (61.0, 3));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 4)));
+        assert_eq!(a.totals().lifetime_sum_ms, 50 + 60_400 + 60_700 + 500_000);
     }
 
     #[test]

@@ -32,6 +32,27 @@ pub enum Command {
     Report(ReportArgs),
     /// Full-screen live view of who makes the TIME_WAIT
     Top(TopArgs),
+    /// Run as a daemon: Prometheus metrics, a JSON API and a health check over HTTP
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
+    /// Address to listen on (loopback unless told otherwise)
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9979", value_parser = parse_listen)]
+    pub listen: std::net::SocketAddr,
+    /// Unprivileged user to run as once the probes are attached
+    #[arg(long, value_name = "USER", default_value = "nobody")]
+    pub user: String,
+    /// Keys exported per grouping as metric series (the rest is summed into key="other")
+    #[arg(long, value_name = "N", default_value = "50", value_parser = parse_positive)]
+    pub max_series: usize,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -159,6 +180,12 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
         Ok(n) if (1..=1_000_000).contains(&n) && s.chars().all(|c| c.is_ascii_digit()) => Ok(n),
         _ => Err(format!("'{s}' is not a count from 1 to 1000000")),
     }
+}
+
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not an address to listen on (like 127.0.0.1:9979 or [::1]:9979)")
+    })
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {

@@ -2,7 +2,10 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
-use crate::{decode::Conn, lifecycle::Event};
+use crate::{
+    decode::Conn,
+    lifecycle::{Event, TwEnter},
+};
 
 /// An IP network, `ADDR/LEN` or a bare address (a single host).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +145,14 @@ impl Filter {
     pub fn matches_owner(&self, pid: Option<u32>, comm: Option<&str>) -> bool {
         (self.pids.is_empty() || pid.is_some_and(|p| self.pids.contains(&p)))
             && (self.comms.is_empty() || comm.is_some_and(|c| self.comms.iter().any(|x| x == c)))
+    }
+
+    pub fn matches_enter(&self, e: &TwEnter) -> bool {
+        self.matches_conn(&e.conn)
+            && self.matches_owner(
+                e.owner.as_ref().map(|o| o.pid),
+                e.owner.as_ref().map(|o| o.comm.as_str()),
+            )
     }
 
     pub fn matches(&self, ev: &Event) -> bool {

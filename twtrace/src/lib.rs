@@ -4,6 +4,7 @@
 //! -> views. See ARCHITECTURE.md.
 
 pub mod aggregate;
+pub mod api;
 pub mod btf;
 pub mod cgroup;
 pub mod cli;
@@ -13,7 +14,9 @@ pub mod failure;
 pub mod filter;
 pub mod host;
 pub mod lifecycle;
+pub mod metrics;
 pub mod preflight;
+pub mod privileges;
 pub mod probes;
 pub mod report;
 pub mod session;

@@ -160,6 +160,30 @@ impl Lifecycle {
         self.live.len()
     }
 
+    /// Every TIME_WAIT socket alive now that this lifecycle knows (born since start, or
+    /// seeded), as `Enter` events with their birth time: a new aggregate adopts them.
+    pub fn alive(&self) -> impl Iterator<Item = TwEnter> + '_ {
+        let born = self.live.iter().map(|(&timer, l)| TwEnter {
+            ts_ns: l.birth_ts,
+            timer,
+            conn: l.conn,
+            owner: l.owner.clone(),
+            role: l.role,
+            timeout_jiffies: 0,
+            seeded: false,
+        });
+        let seeded = self.seeds.iter().map(|(&conn, s)| TwEnter {
+            ts_ns: 0,
+            timer: 0,
+            conn,
+            owner: None,
+            role: s.role,
+            timeout_jiffies: 0,
+            seeded: true,
+        });
+        born.chain(seeded)
+    }
+
     pub fn stats(&self) -> LifecycleStats {
         self.stats
     }

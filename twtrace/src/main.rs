@@ -35,5 +35,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(args) => views::watch::run(args).await,
         Command::Report(args) => views::report::run(args).await,
         Command::Top(args) => views::top::run(args).await,
+        Command::Serve(args) => views::serve::run(args).await,
     }
 }

@@ -134,6 +134,11 @@ impl Session {
         }
     }
 
+    /// Every TIME_WAIT socket alive now that the session knows of.
+    pub fn alive(&self) -> impl Iterator<Item = crate::lifecycle::TwEnter> + '_ {
+        self.lifecycle.alive()
+    }
+
     /// `N births, M ends, K still in TIME_WAIT` (all traffic, before any filter).
     pub fn summary(&self) -> String {
         let s = self.lifecycle.stats();

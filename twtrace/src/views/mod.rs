@@ -1,5 +1,6 @@
 //! The views: each reads lifecycle events (or an aggregate of them) and renders them.
 
 pub mod report;
+pub mod serve;
 pub mod top;
 pub mod watch;

@@ -1,0 +1,252 @@
+//! `twtrace serve` as a fleet would run it: a real Prometheus scrapes it, PromQL reads the
+//! births back; the daemon runs unprivileged after start-up and leaves nothing on SIGTERM.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use twtrace_tests::*;
+
+/// A plain HTTP/1.1 exchange (no client crate needed to speak to a server we test); status 0
+/// when nothing answers.
+fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+struct Prometheus {
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("twt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_prometheus(target: &str, listen: &str) -> Prometheus {
+    let dir = TempDir::new("prom");
+    let config = dir.0.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: twtrace\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.0.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (Debian package `prometheus`; xtask setup installs it)");
+    Prometheus { child, _dir: dir }
+}
+
+/// Instant PromQL query over Prometheus's HTTP API; the first sample's value.
+fn promql(prom: &str, query: &str) -> Option<f64> {
+    let encoded: String = query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' | b'-' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (code, body) = get(prom, &format!("/api/v1/query?query={encoded}"));
+    if code != 200 {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&body).ok()?;
+    v["data"]["result"][0]["value"][1]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+}
+
+#[test]
+fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() {
+    require_root();
+    let _g = exclusive();
+    let before = twtrace_programs_loaded();
+    let http_port = unique_port();
+    let listen = format!("127.0.0.1:{http_port}");
+    let serve = Run::start(&["serve", "--listen", &listen], "serving on");
+    let pid = serve.pid();
+
+    // Least privilege, from the kernel's own view of the process.
+    let uid = status_field(pid, "Uid");
+    assert!(uid.split_whitespace().all(|u| u == "65534"), "Uid: {uid}");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(
+        twtrace_programs_loaded(),
+        before + 4,
+        "attached before dropping"
+    );
+
+    let prom_port = unique_port();
+    let prom_addr = format!("127.0.0.1:{prom_port}");
+    let _prom = start_prometheus(&listen, &prom_addr);
+
+    // Known churn to one peer.
+    const N: u64 = 17;
+    let peer_port = unique_port();
+    let peer = format!("127.0.0.1:{peer_port}");
+    let _server = Server::start(None, &peer, &[]);
+    client(None, &["--to", &peer, "--count", &N.to_string()]);
+
+    let query = format!("twtrace_timewait_entered_total{{group=\"peer\",key=\"{peer}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut seen = None;
+    while Instant::now() < deadline {
+        seen = promql(&prom_addr, &query);
+        if seen == Some(N as f64) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(seen, Some(N as f64), "PromQL {query}");
+    let tw_now = promql(
+        &prom_addr,
+        &format!("twtrace_timewait_sockets{{group=\"peer\",key=\"{peer}\"}}"),
+    );
+    assert_eq!(tw_now, Some(N as f64));
+
+    // The exposition passes promtool's own checks.
+    let (code, metrics) = get(&listen, "/metrics");
+    assert_eq!(code, 200);
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The JSON API: the report's document, with the report's filters.
+    let (code, body) = get(&listen, &format!("/api/v1/report?by=peer&port={peer_port}"));
+    assert_eq!(code, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["by"], "peer");
+    assert_eq!(doc["groups"][0]["key"], peer.as_str());
+    assert_eq!(doc["groups"][0]["in_time_wait"], N, "{doc}");
+    let (code, body) = get(&listen, "/api/v1/report?by=peer");
+    assert_eq!(code, 200);
+    let all: Value = serde_json::from_str(&body).unwrap();
+    let g = all["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == peer.as_str())
+        .expect("our peer in the unfiltered report");
+    assert_eq!(g["entered"], N);
+
+    // Everything else is refused without harm.
+    assert_eq!(get(&listen, "/healthz").0, 200);
+    assert_eq!(get(&listen, "/nope").0, 404);
+    assert_eq!(
+        http(
+            &listen,
+            b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .0,
+        405
+    );
+    let (code, body) = get(&listen, "/api/v1/report?port=99999");
+    assert_eq!(code, 400);
+    assert!(body.contains("'99999'"), "{body}");
+    assert_eq!(http(&listen, b"GARBAGE\r\n\r\n").0, 400);
+    let huge = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let code = http(&listen, huge.as_bytes()).0;
+    assert!(
+        code == 431 || code == 400 || code == 0,
+        "oversized header: {code}"
+    );
+    assert_eq!(get(&listen, "/healthz").0, 200, "still serving");
+
+    // SIGTERM: exit 0, nothing left attached.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let r = serve.finish(Duration::from_secs(10));
+    assert!(r.status.success(), "{:?}: {}", r.status, r.stderr);
+    assert_eq!(twtrace_programs_loaded(), before);
+}

@@ -1,0 +1,310 @@
+//! `twtrace serve`: a daemon. Prometheus metrics on `GET /metrics`, the report's JSON on
+//! `GET /api/v1/report`, `GET /healthz`; anything else 404 (or 405 for another method). It
+//! attaches as root, binds its socket, then drops to an unprivileged user with no capabilities
+//! and keeps only its open descriptors. SIGTERM or SIGINT ends it with exit code 0.
+//!
+//! A report request with filters gets a view of its own: an aggregate that adopts the TIME_WAIT
+//! sockets alive at that moment (so "now" is right at once) and counts births from then on,
+//! kept while it is asked for (at most `MAX_VIEWS`, least recently used dropped).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, RawQuery, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    aggregate::Aggregator,
+    api,
+    cgroup::CgroupNames,
+    cli::ServeArgs,
+    failure::{Code, Failure},
+    filter::Filter,
+    host,
+    lifecycle::Event,
+    metrics::{self, BuildInfo, Exporter},
+    privileges,
+    probes::ProbeOptions,
+    report::{self, Context},
+    session::{self, Session},
+    views::report::context,
+};
+
+/// Filtered report views kept at once.
+pub const MAX_VIEWS: usize = 16;
+
+struct View {
+    filter: Filter,
+    agg: Aggregator,
+    started: Instant,
+    last_used: Instant,
+}
+
+struct ServeState {
+    /// Everything that passes serve's own filters, since start.
+    main: View,
+    views: Vec<View>,
+    exporter: Exporter,
+    ctx: Context,
+    info: BuildInfo,
+    max_groups: usize,
+    units: CgroupNames,
+}
+
+impl ServeState {
+    fn feed(&mut self, events: &[Event]) {
+        for ev in events.iter().filter(|e| self.main.filter.matches(e)) {
+            self.main.agg.on_event(ev);
+            for v in &mut self.views {
+                if v.filter.matches(ev) {
+                    v.agg.on_event(ev);
+                }
+            }
+        }
+    }
+}
+
+type Shared = Arc<Mutex<ServeState>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ServeState> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug)]
+struct MetricsSource(Shared);
+
+impl std::fmt::Debug for ServeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServeState")
+    }
+}
+
+impl Collector for MetricsSource {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let mut guard = lock(&self.0);
+        let s = &mut *guard;
+        metrics::encode(&mut enc, &mut s.exporter, &mut s.main.agg, &s.ctx, &s.info)
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    shared: Shared,
+    registry: Arc<Registry>,
+    /// New filtered views are made by the main loop, which owns the session.
+    new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>,
+}
+
+async fn metrics_handler(State(app): State<App>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::prometheus_text::encode(&mut out, &app.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            out,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+fn error(code: StatusCode, message: String) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
+}
+
+async fn report_handler(State(app): State<App>, RawQuery(query): RawQuery) -> Response {
+    let q = match api::parse(query.as_deref()) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let main = q.filter == Filter::default();
+    if !main && !lock(&app.shared).views.iter().any(|v| v.filter == q.filter) {
+        let (tx, rx) = oneshot::channel();
+        if app.new_view.send((q.filter.clone(), tx)).await.is_err()
+            || tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .is_err()
+        {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down".into());
+        }
+    }
+    let mut guard = lock(&app.shared);
+    let s = &mut *guard;
+    let view = if main {
+        &mut s.main
+    } else {
+        match s.views.iter_mut().find(|v| v.filter == q.filter) {
+            Some(v) => v,
+            None => return error(StatusCode::SERVICE_UNAVAILABLE, "view dropped".into()),
+        }
+    };
+    view.last_used = Instant::now();
+    let ctx = Context {
+        duration_s: view.started.elapsed().as_secs_f64(),
+        ..s.ctx.clone()
+    };
+    let units = &mut s.units;
+    Json(report::json(
+        &view.agg,
+        q.by,
+        q.sort,
+        q.top,
+        &ctx,
+        &mut |id| units.label(id),
+    ))
+    .into_response()
+}
+
+fn router(shared: Shared, new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>) -> Router {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(MetricsSource(shared.clone())));
+    let app = App {
+        shared,
+        registry: Arc::new(registry),
+        new_view,
+    };
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/api/v1/report", get(report_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        // GET only: no request needs a body.
+        .layer(DefaultBodyLimit::max(0))
+        .with_state(app)
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = args.filter.to_filter();
+    let account = privileges::lookup(&args.user)?;
+    let session = Session::start(
+        ProbeOptions {
+            ring_size: args.probe.ring_size,
+            emit_states: false,
+        },
+        true,
+    )?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                Code::Usage,
+                format!("cannot listen on {}: {e}", args.listen),
+            )
+        })?;
+    privileges::drop_to(account)?;
+    serve(args, filter, session, listener).await
+}
+
+async fn serve(
+    args: ServeArgs,
+    filter: Filter,
+    mut session: Session,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut main = Aggregator::new(args.group.max_groups);
+    main.set_listening_ports(session.listening.clone());
+    let shared: Shared = Arc::new(Mutex::new(ServeState {
+        main: View {
+            filter,
+            agg: main,
+            started,
+            last_used: started,
+        },
+        views: Vec::new(),
+        exporter: Exporter::new(args.max_series),
+        ctx: context(&session, started, true),
+        info: BuildInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: session.probes.info.release.clone(),
+            max_tw_buckets: host::settings().max_tw_buckets,
+        },
+        max_groups: args.group.max_groups,
+        units: CgroupNames::new(),
+    }));
+    let (view_tx, mut view_rx) = mpsc::channel(8);
+    let (quit_tx, quit_rx) = oneshot::channel::<()>();
+    let app = router(shared.clone(), view_tx);
+    let local: SocketAddr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = quit_rx.await;
+            })
+            .await
+    });
+    eprintln!("twtrace: serving on http://{local} (metrics, /api/v1/report, /healthz)");
+
+    let stop = session::stop_signal(None);
+    tokio::pin!(stop);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut last_close_wait = Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut stop => { r?; break; }
+            Some((view_filter, reply)) = view_rx.recv() => {
+                let mut s = lock(&shared);
+                if !s.views.iter().any(|v| v.filter == view_filter) {
+                    let mut agg = Aggregator::new(s.max_groups);
+                    agg.set_listening_ports(session.listening.clone());
+                    for e in session.alive() {
+                        if s.main.filter.matches_enter(&e) && view_filter.matches_enter(&e) {
+                            agg.adopt(&e);
+                        }
+                    }
+                    if s.views.len() >= MAX_VIEWS
+                        && let Some(oldest) = s
+                            .views
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, v)| v.last_used)
+                            .map(|(i, _)| i)
+                    {
+                        s.views.swap_remove(oldest);
+                    }
+                    let now = Instant::now();
+                    s.views.push(View { filter: view_filter, agg, started: now, last_used: now });
+                }
+                let _ = reply.send(());
+            }
+            r = session.next() => {
+                let events = r?;
+                lock(&shared).feed(events);
+            }
+            _ = second.tick() => {
+                let scan = last_close_wait.elapsed() >= Duration::from_secs(5);
+                if scan {
+                    last_close_wait = Instant::now();
+                }
+                let mut ctx = context(&session, started, scan);
+                let mut s = lock(&shared);
+                if !scan {
+                    ctx.close_wait = std::mem::take(&mut s.ctx.close_wait);
+                }
+                s.ctx = ctx;
+                s.main.agg.tick();
+                for v in &mut s.views {
+                    v.agg.tick();
+                }
+            }
+        }
+    }
+    let _ = quit_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
+    session.write_stats(args.probe.stats_json.as_deref())?;
+    eprintln!("twtrace: {}", session::loss_line(&session.loss()));
+    Ok(())
+}
