@@ -65,7 +65,9 @@ pub mod counter {
     pub const CLOSE_WITHOUT_TW: u32 = 4;
     /// Owner records that could not be stored (map full and not evictable).
     pub const OWNER_STORE_FAILED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Forks of a tracked process tree (`exec`) that could not be recorded (map full).
+    pub const TRACK_FAILED: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// TCP states as numbered by the kernel (include/net/tcp_states.h).
@@ -260,6 +262,12 @@ pub mod tp {
     pub mod timer_cancel {
         pub const TIMER: usize = 8;
         pub const FIELDS: &[super::Field] = &[("timer", TIMER, 8)];
+    }
+
+    pub mod sched_process_fork {
+        pub const PARENT_PID: usize = 12;
+        pub const CHILD_PID: usize = 20;
+        pub const FIELDS: &[super::Field] = &[("parent_pid", PARENT_PID, 4), ("child_pid", CHILD_PID, 4)];
     }
 
     pub mod timer_expire_entry {

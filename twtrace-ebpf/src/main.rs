@@ -26,7 +26,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use twtrace_common::{
@@ -40,6 +40,8 @@ const RING_BYTES: u32 = 4 << 20;
 /// Bound of the owner map. Entries are removed at `-> CLOSE`; LRU eviction covers sockets that
 /// never get there (a leaked entry can never grow the map past this).
 const OWNERS_MAX: u32 = 65536;
+/// Processes (and threads: the tracepoint cannot tell them apart) of one tracked tree.
+const TRACKED_MAX: u32 = 65536;
 /// A `connect()` that reuses a TIME_WAIT 4-tuple kills it within the same system call, after
 /// its `CLOSE -> SYN_SENT`; the port search in between is bounded but can scan a whole range.
 const REUSE_WINDOW_NS: u64 = 100_000_000;
@@ -55,6 +57,11 @@ static SCRATCH: PerCpuArray<CpuScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// `exec`: the processes of the command's tree (tgid -> 1). Userspace puts itself in before
+/// spawning the command; `sched_process_fork` adds every child of a member.
+#[map]
+static TRACKED: HashMap<u32, u8> = HashMap::with_max_entries(TRACKED_MAX, 0);
 
 /// Written by userspace at load time (read-only for the programs).
 #[unsafe(no_mangle)]
@@ -562,6 +569,23 @@ fn on_tw_expire(ctx: &TracePointContext) {
             None => header(kind::TW_EXPIRE, 0, 0),
         };
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// sched:sched_process_fork (attached by `exec` only)
+
+/// The parent is the current task here (copy_process runs in its context): a child of a
+/// tracked process joins the tree from the moment it exists, before it can open a socket.
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if TRACKED.get_ptr(&parent).is_some() {
+        let child = field::<i32>(&ctx, tp::sched_process_fork::CHILD_PID) as u32;
+        if TRACKED.insert(&child, &1, BPF_ANY as u64).is_err() {
+            bump(counter::TRACK_FAILED);
+        }
+    }
+    0
 }
 
 #[cfg(not(test))]

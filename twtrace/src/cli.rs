@@ -34,6 +34,40 @@ pub enum Command {
     Top(TopArgs),
     /// Run as a daemon: Prometheus metrics, a JSON API and a health check over HTTP
     Serve(ServeArgs),
+    /// Run a command and count the TIME_WAIT its process tree causes; fail it over a budget
+    Exec(ExecArgs),
+    /// Watch for a while, then say what is wrong and what to change (exit 1 when serious)
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// How long to watch the traffic
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+    /// Fail (exit 3) when the command causes more than N TIME_WAIT sockets
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub max_timewait: Option<u64>,
+    /// Fail (exit 3) when the command causes more than R TIME_WAIT births in one second
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    pub max_rate: Option<f64>,
+    /// Print the summary (on stderr) as one JSON line
+    #[arg(long)]
+    pub json: bool,
+    /// The command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +183,16 @@ pub struct ProbeArgs {
     pub stats_json: Option<std::path::PathBuf>,
 }
 
+impl ProbeArgs {
+    /// What to attach, for a view that needs no state transitions and no fork tracking.
+    pub fn options(&self) -> crate::probes::ProbeOptions {
+        crate::probes::ProbeOptions {
+            ring_size: self.ring_size,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct WatchArgs {
     #[command(flatten)]
@@ -179,6 +223,22 @@ pub fn parse_positive(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=1_000_000).contains(&n) && s.chars().all(|c| c.is_ascii_digit()) => Ok(n),
         _ => Err(format!("'{s}' is not a count from 1 to 1000000")),
+    }
+}
+
+/// A count that may be zero (a budget of no TIME_WAIT at all).
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if s.chars().all(|c| c.is_ascii_digit()) => Ok(n),
+        _ => Err(format!("'{s}' is not a count (0 or more)")),
+    }
+}
+
+/// A positive, finite rate per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 && !s.starts_with('+') => Ok(r),
+        _ => Err(format!("'{s}' is not a rate per second (a number above 0)")),
     }
 }
 

@@ -10,7 +10,8 @@ pub enum Code {
     Error = 1,
     /// Bad usage (clap uses 2 too).
     Usage = 2,
-    // 3: `exec`, a budget was exceeded.
+    /// `exec`: a budget was exceeded.
+    Budget = 3,
     /// Not root and not the needed capabilities.
     Privilege = 4,
     /// The kernel lacks something twtrace needs (version, BTF, a symbol, visible addresses).
@@ -44,10 +45,26 @@ impl fmt::Display for Failure {
 
 impl std::error::Error for Failure {}
 
-/// The exit code and the one line to print for any error that reaches `main`.
-pub fn report(err: &anyhow::Error) -> (Code, String) {
+/// Exit with this code and say nothing more (`exec` passing on its command's exit code; what
+/// happened was already printed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitWith(pub u8);
+
+impl fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
+
+/// The exit code, and the one line to print (None: nothing) for any error that reaches `main`.
+pub fn report(err: &anyhow::Error) -> (u8, Option<String>) {
+    if let Some(ExitWith(code)) = err.downcast_ref::<ExitWith>() {
+        return (*code, None);
+    }
     match err.downcast_ref::<Failure>() {
-        Some(f) => (f.code, f.message.clone()),
-        None => (Code::Error, format!("{err:#}")),
+        Some(f) => (f.code as u8, Some(f.message.clone())),
+        None => (Code::Error as u8, Some(format!("{err:#}"))),
     }
 }

@@ -19,6 +19,8 @@ pub struct TwCounters {
     pub killed: u64,
     pub recycled: u64,
     pub overflow: u64,
+    /// `TCPAbortOnData`: closes that sent a reset (zero SO_LINGER, or unread data at close).
+    pub abort_on_data: u64,
 }
 
 impl TwCounters {
@@ -28,6 +30,7 @@ impl TwCounters {
             killed: self.killed.saturating_sub(start.killed),
             recycled: self.recycled.saturating_sub(start.recycled),
             overflow: self.overflow.saturating_sub(start.overflow),
+            abort_on_data: self.abort_on_data.saturating_sub(start.abort_on_data),
         }
     }
 }
@@ -104,6 +107,7 @@ pub fn tw_counters_from(netstat: &str) -> TwCounters {
         killed: get("TWKilled"),
         recycled: get("TWRecycled"),
         overflow: get("TCPTimeWaitOverflow"),
+        abort_on_data: get("TCPAbortOnData"),
     }
 }
 
@@ -223,7 +227,8 @@ mod tests {
                 created: 81713,
                 killed: 2,
                 recycled: 4,
-                overflow: 3
+                overflow: 3,
+                abort_on_data: 0,
             }
         );
         let later = TwCounters {

@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod decode;
+pub mod diagnose;
 pub mod failure;
 pub mod filter;
 pub mod host;

@@ -24,8 +24,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let (code, message) = failure::report(&err);
-            eprintln!("twtrace: {message}");
-            ExitCode::from(code as u8)
+            if let Some(message) = message {
+                eprintln!("twtrace: {message}");
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -36,5 +38,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => views::report::run(args).await,
         Command::Top(args) => views::top::run(args).await,
         Command::Serve(args) => views::serve::run(args).await,
+        Command::Exec(args) => views::exec::run(args).await,
+        Command::Doctor(args) => views::doctor::run(args).await,
     }
 }

@@ -42,7 +42,8 @@ pub struct KernelInfo {
     pub mounted_tracefs: bool,
 }
 
-pub fn check() -> Result<KernelInfo, Failure> {
+/// `track_forks`: `exec` also needs sched:sched_process_fork.
+pub fn check(track_forks: bool) -> Result<KernelInfo, Failure> {
     check_privileges(effective_caps()?)?;
     let release = kernel_release();
     check_kernel_version(&release)?;
@@ -52,7 +53,7 @@ pub fn check() -> Result<KernelInfo, Failure> {
     info.tw_timer_fn = tw;
     info.reqsk_timer_fn = reqsk;
     let (tracefs, mounted) = tracefs()?;
-    check_formats(&tracefs)?;
+    check_formats(&tracefs, track_forks)?;
     info.tracefs = tracefs;
     info.mounted_tracefs = mounted;
     Ok(info)
@@ -290,8 +291,15 @@ const TRACEPOINTS: [(&str, &str, &[tp::Field]); 4] = [
     ),
 ];
 
-fn check_formats(tracefs: &Path) -> Result<(), Failure> {
-    for (category, name, fields) in TRACEPOINTS {
+const FORK_TRACEPOINT: (&str, &str, &[tp::Field]) = (
+    "sched",
+    "sched_process_fork",
+    tp::sched_process_fork::FIELDS,
+);
+
+fn check_formats(tracefs: &Path, track_forks: bool) -> Result<(), Failure> {
+    let fork = track_forks.then_some(FORK_TRACEPOINT);
+    for (category, name, fields) in TRACEPOINTS.into_iter().chain(fork) {
         let path = tracefs
             .join("events")
             .join(category)
@@ -476,7 +484,7 @@ mod tests {
             eprintln!("tracefs not mounted here: skipped");
             return;
         };
-        if let Err(e) = check_formats(&tracefs) {
+        if let Err(e) = check_formats(&tracefs, true) {
             assert_eq!(e.code, Code::Privilege, "{}", e.message);
         }
     }

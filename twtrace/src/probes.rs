@@ -28,11 +28,16 @@ pub const PROGRAMS: [(&str, &str, &str); 4] = [
     ("timer_expire_entry", "timer", "timer_expire_entry"),
 ];
 
-#[derive(Debug, Clone, Copy)]
+/// Attached only when a process tree is tracked (`exec`).
+pub const FORK_PROGRAM: (&str, &str, &str) = ("sched_process_fork", "sched", "sched_process_fork");
+
+#[derive(Debug, Clone, Copy, Default)]
 pub struct ProbeOptions {
     pub ring_size: u32,
     /// Emit every TCP state transition (watch --all-states).
     pub emit_states: bool,
+    /// Follow a process tree through its forks (`exec`).
+    pub track_forks: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -44,6 +49,7 @@ pub struct KernelCounters {
     pub birth_unmatched: u64,
     pub close_without_tw: u64,
     pub owner_store_failed: u64,
+    pub track_failed: u64,
 }
 
 /// What the kernel keeps per program (BPF_OBJ_GET_INFO_BY_FD).
@@ -69,7 +75,7 @@ fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
 
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
-        let info = preflight::check()?;
+        let info = preflight::check(opts.track_forks)?;
         if info.mounted_tracefs {
             eprintln!(
                 "twtrace: mounted tracefs at {} (it was not mounted)",
@@ -94,7 +100,8 @@ impl Probes {
             .map_max_entries("EVENTS", opts.ring_size)
             .load(OBJECT)
             .map_err(|e| refused("load twtrace's programs and maps", e))?;
-        for (prog, category, name) in PROGRAMS {
+        let fork = opts.track_forks.then_some(FORK_PROGRAM);
+        for (prog, category, name) in PROGRAMS.into_iter().chain(fork) {
             let program: &mut TracePoint = ebpf
                 .program_mut(prog)
                 .ok_or_else(|| refused("load", format!("program {prog} missing from object")))?
@@ -138,6 +145,7 @@ impl Probes {
             birth_unmatched: sum(counter::BIRTH_UNMATCHED),
             close_without_tw: sum(counter::CLOSE_WITHOUT_TW),
             owner_store_failed: sum(counter::OWNER_STORE_FAILED),
+            track_failed: sum(counter::TRACK_FAILED),
         }
     }
 
@@ -151,6 +159,27 @@ impl Probes {
                 Some(stats)
             })
             .collect()
+    }
+
+    /// Puts a process in the tracked tree (its future children follow).
+    pub fn track(&mut self, tgid: u32) -> Result<(), Failure> {
+        let map = self
+            .ebpf
+            .map_mut("TRACKED")
+            .ok_or_else(|| refused("track processes", "map TRACKED missing"))?;
+        let mut tracked = aya::maps::HashMap::<&mut MapData, u32, u8>::try_from(map)
+            .map_err(|e| refused("track processes", e))?;
+        tracked
+            .insert(&tgid, &1, 0)
+            .map_err(|e| refused("track processes", e))
+    }
+
+    /// Whether a process belongs to the tracked tree.
+    pub fn is_tracked(&self, tgid: u32) -> bool {
+        self.ebpf
+            .map("TRACKED")
+            .and_then(|m| aya::maps::HashMap::<&MapData, u32, u8>::try_from(m).ok())
+            .is_some_and(|t| t.get(&tgid, 0).is_ok())
     }
 
     /// Runs the kernel skipped for any twtrace program (each may have carried an event).

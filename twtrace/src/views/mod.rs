@@ -1,5 +1,7 @@
 //! The views: each reads lifecycle events (or an aggregate of them) and renders them.
 
+pub mod doctor;
+pub mod exec;
 pub mod report;
 pub mod serve;
 pub mod top;

@@ -10,7 +10,6 @@ use crate::{
     cgroup::CgroupNames,
     cli::ReportArgs,
     clock, host,
-    probes::ProbeOptions,
     report::{self, Context},
     session::{self, Session},
 };
@@ -37,13 +36,7 @@ pub fn context(session: &Session, started: Instant, close_wait: bool) -> Context
 
 pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_filter();
-    let mut session = Session::start(
-        ProbeOptions {
-            ring_size: args.probe.ring_size,
-            emit_states: false,
-        },
-        true,
-    )?;
+    let mut session = Session::start(args.probe.options(), true)?;
     let mut agg = Aggregator::new(args.group.max_groups);
     agg.set_listening_ports(session.listening.clone());
     let started = Instant::now();

@@ -35,7 +35,6 @@ use crate::{
     lifecycle::Event,
     metrics::{self, BuildInfo, Exporter},
     privileges,
-    probes::ProbeOptions,
     report::{self, Context},
     session::{self, Session},
     views::report::context,
@@ -189,13 +188,7 @@ fn router(shared: Shared, new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>)
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_filter();
     let account = privileges::lookup(&args.user)?;
-    let session = Session::start(
-        ProbeOptions {
-            ring_size: args.probe.ring_size,
-            emit_states: false,
-        },
-        true,
-    )?;
+    let session = Session::start(args.probe.options(), true)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {

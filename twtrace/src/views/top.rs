@@ -22,7 +22,6 @@ use crate::{
     cli::TopArgs,
     failure::{Code, Failure},
     host,
-    probes::ProbeOptions,
     report::{self, Context, Sort},
     session::{self, Session},
     views::report::context,
@@ -226,13 +225,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         .into());
     }
     let filter = args.filter.to_filter();
-    let mut session = Session::start(
-        ProbeOptions {
-            ring_size: args.probe.ring_size,
-            emit_states: false,
-        },
-        true,
-    )?;
+    let mut session = Session::start(args.probe.options(), true)?;
     let mut agg = Aggregator::new(args.group.max_groups);
     agg.set_listening_ports(session.listening.clone());
     let mut screen = Screen {

@@ -176,8 +176,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let filter: Filter = args.filter.to_filter();
     let mut session = Session::start(
         ProbeOptions {
-            ring_size: args.probe.ring_size,
             emit_states: args.all_states,
+            ..args.probe.options()
         },
         false,
     )?;

@@ -1,0 +1,461 @@
+//! From evidence to findings: `doctor`'s reasoning, pure and unit-tested. Each finding says
+//! what is wrong, the numbers that show it, and what to change.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::{Value, json};
+
+use crate::host::{CloseWait, Settings, TwCounters};
+
+/// TIME_WAIT lasts this long (TCP_TIMEWAIT_LEN; not tunable).
+pub const TIME_WAIT_S: f64 = 60.0;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+
+    /// Worth failing a script for.
+    pub fn serious(self) -> bool {
+        self >= Severity::Warning
+    }
+}
+
+/// Sockets of this host towards one destination, from one source address: they share the
+/// ephemeral port range.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Destination {
+    pub source: IpAddr,
+    pub remote: SocketAddr,
+    /// Sockets holding a local port towards it now, in any state (TIME_WAIT included).
+    pub held: u64,
+    pub in_time_wait: u64,
+    /// TIME_WAIT births towards it while doctor watched.
+    pub births: u64,
+}
+
+/// A listening port on which this host closed first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerPort {
+    pub port: u16,
+    pub in_time_wait: u64,
+    pub births: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Evidence {
+    pub duration_s: f64,
+    pub settings: Settings,
+    /// TcpExt deltas over the watch.
+    pub counters: TwCounters,
+    /// TcpExt TCPAbortOnData over the watch: closes that sent a reset.
+    pub resets_on_close: u64,
+    pub sockstat_tw: Option<u64>,
+    pub destinations: Vec<Destination>,
+    pub servers: Vec<ServerPort>,
+    pub close_wait_start: Vec<CloseWait>,
+    pub close_wait_end: Vec<CloseWait>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finding {
+    pub severity: Severity,
+    pub kind: &'static str,
+    pub title: String,
+    /// What was measured, as lines for a person.
+    pub evidence: Vec<String>,
+    /// The same, as numbers for a program.
+    pub data: Value,
+    pub remedy: String,
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn port_exhaustion(ev: &Evidence, d: &Destination, usable: u32) -> Option<Finding> {
+    let usable_f = usable.max(1) as f64;
+    let rate = if ev.duration_s > 0.0 {
+        d.births as f64 / ev.duration_s
+    } else {
+        0.0
+    };
+    let steady = rate * TIME_WAIT_S;
+    // Growing towards a steady state above the range: ports run out when held reaches it.
+    let time_left =
+        (steady > usable_f && rate > 0.0).then(|| ((usable_f - d.held as f64) / rate).max(0.0));
+    let held_share = d.held as f64 / usable_f;
+    let steady_share = steady / usable_f;
+    let severity = if held_share >= 0.9 || time_left.is_some_and(|t| t < TIME_WAIT_S) {
+        Severity::Critical
+    } else if held_share >= 0.5 || steady_share >= 0.5 {
+        Severity::Warning
+    } else if held_share >= 0.1 || steady_share >= 0.1 {
+        Severity::Info
+    } else {
+        return None;
+    };
+    let reuse = match ev.settings.tw_reuse {
+        Some(1) => true,
+        Some(2) => is_loopback(d.remote.ip()),
+        _ => false,
+    };
+    let mut evidence = vec![
+        format!(
+            "{} of {usable} usable local ports held towards it ({} in TIME_WAIT)",
+            d.held, d.in_time_wait
+        ),
+        format!(
+            "{:.1} new connections/s closed first by this host -> about {:.0} in TIME_WAIT at steady state (rate x 60 s)",
+            rate, steady
+        ),
+    ];
+    match time_left {
+        Some(t) if t <= 0.0 => evidence.push(
+            "the port range is used up: connect() fails with EADDRNOTAVAIL unless it can reuse a TIME_WAIT".into(),
+        ),
+        Some(t) => evidence.push(format!(
+            "at this rate connect() starts failing with EADDRNOTAVAIL in about {t:.0} s"
+        )),
+        None => {}
+    }
+    if reuse {
+        evidence.push(format!(
+            "tcp_tw_reuse={} applies here: connect() may take over a TIME_WAIT older than 1 s, which postpones the failure but not the churn",
+            ev.settings.tw_reuse.unwrap_or(0)
+        ));
+    }
+    let mut remedy = "Reuse connections to this destination (HTTP keep-alive, a connection pool) \
+        instead of opening one per request: that removes the TIME_WAIT at its source."
+        .to_owned();
+    if !reuse {
+        remedy.push_str(
+            " Until then: net.ipv4.tcp_tw_reuse=1 lets outgoing connections reuse TIME_WAIT \
+             older than a second (timestamps must be on);",
+        );
+    } else {
+        remedy.push_str(" Until then:");
+    }
+    remedy.push_str(
+        " a wider net.ipv4.ip_local_port_range gives more room, and connecting from several \
+         source addresses multiplies it (ports are per source address and destination).",
+    );
+    Some(Finding {
+        severity,
+        kind: "port_exhaustion",
+        title: format!("ephemeral ports running out: {} -> {}", d.source, d.remote),
+        evidence,
+        data: json!({
+            "source": d.source.to_string(),
+            "destination": d.remote.to_string(),
+            "held": d.held,
+            "in_time_wait": d.in_time_wait,
+            "usable_ports": usable,
+            "births": d.births,
+            "rate_per_s": round1(rate),
+            "steady_state": steady.round(),
+            "time_left_s": time_left.map(|t| t.round()),
+            "tw_reuse_applies": reuse,
+        }),
+        remedy,
+    })
+}
+
+pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let s = &ev.settings;
+
+    if let Some(usable) = s.ephemeral_ports() {
+        for d in &ev.destinations {
+            out.extend(port_exhaustion(ev, d, usable));
+        }
+    }
+
+    if ev.counters.overflow > 0 {
+        out.push(Finding {
+            severity: Severity::Critical,
+            kind: "tw_overflow",
+            title: "TIME_WAIT skipped: tcp_max_tw_buckets is full".into(),
+            evidence: vec![format!(
+                "{} connections closed without TIME_WAIT in {:.0} s (TcpExt TCPTimeWaitOverflow); {} TIME_WAIT now, limit {}",
+                ev.counters.overflow,
+                ev.duration_s,
+                ev.sockstat_tw.map_or("?".into(), |n| n.to_string()),
+                s.max_tw_buckets.map_or("?".into(), |n| n.to_string())
+            )],
+            data: json!({"skipped": ev.counters.overflow, "time_wait": ev.sockstat_tw, "max_tw_buckets": s.max_tw_buckets}),
+            remedy: "Late segments of those connections can now corrupt new ones on the same \
+                     4-tuple. Find who makes the TIME_WAIT (`twtrace report`) and reuse \
+                     connections there; raising net.ipv4.tcp_max_tw_buckets costs memory but \
+                     restores the protection."
+                .into(),
+        });
+    } else if let (Some(tw), Some(max)) = (ev.sockstat_tw, s.max_tw_buckets)
+        && max > 0
+        && tw as f64 >= 0.8 * max as f64
+    {
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind: "tw_buckets_headroom",
+            title: "TIME_WAIT close to tcp_max_tw_buckets".into(),
+            evidence: vec![format!("{tw} TIME_WAIT sockets now, limit {max}")],
+            data: json!({"time_wait": tw, "max_tw_buckets": max}),
+            remedy: "When the limit is reached the kernel closes without TIME_WAIT. Reduce the \
+                     churn at its source (`twtrace report`), or raise net.ipv4.tcp_max_tw_buckets."
+                .into(),
+        });
+    }
+    if let Some(max) = s.max_tw_buckets
+        && max < 4096
+    {
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind: "tiny_max_tw_buckets",
+            title: format!("net.ipv4.tcp_max_tw_buckets is only {max}"),
+            evidence: vec![format!("tcp_max_tw_buckets = {max}")],
+            data: json!({"max_tw_buckets": max}),
+            remedy: "A small limit hides TIME_WAIT by skipping it, trading a visible number for \
+                     silent corruption risk. Put it back near its default (half the \
+                     established hash size) and reduce the churn instead."
+                .into(),
+        });
+    }
+
+    for srv in &ev.servers {
+        let rate = if ev.duration_s > 0.0 {
+            srv.births as f64 / ev.duration_s
+        } else {
+            0.0
+        };
+        let severity = if srv.in_time_wait >= 5000 || rate >= 100.0 {
+            Severity::Warning
+        } else if srv.births > 0 || srv.in_time_wait >= 100 {
+            Severity::Info
+        } else {
+            continue;
+        };
+        out.push(Finding {
+            severity,
+            kind: "server_closes_first",
+            title: format!("this server closes first on port {}", srv.port),
+            evidence: vec![format!(
+                "{} TIME_WAIT held on port {}, {:.1} new ones/s",
+                srv.in_time_wait, srv.port, rate
+            )],
+            data: json!({"port": srv.port, "in_time_wait": srv.in_time_wait, "births": srv.births, "rate_per_s": round1(rate)}),
+            remedy: "The side that closes first keeps the TIME_WAIT. Let clients close (keep-alive \
+                     with a client-side idle timeout, or wait for the client's FIN after the \
+                     response) so that the cost is spread over the clients instead of piling up \
+                     on the server."
+                .into(),
+        });
+    }
+
+    for end in &ev.close_wait_end {
+        let start = ev
+            .close_wait_start
+            .iter()
+            .find(|c| c.pid == end.pid && c.comm == end.comm)
+            .map_or(0, |c| c.sockets);
+        let grew = end.sockets.saturating_sub(start);
+        let severity = if grew >= 10 || end.sockets >= 100 {
+            Severity::Warning
+        } else {
+            Severity::Info
+        };
+        let who = if end.pid == 0 {
+            end.comm.clone()
+        } else {
+            format!("{}[{}]", end.comm, end.pid)
+        };
+        out.push(Finding {
+            severity,
+            kind: "close_wait",
+            title: format!("{who} holds {} CLOSE_WAIT sockets", end.sockets),
+            evidence: vec![format!(
+                "{} CLOSE_WAIT at the end, {start} at the start ({} grew by {grew} in {:.0} s)",
+                end.sockets, who, ev.duration_s
+            )],
+            data: json!({"pid": end.pid, "comm": end.comm, "sockets": end.sockets, "at_start": start, "grew": grew}),
+            remedy: "Its peers closed these connections and it never called close() on them: a \
+                     leak in the application (an error path that forgets to close, a pool that \
+                     never evicts dead connections). Each holds a socket and a file descriptor \
+                     until the process exits."
+                .into(),
+        });
+    }
+
+    if let Some(v) = s.tw_recycle {
+        out.push(Finding {
+            severity: Severity::Warning,
+            kind: "tw_recycle",
+            title: "net.ipv4.tcp_tw_recycle exists on this kernel".into(),
+            evidence: vec![format!("tcp_tw_recycle = {v}")],
+            data: json!({"tcp_tw_recycle": v}),
+            remedy: "It drops connections from clients behind NAT and was removed in Linux \
+                     4.12; keep it at 0 and use tcp_tw_reuse for outgoing connections."
+                .into(),
+        });
+    }
+    if s.timestamps == Some(0) {
+        out.push(Finding {
+            severity: Severity::Info,
+            kind: "timestamps_off",
+            title: "TCP timestamps are off".into(),
+            evidence: vec!["net.ipv4.tcp_timestamps = 0".into()],
+            data: json!({"tcp_timestamps": 0}),
+            remedy: "tcp_tw_reuse needs timestamps to reuse a TIME_WAIT safely; with them off \
+                     it does nothing."
+                .into(),
+        });
+    }
+    if ev.resets_on_close > 0 {
+        out.push(Finding {
+            severity: Severity::Info,
+            kind: "reset_on_close",
+            title: "connections closed by a reset instead of a FIN".into(),
+            evidence: vec![format!(
+                "{} in {:.0} s (TcpExt TCPAbortOnData: SO_LINGER with a zero timeout, or data unread at close)",
+                ev.resets_on_close, ev.duration_s
+            )],
+            data: json!({"resets": ev.resets_on_close}),
+            remedy: "A zero linger avoids TIME_WAIT by aborting: the peer gets an error instead of \
+                     an orderly end and late segments are no longer guarded. Prefer reusing \
+                     connections, or letting the peer close first."
+                .into(),
+        });
+    }
+
+    out.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Evidence {
+        Evidence {
+            duration_s: 10.0,
+            settings: Settings {
+                tw_reuse: Some(2),
+                max_tw_buckets: Some(131072),
+                port_range: Some((40000, 40999)),
+                timestamps: Some(1),
+                fin_timeout: Some(60),
+                ..Settings::default()
+            },
+            sockstat_tw: Some(10),
+            ..Evidence::default()
+        }
+    }
+
+    fn dest(held: u64, births: u64) -> Destination {
+        Destination {
+            source: "10.0.0.1".parse().unwrap(),
+            remote: "10.0.0.2:6379".parse().unwrap(),
+            held,
+            in_time_wait: held,
+            births,
+        }
+    }
+
+    #[test]
+    fn a_quiet_host_has_nothing_serious() {
+        let mut ev = base();
+        ev.destinations.push(dest(3, 3));
+        let f = diagnose(&ev);
+        assert!(f.iter().all(|f| !f.severity.serious()), "{f:?}");
+    }
+
+    #[test]
+    fn port_exhaustion_with_its_numbers() {
+        let mut ev = base();
+        // 50/s for 10 s: 500 held of 1000, 3000 at steady state, 10 s left.
+        ev.destinations.push(dest(500, 500));
+        let f = diagnose(&ev);
+        let p = &f[0];
+        assert_eq!(p.kind, "port_exhaustion");
+        assert_eq!(p.severity, Severity::Critical);
+        assert_eq!(p.data["usable_ports"], 1000);
+        assert_eq!(p.data["rate_per_s"], 50.0);
+        assert_eq!(p.data["steady_state"], 3000.0);
+        assert_eq!(p.data["time_left_s"], 10.0);
+        assert_eq!(p.data["tw_reuse_applies"], false, "not loopback");
+        assert!(p.remedy.contains("tcp_tw_reuse=1"));
+        assert!(p.title.contains("10.0.0.1 -> 10.0.0.2:6379"));
+        // Half of it at steady state, nothing held yet: a warning, not critical.
+        let mut ev = base();
+        ev.destinations.push(dest(10, 85));
+        assert_eq!(diagnose(&ev)[0].severity, Severity::Warning);
+    }
+
+    #[test]
+    fn loopback_reuse_is_said() {
+        let mut ev = base();
+        ev.destinations.push(Destination {
+            remote: "127.0.0.1:8080".parse().unwrap(),
+            ..dest(990, 990)
+        });
+        let p = &diagnose(&ev)[0];
+        assert_eq!(p.data["tw_reuse_applies"], true);
+        assert_eq!(p.data["time_left_s"], 0.0);
+    }
+
+    #[test]
+    fn overflow_close_wait_and_settings() {
+        let mut ev = base();
+        ev.counters.overflow = 3;
+        ev.settings.max_tw_buckets = Some(2);
+        ev.settings.tw_recycle = Some(1);
+        ev.resets_on_close = 4;
+        ev.close_wait_start = vec![CloseWait {
+            pid: 7,
+            comm: "leaky".into(),
+            sockets: 2,
+        }];
+        ev.close_wait_end = vec![CloseWait {
+            pid: 7,
+            comm: "leaky".into(),
+            sockets: 20,
+        }];
+        ev.servers.push(ServerPort {
+            port: 443,
+            in_time_wait: 6000,
+            births: 10,
+        });
+        let f = diagnose(&ev);
+        let kinds: Vec<&str> = f.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds[0], "tw_overflow");
+        for k in [
+            "tiny_max_tw_buckets",
+            "close_wait",
+            "tw_recycle",
+            "reset_on_close",
+            "server_closes_first",
+        ] {
+            assert!(kinds.contains(&k), "{k} in {kinds:?}");
+        }
+        let cw = f.iter().find(|f| f.kind == "close_wait").unwrap();
+        assert_eq!(cw.severity, Severity::Warning);
+        assert!(cw.title.contains("leaky[7] holds 20"));
+        assert_eq!(cw.data["grew"], 18);
+        // Ranked: critical first, info last.
+        assert!(f.windows(2).all(|w| w[0].severity >= w[1].severity));
+    }
+}

@@ -1,0 +1,342 @@
+//! `twtrace exec [budgets] -- CMD ARGS...`: runs CMD and charges it with the TIME_WAIT its own
+//! process tree causes (children included, followed in the kernel from the moment they fork),
+//! then says so and exits with CMD's exit code, or 3 when a budget was exceeded. Made to guard
+//! a CI job against a change that stops reusing connections.
+//!
+//! The summary goes to stderr (text, or one JSON line with `--json`): CMD's stdout stays CMD's.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::SocketAddr,
+    os::unix::process::ExitStatusExt,
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+
+use crate::{
+    cli::ExecArgs,
+    failure::{Code, ExitWith, Failure},
+    host::CloseWait,
+    lifecycle::Event,
+    probes::ProbeOptions,
+    session::{self, Session},
+    sockdiag::{self, state},
+};
+
+/// After CMD exits, how long to keep reading: a TIME_WAIT is born when the peer's FIN arrives,
+/// which can be after the process that closed is gone.
+const DRAIN: Duration = Duration::from_millis(300);
+
+/// What the tree caused, built from lifecycle events. Pure.
+#[derive(Debug, Default)]
+pub struct Charge {
+    pub births: u64,
+    pub ends: u64,
+    pub by_peer: HashMap<SocketAddr, u64>,
+    pub by_local_port: HashMap<u16, u64>,
+    /// Births in the last second (timestamps), for the peak rate.
+    window: VecDeque<u64>,
+    pub peak_per_s: u64,
+    timers: HashSet<u64>,
+}
+
+impl Charge {
+    /// `owned(tgid)` says whether a process belongs to the tree.
+    pub fn feed(&mut self, ev: &Event, owned: &mut dyn FnMut(u32) -> bool) {
+        match ev {
+            Event::Enter(e) if !e.seeded => {
+                let Some(owner) = &e.owner else { return };
+                if !owned(owner.pid) {
+                    return;
+                }
+                self.births += 1;
+                *self.by_peer.entry(e.conn.remote).or_default() += 1;
+                *self.by_local_port.entry(e.conn.local.port()).or_default() += 1;
+                self.timers.insert(e.timer);
+                self.window.push_back(e.ts_ns);
+                while self
+                    .window
+                    .front()
+                    .is_some_and(|&t| e.ts_ns.saturating_sub(t) >= 1_000_000_000)
+                {
+                    self.window.pop_front();
+                }
+                self.peak_per_s = self.peak_per_s.max(self.window.len() as u64);
+            }
+            Event::Exit(x) if !x.seeded && self.timers.remove(&x.timer) => self.ends += 1,
+            _ => {}
+        }
+    }
+
+    pub fn still_held(&self) -> u64 {
+        self.births - self.ends
+    }
+}
+
+fn top(map: &HashMap<impl ToString + Ord + Copy, u64>, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<_> = map.iter().map(|(k, c)| (*k, *c)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.into_iter()
+        .take(n)
+        .map(|(k, c)| (k.to_string(), c))
+        .collect()
+}
+
+/// Which budgets were exceeded, named as their options.
+pub fn exceeded(c: &Charge, max_timewait: Option<u64>, max_rate: Option<f64>) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(max) = max_timewait
+        && c.births > max
+    {
+        out.push(format!(
+            "--max-timewait {max} exceeded: {} TIME_WAIT caused",
+            c.births
+        ));
+    }
+    if let Some(max) = max_rate
+        && c.peak_per_s as f64 > max
+    {
+        out.push(format!(
+            "--max-rate {max} exceeded: {} TIME_WAIT births in one second",
+            c.peak_per_s
+        ));
+    }
+    out
+}
+
+fn exit_code(status: &ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
+        _ => 1,
+    }
+}
+
+/// CLOSE_WAIT sockets still held by processes of the tree.
+fn close_wait_of(probes: &crate::probes::Probes) -> Vec<CloseWait> {
+    let Ok(sockets) = sockdiag::dump(&[state::CLOSE_WAIT]) else {
+        return Vec::new();
+    };
+    let inodes: HashSet<u32> = sockets
+        .iter()
+        .map(|s| s.inode)
+        .filter(|&i| i != 0)
+        .collect();
+    let mut by_pid: HashMap<(u32, String), u64> = HashMap::new();
+    for (_, (pid, comm)) in sockdiag::socket_owners(&inodes) {
+        if probes.is_tracked(pid) {
+            *by_pid.entry((pid, comm)).or_default() += 1;
+        }
+    }
+    by_pid
+        .into_iter()
+        .map(|((pid, comm), sockets)| CloseWait { pid, comm, sockets })
+        .collect()
+}
+
+pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
+    let mut session = Session::start(
+        ProbeOptions {
+            track_forks: true,
+            ..args.probe.options()
+        },
+        false,
+    )?;
+    // twtrace itself is the root of the tree: the command, forked from it, joins at birth.
+    let me = std::process::id();
+    session.probes.track(me)?;
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .spawn()
+        .map_err(|e| {
+            Failure::new(
+                Code::Usage,
+                format!("cannot run '{}': {e}", args.command[0]),
+            )
+        })?;
+    let child_pid = child.id();
+    let mut charge = Charge::default();
+    let mut known: HashSet<u32> = HashSet::new();
+    let stop = session::stop_signal(None);
+    tokio::pin!(stop);
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status?,
+            r = &mut stop => {
+                r?;
+                // Passed on to the command; its exit ends the run.
+                if let Some(pid) = child_pid {
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                }
+            }
+            r = session.next() => {
+                // Copied out: telling members apart asks the session's probes.
+                let events = r?.to_vec();
+                for ev in &events {
+                    charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
+                }
+            }
+        }
+    };
+    let drain_until = Instant::now() + DRAIN;
+    while Instant::now() < drain_until {
+        let left = drain_until.saturating_duration_since(Instant::now());
+        if let Ok(r) = tokio::time::timeout(left, session.next()).await {
+            let events = r?.to_vec();
+            for ev in &events {
+                charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
+            }
+        }
+    }
+    let events: Vec<Event> = session.finish().to_vec();
+    for ev in &events {
+        charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
+    }
+    let close_wait = close_wait_of(&session.probes);
+    let over = exceeded(&charge, args.max_timewait, args.max_rate);
+    let loss = session.loss();
+    let code = exit_code(&status);
+    let duration = started.elapsed().as_secs_f64();
+    if args.json {
+        eprintln!(
+            "{}",
+            json!({
+                "command": args.command,
+                "exit_code": code,
+                "duration_s": (duration * 100.0).round() / 100.0,
+                "births": charge.births,
+                "peak_per_s": charge.peak_per_s,
+                "still_in_time_wait": charge.still_held(),
+                "by_peer": top(&charge.by_peer, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
+                "by_local_port": top(&charge.by_local_port, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
+                "close_wait": close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
+                "budgets": {"max_timewait": args.max_timewait, "max_rate": args.max_rate, "exceeded": over},
+                "lost_events": loss.total(),
+            })
+        );
+    } else {
+        eprintln!(
+            "twtrace exec: '{}' exited {code} after {duration:.2}s",
+            args.command.join(" ")
+        );
+        eprintln!(
+            "  TIME_WAIT caused: {} (peak {}/s), {} still in TIME_WAIT",
+            charge.births,
+            charge.peak_per_s,
+            charge.still_held()
+        );
+        for (k, n) in top(&charge.by_peer, 5) {
+            eprintln!("  to {k}: {n}");
+        }
+        for c in &close_wait {
+            eprintln!(
+                "  CLOSE_WAIT left behind by {}[{}]: {}",
+                c.comm, c.pid, c.sockets
+            );
+        }
+        if loss.total() > 0 {
+            eprintln!(
+                "  INCOMPLETE: {} (the counts may be low)",
+                session::loss_line(&loss)
+            );
+        }
+        for o in &over {
+            eprintln!("  BUDGET: {o}");
+        }
+    }
+    session.write_stats(args.probe.stats_json.as_deref())?;
+    let code = if over.is_empty() {
+        code
+    } else {
+        Code::Budget as u8
+    };
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(ExitWith(code).into())
+    }
+}
+
+/// Whether `pid` (a tgid) belongs to the command's tree; twtrace itself does not count.
+/// Members are cached (a member stays one); others are asked each time, since a pid can be
+/// reused by a later child of the tree.
+fn owned(probes: &crate::probes::Probes, known: &mut HashSet<u32>, me: u32, pid: u32) -> bool {
+    if pid == me {
+        return false;
+    }
+    if known.contains(&pid) {
+        return true;
+    }
+    let yes = probes.is_tracked(pid);
+    if yes {
+        known.insert(pid);
+    }
+    yes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::{Conn, Process, Role},
+        lifecycle::{Reason, TwEnter, TwExit},
+    };
+
+    fn enter(timer: u64, ts_ns: u64, pid: u32, port: u16) -> Event {
+        Event::Enter(TwEnter {
+            ts_ns,
+            timer,
+            conn: Conn {
+                local: format!("127.0.0.1:{port}").parse().unwrap(),
+                remote: "127.0.0.1:8080".parse().unwrap(),
+            },
+            owner: Some(Process {
+                pid,
+                tid: pid,
+                comm: "curl".into(),
+                cgroup_id: 0,
+            }),
+            role: Role::Connected,
+            timeout_jiffies: 0,
+            seeded: false,
+        })
+    }
+
+    #[test]
+    fn charges_only_the_tree_and_finds_the_peak_rate() {
+        let mut c = Charge::default();
+        let mut tree = |pid: u32| pid == 10 || pid == 11;
+        for i in 0..5u64 {
+            c.feed(&enter(i, i * 100_000_000, 10, 40000 + i as u16), &mut tree);
+        }
+        c.feed(&enter(99, 0, 77, 1), &mut tree); // another process
+        c.feed(&enter(5, 2_000_000_000, 11, 40100), &mut tree);
+        assert_eq!(c.births, 6);
+        assert_eq!(c.peak_per_s, 5);
+        assert_eq!(c.by_peer[&"127.0.0.1:8080".parse().unwrap()], 6);
+        c.feed(
+            &Event::Exit(TwExit {
+                ts_ns: 3,
+                timer: 5,
+                conn: None,
+                owner: None,
+                role: Role::Connected,
+                reason: Reason::Reused,
+                lifetime_ns: Some(1),
+                seeded: false,
+            }),
+            &mut tree,
+        );
+        assert_eq!(c.still_held(), 5);
+        assert_eq!(
+            exceeded(&c, Some(10), Some(4.0)),
+            vec!["--max-rate 4 exceeded: 5 TIME_WAIT births in one second".to_owned()]
+        );
+        assert_eq!(exceeded(&c, Some(5), None).len(), 1);
+        assert!(exceeded(&c, Some(6), Some(5.0)).is_empty());
+    }
+}
