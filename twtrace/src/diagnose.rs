@@ -158,7 +158,11 @@ fn port_exhaustion(ev: &Evidence, d: &Destination, usable: u32) -> Option<Findin
     Some(Finding {
         severity,
         kind: "port_exhaustion",
-        title: format!("ephemeral ports running out: {} -> {}", d.source, d.remote),
+        title: if severity.serious() {
+            format!("ephemeral ports running out: {} -> {}", d.source, d.remote)
+        } else {
+            format!("many ephemeral ports held: {} -> {}", d.source, d.remote)
+        },
         evidence,
         data: json!({
             "source": d.source.to_string(),

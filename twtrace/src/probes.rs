@@ -73,6 +73,29 @@ fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::new(Code::Refused, format!("the kernel refused to {what}: {e}"))
 }
 
+/// An error and its causes on one line (a verifier log is cut to its first line: the whole
+/// log is for developers, `RUST_LOG` does not apply here).
+fn one_line(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![first_line(&e.to_string())];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let line = first_line(&s.to_string());
+        if !parts.iter().any(|p| p.contains(&line)) {
+            parts.push(line);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or_default();
+    match line.find(". Verifier output") {
+        Some(i) => line[..i].to_owned(),
+        None => line.to_owned(),
+    }
+}
+
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
         let info = preflight::check(opts.track_forks)?;
@@ -99,7 +122,17 @@ impl Probes {
             .override_global("CONFIG", &config, true)
             .map_max_entries("EVENTS", opts.ring_size)
             .load(OBJECT)
-            .map_err(|e| refused("load twtrace's programs and maps", e))?;
+            .map_err(|e| {
+                refused(
+                    "create twtrace's maps",
+                    format!(
+                        "{}; a smaller --ring-size (now {} bytes) or a higher memory limit for \
+                         this cgroup may help",
+                        one_line(&e),
+                        opts.ring_size
+                    ),
+                )
+            })?;
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
         for (prog, category, name) in PROGRAMS.into_iter().chain(fork) {
             let program: &mut TracePoint = ebpf
@@ -109,10 +142,23 @@ impl Probes {
                 .map_err(|e| refused("load", e))?;
             program
                 .load()
-                .map_err(|e| refused(&format!("load program {prog}"), e))?;
+                .map_err(|e| refused(&format!("load program {prog}"), one_line(&e)))?;
+            #[cfg(debug_assertions)]
+            if injected("TWTRACE_TEST_FAIL_ATTACH", prog) {
+                return Err(refused(
+                    &format!("attach to tracepoint {category}:{name}"),
+                    "failure injected by TWTRACE_TEST_FAIL_ATTACH",
+                ));
+            }
             program
                 .attach(category, name)
-                .map_err(|e| refused(&format!("attach to tracepoint {category}:{name}"), e))?;
+                .map_err(|e| {
+                    refused(&format!("attach to tracepoint {category}:{name}"), one_line(&e))
+                })?;
+        }
+        #[cfg(debug_assertions)]
+        if injected("TWTRACE_TEST_PANIC", "after-attach") {
+            panic!("panic injected by TWTRACE_TEST_PANIC after attaching");
         }
         Ok(Self { ebpf, info })
     }
@@ -161,6 +207,16 @@ impl Probes {
             .collect()
     }
 
+    /// Entries in the kernel's owner map now (sockets between connect/close and `-> CLOSE`).
+    pub fn owner_entries(&self) -> usize {
+        self.ebpf
+            .map("OWNERS")
+            .and_then(|m| {
+                aya::maps::HashMap::<&MapData, u64, twtrace_common::OwnerRecord>::try_from(m).ok()
+            })
+            .map_or(0, |m| m.keys().filter(Result::is_ok).count())
+    }
+
     /// Puts a process in the tracked tree (its future children follow).
     pub fn track(&mut self, tgid: u32) -> Result<(), Failure> {
         let map = self
@@ -189,6 +245,12 @@ impl Probes {
             .map(|s| s.recursion_misses)
             .sum()
     }
+}
+
+/// Failure injection for the tests that prove nothing stays attached (debug builds only).
+#[cfg(debug_assertions)]
+fn injected(var: &str, at: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == at)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

@@ -167,6 +167,7 @@ impl Session {
         let s = self.lifecycle.stats();
         serde_json::json!({
             "kernel": self.probes.counters(),
+            "owners": self.probes.owner_entries(),
             "programs": self.probes.program_stats(),
             "received": self.source.received,
             "malformed": self.source.malformed,

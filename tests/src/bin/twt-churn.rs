@@ -4,13 +4,14 @@
 //! ```text
 //! twt-churn server --listen ADDR:PORT [--closer client|server] [--count N] [--name COMM]
 //! twt-churn client --to ADDR:PORT --count N [--closer client|server] [--bind ADDR[:PORT]]
-//!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold]
+//!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold] [--linger0]
 //! ```
 //!
 //! Each exchange is one byte each way. `--closer client`: the client closes after the reply and
 //! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
 //! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
-//! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). The client
+//! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). `--linger0`
+//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). The client
 //! prints one JSON line: its pid, name, and the local ports it used, in order.
 //! The server prints `listening` once bound, and serves until `--count` connections or stdin
 //! closes.
@@ -41,6 +42,7 @@ struct Opts {
     closer: Closer,
     keepalive: bool,
     hold: bool,
+    linger0: bool,
     rate: Option<f64>,
     name: Option<String>,
 }
@@ -54,6 +56,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         closer: Closer::Client,
         keepalive: false,
         hold: false,
+        linger0: false,
         rate: None,
         name: None,
     };
@@ -84,6 +87,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--keepalive" => o.keepalive = true,
             "--hold" => o.hold = true,
+            "--linger0" => o.linger0 = true,
             "--rate" => o.rate = Some(val()?.parse().map_err(|e| format!("--rate: {e}"))?),
             "--name" => o.name = Some(val()?),
             other => return Err(format!("unknown argument {other}")),
@@ -289,6 +293,23 @@ fn client(o: &Opts) -> Result<(), String> {
             continue;
         }
         exchange(&mut s, o.closer).map_err(|e| format!("exchange {i}: {e}"))?;
+        if o.linger0 {
+            use std::os::fd::AsRawFd;
+            let lg = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: valid option value and length.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const lg).cast(),
+                    size_of::<libc::linger>() as u32,
+                )
+            };
+        }
     }
     drop(keep);
     let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();

@@ -110,6 +110,35 @@ fn evidence_from_sockets(
     )
 }
 
+/// Words into lines of at most `width` columns (a longer word gets a line of its own).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wraps_at_the_width() {
+        let lines = super::wrap("aaa bbb ccc dddddddddd e", 7);
+        assert_eq!(lines, vec!["aaa bbb", "ccc", "dddddddddd", "e"]);
+        assert!(super::wrap("", 5).is_empty());
+    }
+}
+
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let counters_start = host::tw_counters();
     let close_wait_start = host::close_wait_by_process();
@@ -205,9 +234,13 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
                 f.title
             )?;
             for e in &f.evidence {
-                writeln!(out, "         {e}")?;
+                for line in wrap(e, 80 - 9) {
+                    writeln!(out, "         {line}")?;
+                }
             }
-            writeln!(out, "         what to do: {}", f.remedy)?;
+            for line in wrap(&format!("what to do: {}", f.remedy), 80 - 9) {
+                writeln!(out, "         {line}")?;
+            }
         }
         if findings.is_empty() {
             writeln!(out, "nothing to report")?;
