@@ -14,7 +14,10 @@ struct Tmux {
 
 impl Tmux {
     fn new(cmd: &str) -> Self {
-        let socket = format!("twt-top-{}", std::process::id());
+        // One tmux server per terminal: the tests run in parallel.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let socket = format!("twt-top-{}-{n}", std::process::id());
         run(Command::new("tmux").args([
             "-L",
             &socket,
@@ -97,4 +100,30 @@ fn top_shows_the_rows_and_restores_the_terminal_on_q() {
         !after.contains("twtrace top  by"),
         "the alternate screen is gone:\n{after}"
     );
+}
+
+#[test]
+fn top_restores_the_terminal_on_sigterm() {
+    require_root();
+    let _g = shared();
+    let cmd = format!(
+        "{} top; echo \"top exited $?\"; sleep 60",
+        twtrace_bin().display()
+    );
+    let tmux = Tmux::new(&cmd);
+    tmux.wait_for("top's title", |s| s.contains("twtrace top"));
+    let shell = run(Command::new("tmux").args([
+        "-L",
+        &tmux.socket,
+        "list-panes",
+        "-t",
+        "t",
+        "-F",
+        "#{pane_pid}",
+    ]));
+    let pid = run(Command::new("pgrep").args(["-P", shell.trim(), "twtrace"]));
+    run(Command::new("kill").args(["-TERM", pid.trim()]));
+    let after = tmux.wait_for("the exit", |s| s.contains("top exited"));
+    assert!(after.contains("top exited 0"), "{after}");
+    assert!(!after.contains("twtrace top"), "the alternate screen is gone:\n{after}");
 }
