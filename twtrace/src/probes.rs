@@ -150,11 +150,12 @@ impl Probes {
                     "failure injected by TWTRACE_TEST_FAIL_ATTACH",
                 ));
             }
-            program
-                .attach(category, name)
-                .map_err(|e| {
-                    refused(&format!("attach to tracepoint {category}:{name}"), one_line(&e))
-                })?;
+            program.attach(category, name).map_err(|e| {
+                refused(
+                    &format!("attach to tracepoint {category}:{name}"),
+                    one_line(&e),
+                )
+            })?;
         }
         #[cfg(debug_assertions)]
         if injected("TWTRACE_TEST_PANIC", "after-attach") {

@@ -129,16 +129,6 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn wraps_at_the_width() {
-        let lines = super::wrap("aaa bbb ccc dddddddddd e", 7);
-        assert_eq!(lines, vec!["aaa bbb", "ccc", "dddddddddd", "e"]);
-        assert!(super::wrap("", 5).is_empty());
-    }
-}
-
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let counters_start = host::tw_counters();
     let close_wait_start = host::close_wait_by_process();
@@ -251,4 +241,14 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         return Err(ExitWith(1).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wraps_at_the_width() {
+        let lines = super::wrap("aaa bbb ccc dddddddddd e", 7);
+        assert_eq!(lines, vec!["aaa bbb", "ccc", "dddddddddd", "e"]);
+        assert!(super::wrap("", 5).is_empty());
+    }
 }

@@ -18,11 +18,10 @@ use serde_json::json;
 use crate::{
     cli::ExecArgs,
     failure::{Code, ExitWith, Failure},
-    host::CloseWait,
+    host,
     lifecycle::Event,
     probes::ProbeOptions,
     session::{self, Session},
-    sockdiag::{self, state},
 };
 
 /// After CMD exits, how long to keep reading: a TIME_WAIT is born when the peer's FIN arrives,
@@ -114,28 +113,6 @@ fn exit_code(status: &ExitStatus) -> u8 {
     }
 }
 
-/// CLOSE_WAIT sockets still held by processes of the tree.
-fn close_wait_of(probes: &crate::probes::Probes) -> Vec<CloseWait> {
-    let Ok(sockets) = sockdiag::dump(&[state::CLOSE_WAIT]) else {
-        return Vec::new();
-    };
-    let inodes: HashSet<u32> = sockets
-        .iter()
-        .map(|s| s.inode)
-        .filter(|&i| i != 0)
-        .collect();
-    let mut by_pid: HashMap<(u32, String), u64> = HashMap::new();
-    for (_, (pid, comm)) in sockdiag::socket_owners(&inodes) {
-        if probes.is_tracked(pid) {
-            *by_pid.entry((pid, comm)).or_default() += 1;
-        }
-    }
-    by_pid
-        .into_iter()
-        .map(|((pid, comm), sockets)| CloseWait { pid, comm, sockets })
-        .collect()
-}
-
 pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     let mut session = Session::start(
         ProbeOptions {
@@ -196,7 +173,9 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     for ev in &events {
         charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
     }
-    let close_wait = close_wait_of(&session.probes);
+    // CLOSE_WAIT still held by processes of the tree.
+    let mut close_wait = host::close_wait_by_process();
+    close_wait.retain(|c| session.probes.is_tracked(c.pid));
     let over = exceeded(&charge, args.max_timewait, args.max_rate);
     let loss = session.loss();
     let code = exit_code(&status);

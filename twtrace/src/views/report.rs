@@ -80,28 +80,14 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     }
     let ctx = context(&session, started, true);
     let mut names = CgroupNames::new();
-    let mut out = std::io::stdout().lock();
-    if args.json {
-        let doc = report::json(
-            &agg,
-            args.group.by,
-            args.group.sort,
-            args.top,
-            &ctx,
-            &mut |id| names.label(id),
-        );
-        writeln!(out, "{doc}")?;
+    let (by, sort, top) = (args.group.by, args.group.sort, args.top);
+    let mut unit = |id| names.label(id);
+    let text = if args.json {
+        format!("{}\n", report::json(&agg, by, sort, top, &ctx, &mut unit))
     } else {
-        let table = report::table(
-            &agg,
-            args.group.by,
-            args.group.sort,
-            args.top,
-            &ctx,
-            &mut |id| names.label(id),
-        );
-        write!(out, "{table}")?;
-    }
+        report::table(&agg, by, sort, top, &ctx, &mut unit)
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
     session.write_stats(args.probe.stats_json.as_deref())?;
     if ctx.loss.total() > 0 {
         eprintln!("twtrace: {}", session::loss_line(&ctx.loss));
