@@ -296,7 +296,7 @@ impl Group {
             if let Some(i) = self
                 .owners
                 .iter()
-                .position(|(pid, comm)| *pid == p.pid && *comm == p.comm)
+                .position(|(pid, comm)| *pid == p.pid && *comm == *p.comm)
             {
                 let o = self.owners.remove(i);
                 self.owners.push(o);
@@ -304,7 +304,7 @@ impl Group {
                 if self.owners.len() == OWNERS_PER_GROUP {
                     self.owners.remove(0);
                 }
-                self.owners.push((p.pid, p.comm.clone()));
+                self.owners.push((p.pid, p.comm.to_string()));
             }
         }
     }
@@ -604,7 +604,7 @@ impl Aggregator {
             By::Process => match owner {
                 Some(p) => Key::Process {
                     pid: p.pid,
-                    comm: p.comm.clone(),
+                    comm: p.comm.to_string(),
                 },
                 None => Key::Process {
                     pid: 0,

@@ -41,14 +41,75 @@ impl Role {
     }
 }
 
+/// A process name as the kernel keeps it (at most 15 bytes), stored inline: one is kept per
+/// live TIME_WAIT socket, so no heap allocation each.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Comm {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Comm {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl From<&str> for Comm {
+    /// Keeps what fits in 15 bytes, cut at a character boundary.
+    fn from(s: &str) -> Self {
+        let mut len = s.len().min(15);
+        while !s.is_char_boundary(len) {
+            len -= 1;
+        }
+        let mut bytes = [0u8; 16];
+        bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+        Comm {
+            bytes,
+            len: len as u8,
+        }
+    }
+}
+
+impl std::ops::Deref for Comm {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Display for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl PartialEq<str> for Comm {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Comm {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A process as recorded by the kernel programs.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Process {
     /// Thread group id: what users call the pid.
     pub pid: u32,
     /// Thread id of the caller.
     pub tid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
 }
 
@@ -167,9 +228,17 @@ pub fn conn(family: u8, t: &Tuple) -> Result<Conn, DecodeError> {
     })
 }
 
-pub fn comm(raw: &[u8; 16]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+/// The kernel's NUL-padded comm; bytes that are not UTF-8 become `?`.
+pub fn comm(raw: &[u8; 16]) -> Comm {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(15).min(15);
+    match std::str::from_utf8(&raw[..end]) {
+        Ok(s) => Comm::from(s),
+        Err(_) => Comm::from(
+            String::from_utf8_lossy(&raw[..end])
+                .replace('\u{fffd}', "?")
+                .as_str(),
+        ),
+    }
 }
 
 fn process(h: &Header, o: &Owner) -> Option<Process> {
@@ -421,6 +490,16 @@ mod tests {
             ..SockEvent::default()
         };
         assert_eq!(decode(&bytes_of(&ev)), Err(DecodeError::Family(77)));
+    }
+
+    #[test]
+    fn comm_is_inline_and_safe() {
+        assert_eq!(comm(b"curl\0\0\0\0\0\0\0\0\0\0\0\0"), "curl");
+        assert_eq!(comm(b"0123456789abcdef").as_str(), "0123456789abcde");
+        assert_eq!(comm(&[0xff; 16]).as_str(), "???????????????");
+        // Cut at a character boundary, never inside one.
+        assert_eq!(Comm::from("aaaaaaaaaaaaaaé").as_str(), "aaaaaaaaaaaaaa");
+        assert_eq!(size_of::<Process>(), 40);
     }
 
     #[test]

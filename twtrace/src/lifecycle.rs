@@ -167,7 +167,7 @@ impl Lifecycle {
             ts_ns: l.birth_ts,
             timer,
             conn: l.conn,
-            owner: l.owner.clone(),
+            owner: l.owner,
             role: l.role,
             timeout_jiffies: 0,
             seeded: false,
@@ -350,7 +350,7 @@ impl Lifecycle {
             Live {
                 birth_ts: enter.ts_ns,
                 conn: enter.conn,
-                owner: enter.owner.clone(),
+                owner: enter.owner,
                 role: enter.role,
                 last_cancel: None,
             },
