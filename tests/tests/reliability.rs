@@ -195,7 +195,7 @@ fn nothing_left_in_the_kernel_after_any_end() {
         .env("TWTRACE_TEST_FAIL_ATTACH", "timer_cancel")
         .output()
         .unwrap();
-    assert_one_line(&out, 7, "attach to tracepoint timer:timer_cancel");
+    assert_one_line(&out, 7, "attach to raw tracepoint timer_cancel");
     assert_eq!(twtrace_programs_loaded(), before, "after a failed attach");
 }
 

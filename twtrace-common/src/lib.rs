@@ -184,11 +184,13 @@ pub struct Config {
     pub off_tw_timer: u32,
     pub off_rsk_timer: u32,
     pub off_timer_function: u32,
+    /// `timer_list.expires`.
+    pub off_timer_expires: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
     /// Non-zero: emit every TCP state transition (`kind::STATE`).
     pub emit_states: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
     /// Ask userspace to wake up once this many bytes are waiting; below it, submit silently
     /// (userspace polls on a short timer). Avoids an IRQ-work interrupt per event.
     pub wakeup_bytes: u64,
@@ -211,7 +213,8 @@ const _: () = {
     assert!(core::mem::size_of::<OwnerRecord>() == 40);
 };
 
-/// Field offsets of the classic tracepoint records the programs read, as published in
+/// Field offsets of the classic tracepoint records the programs read (the timer programs are raw
+/// tracepoints and read `struct timer_list` at offsets from BTF instead), as published in
 /// `/sys/kernel/tracing/events/<category>/<name>/format`. The kernel programs read them at
 /// these constant offsets (the cheapest possible access); userspace checks at start-up that the
 /// running kernel's format agrees, and refuses to attach otherwise.
@@ -246,33 +249,10 @@ pub mod tp {
         ];
     }
 
-    pub mod timer_start {
-        pub const TIMER: usize = 8;
-        pub const FUNCTION: usize = 16;
-        pub const EXPIRES: usize = 24;
-        pub const NOW: usize = 40;
-        pub const FIELDS: &[super::Field] = &[
-            ("timer", TIMER, 8),
-            ("function", FUNCTION, 8),
-            ("expires", EXPIRES, 8),
-            ("now", NOW, 8),
-        ];
-    }
-
-    pub mod timer_cancel {
-        pub const TIMER: usize = 8;
-        pub const FIELDS: &[super::Field] = &[("timer", TIMER, 8)];
-    }
-
     pub mod sched_process_fork {
         pub const PARENT_PID: usize = 12;
         pub const CHILD_PID: usize = 20;
-        pub const FIELDS: &[super::Field] = &[("parent_pid", PARENT_PID, 4), ("child_pid", CHILD_PID, 4)];
-    }
-
-    pub mod timer_expire_entry {
-        pub const TIMER: usize = 8;
-        pub const FUNCTION: usize = 24;
-        pub const FIELDS: &[super::Field] = &[("timer", TIMER, 8), ("function", FUNCTION, 8)];
+        pub const FIELDS: &[super::Field] =
+            &[("parent_pid", PARENT_PID, 4), ("child_pid", CHILD_PID, 4)];
     }
 }

@@ -1,4 +1,5 @@
-//! twtrace's kernel side: four classic tracepoints, one ring buffer.
+//! twtrace's kernel side: one classic tracepoint (TCP state changes), three raw tracepoints
+//! (the TIME_WAIT timer), one ring buffer; and for `exec`, the fork tracepoint.
 //!
 //! What the kernel does, and why the programs are shaped this way (measured on Linux 6.18, see
 //! ARCHITECTURE.md and the kernel notes):
@@ -23,11 +24,13 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         bpf_probe_read_kernel_buf,
-        generated::{bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
+        },
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
     AF_INET, AF_INET6, Config, EVENT_VERSION, Header, Owner, OwnerRecord, SockEvent, TimerEvent,
@@ -71,10 +74,11 @@ static CONFIG: Config = Config {
     off_tw_timer: 0,
     off_rsk_timer: 0,
     off_timer_function: 0,
+    off_timer_expires: 0,
     off_skc_v6_daddr: 0,
     off_skc_v6_rcv_saddr: 0,
     emit_states: 0,
-    _pad: [0; 3],
+    _pad: [0; 7],
     wakeup_bytes: 0,
 };
 
@@ -431,25 +435,42 @@ fn on_close_after_tw_start(ctx: &TracePointContext, timer: u64, timeout: u64, fa
 }
 
 // ---------------------------------------------------------------------------------------------
-// timer:* (they fire for every timer of the system: compare the function first, return at once)
+// timer:* as raw tracepoints. They fire for every timer of the system, so each compares the
+// timer's function first and returns at once for all others. Raw, not classic: a classic
+// tracepoint builds its whole trace record before the program runs, and all classic and kprobe
+// programs of a CPU share one recursion guard, so a timer started by an interrupt while any of
+// them runs would be skipped (and counted in recursion_misses). A raw tracepoint hands over the
+// `struct timer_list *` and guards each program on its own.
 
-#[tracepoint(category = "timer", name = "timer_start")]
-pub fn timer_start(ctx: TracePointContext) -> u32 {
-    let function: u64 = field(&ctx, tp::timer_start::FUNCTION);
+/// `timer->function`, read from the timer_list (offset from BTF).
+#[inline(always)]
+fn timer_function(timer: u64) -> u64 {
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64) }
+        .unwrap_or(0)
+}
+
+/// `timer_start(struct timer_list *timer, unsigned long bucket_expiry)`.
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn timer_start(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    let function = timer_function(timer);
     if function == config!(tw_timer_fn) {
-        on_tw_start(&ctx);
+        on_tw_start(timer);
     } else if function == config!(reqsk_timer_fn) {
-        on_reqsk_start(&ctx);
+        on_reqsk_start(timer);
     }
     0
 }
 
-fn on_tw_start(ctx: &TracePointContext) {
+fn on_tw_start(timer: u64) {
     let Some(s) = scratch() else { return };
-    let timer: u64 = field(ctx, tp::timer_start::TIMER);
-    let expires: u64 = field(ctx, tp::timer_start::EXPIRES);
-    let now: u64 = field(ctx, tp::timer_start::NOW);
-    let timeout = expires.wrapping_sub(now);
+    // SAFETY: as in timer_function; enqueue_timer() runs after `expires` is set.
+    let expires: u64 =
+        unsafe { bpf_probe_read_kernel((timer + config!(off_timer_expires) as u64) as *const u64) }
+            .unwrap_or(0);
+    // SAFETY: helper without arguments.
+    let timeout = expires.wrapping_sub(unsafe { bpf_jiffies64() });
     bump(counter::TW_TIMER_STARTS);
     if s.cancel_timer == timer {
         // mod_timer_pending() on a pending timer: detach (timer_cancel) then enqueue
@@ -470,14 +491,13 @@ fn on_tw_start(ctx: &TracePointContext) {
 /// A listener arms a request socket's timer while handling a SYN. If the TIME_WAIT timer just
 /// cancelled on this CPU had the same ports, that SYN took the TIME_WAIT 4-tuple over
 /// (tcp_v4_rcv's TCP_TW_SYN path kills the timewait socket, then hands the SYN to the listener).
-fn on_reqsk_start(ctx: &TracePointContext) {
+fn on_reqsk_start(timer: u64) {
     let Some(s) = scratch() else { return };
     let cancelled = s.cancel_timer;
     if cancelled == 0 {
         return;
     }
     s.cancel_timer = 0;
-    let timer: u64 = field(ctx, tp::timer_start::TIMER);
     let Some(head) = read_skc(timer - config!(off_rsk_timer) as u64) else {
         return;
     };
@@ -489,16 +509,11 @@ fn on_reqsk_start(ctx: &TracePointContext) {
     }
 }
 
-#[tracepoint(category = "timer", name = "timer_cancel")]
-pub fn timer_cancel(ctx: TracePointContext) -> u32 {
-    let timer: u64 = field(&ctx, tp::timer_cancel::TIMER);
-    // The record carries no function: read it from the timer_list itself.
-    // SAFETY: bpf_probe_read_kernel tolerates any address.
-    let function = unsafe {
-        bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64)
-    }
-    .unwrap_or(0);
-    if function == config!(tw_timer_fn) {
+/// `timer_cancel(struct timer_list *timer)`.
+#[raw_tracepoint(tracepoint = "timer_cancel")]
+pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    if timer_function(timer) == config!(tw_timer_fn) {
         on_tw_cancel(timer);
     }
     0
@@ -543,17 +558,18 @@ fn on_tw_cancel(timer: u64) {
     s.pending_timer = 0;
 }
 
-#[tracepoint(category = "timer", name = "timer_expire_entry")]
-pub fn timer_expire_entry(ctx: TracePointContext) -> u32 {
-    let function: u64 = field(&ctx, tp::timer_expire_entry::FUNCTION);
-    if function == config!(tw_timer_fn) {
-        on_tw_expire(&ctx);
+/// `timer_expire_entry(struct timer_list *timer, unsigned long baseclk)`: the timer is about to
+/// run; `function` is still set in the struct.
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
+    let timer: u64 = ctx.arg(0);
+    if timer_function(timer) == config!(tw_timer_fn) {
+        on_tw_expire(timer);
     }
     0
 }
 
-fn on_tw_expire(ctx: &TracePointContext) {
-    let timer: u64 = field(ctx, tp::timer_expire_entry::TIMER);
+fn on_tw_expire(timer: u64) {
     if let Some(s) = scratch() {
         s.cancel_timer = 0;
     }

@@ -35,6 +35,7 @@ pub struct KernelInfo {
     pub off_tw_timer: u32,
     pub off_rsk_timer: u32,
     pub off_timer_function: u32,
+    pub off_timer_expires: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
     pub tracefs: PathBuf,
@@ -158,6 +159,7 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::btf::BtfError> {
         off_tw_timer: btf.member_offset("inet_timewait_sock", "tw_timer")?,
         off_rsk_timer: btf.member_offset("request_sock", "rsk_timer")?,
         off_timer_function: btf.member_offset("timer_list", "function")?,
+        off_timer_expires: btf.member_offset("timer_list", "expires")?,
         off_skc_v6_daddr: if v6 {
             btf.member_offset("sock_common", "skc_v6_daddr")?
         } else {
@@ -276,20 +278,14 @@ pub fn tracefs_from_mounts(mounts: &str) -> Option<PathBuf> {
     found
 }
 
-const TRACEPOINTS: [(&str, &str, &[tp::Field]); 4] = [
-    (
-        "sock",
-        "inet_sock_set_state",
-        tp::inet_sock_set_state::FIELDS,
-    ),
-    ("timer", "timer_start", tp::timer_start::FIELDS),
-    ("timer", "timer_cancel", tp::timer_cancel::FIELDS),
-    (
-        "timer",
-        "timer_expire_entry",
-        tp::timer_expire_entry::FIELDS,
-    ),
-];
+/// The classic tracepoints whose records the programs read. (The timer programs are raw
+/// tracepoints: no record, no tracefs; their one argument, the timer, has been the first of
+/// timer_start, timer_cancel and timer_expire_entry since they exist.)
+const TRACEPOINTS: [(&str, &str, &[tp::Field]); 1] = [(
+    "sock",
+    "inet_sock_set_state",
+    tp::inet_sock_set_state::FIELDS,
+)];
 
 const FORK_TRACEPOINT: (&str, &str, &[tp::Field]) = (
     "sched",
@@ -447,6 +443,13 @@ mod tests {
         assert_eq!(tracefs_from_mounts("sysfs /sys sysfs rw 0 0\n"), None);
     }
 
+    const TIMER_START_FIELDS: &[tp::Field] = &[
+        ("timer", 8, 8),
+        ("function", 16, 8),
+        ("expires", 24, 8),
+        ("now", 40, 8),
+    ];
+
     const TIMER_START: &str = "name: timer_start\nID: 466\nformat:\n\
         \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
         \tfield:void * timer;\toffset:8;\tsize:8;\tsigned:0;\n\
@@ -461,7 +464,7 @@ mod tests {
         let f = parse_format(TIMER_START);
         assert!(f.contains(&("function".into(), 16, 8)));
         assert!(f.contains(&("saddr".into(), 48, 4)));
-        assert!(check_format("timer", "timer_start", TIMER_START, tp::timer_start::FIELDS).is_ok());
+        assert!(check_format("timer", "timer_start", TIMER_START, TIMER_START_FIELDS).is_ok());
         // A kernel before 5.11 had no bucket_expiry: `now` sat at 32.
         let old = TIMER_START
             .replace(
@@ -469,7 +472,7 @@ mod tests {
                 "",
             )
             .replace("offset:40", "offset:32");
-        let e = check_format("timer", "timer_start", &old, tp::timer_start::FIELDS).unwrap_err();
+        let e = check_format("timer", "timer_start", &old, TIMER_START_FIELDS).unwrap_err();
         assert!(
             e.message.contains("field now: offset 32 size 8"),
             "{}",

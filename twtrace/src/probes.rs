@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{RawTracePoint, TracePoint},
 };
 use twtrace_common::{Config, counter};
 
@@ -20,12 +20,12 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
-/// (program, category, tracepoint)
+/// (program, category, tracepoint); an empty category is a raw tracepoint.
 pub const PROGRAMS: [(&str, &str, &str); 4] = [
     ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("timer_start", "timer", "timer_start"),
-    ("timer_cancel", "timer", "timer_cancel"),
-    ("timer_expire_entry", "timer", "timer_expire_entry"),
+    ("timer_start", "", "timer_start"),
+    ("timer_cancel", "", "timer_cancel"),
+    ("timer_expire_entry", "", "timer_expire_entry"),
 ];
 
 /// Attached only when a process tree is tracked (`exec`).
@@ -112,10 +112,11 @@ impl Probes {
             off_tw_timer: info.off_tw_timer,
             off_rsk_timer: info.off_rsk_timer,
             off_timer_function: info.off_timer_function,
+            off_timer_expires: info.off_timer_expires,
             off_skc_v6_daddr: info.off_skc_v6_daddr,
             off_skc_v6_rcv_saddr: info.off_skc_v6_rcv_saddr,
             emit_states: opts.emit_states as u8,
-            _pad: [0; 3],
+            _pad: [0; 7],
             wakeup_bytes: (opts.ring_size / 16) as u64,
         };
         let mut ebpf = EbpfLoader::new()
@@ -135,27 +136,29 @@ impl Probes {
             })?;
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
         for (prog, category, name) in PROGRAMS.into_iter().chain(fork) {
-            let program: &mut TracePoint = ebpf
+            let place = if category.is_empty() {
+                format!("raw tracepoint {name}")
+            } else {
+                format!("tracepoint {category}:{name}")
+            };
+            let program = ebpf
                 .program_mut(prog)
-                .ok_or_else(|| refused("load", format!("program {prog} missing from object")))?
-                .try_into()
-                .map_err(|e| refused("load", e))?;
-            program
-                .load()
-                .map_err(|e| refused(&format!("load program {prog}"), one_line(&e)))?;
-            #[cfg(debug_assertions)]
-            if injected("TWTRACE_TEST_FAIL_ATTACH", prog) {
-                return Err(refused(
-                    &format!("attach to tracepoint {category}:{name}"),
-                    "failure injected by TWTRACE_TEST_FAIL_ATTACH",
-                ));
-            }
-            program.attach(category, name).map_err(|e| {
-                refused(
-                    &format!("attach to tracepoint {category}:{name}"),
-                    one_line(&e),
-                )
-            })?;
+                .ok_or_else(|| refused("load", format!("program {prog} missing from object")))?;
+            let load_failed = |e: aya::programs::ProgramError| {
+                refused(&format!("load program {prog}"), one_line(&e))
+            };
+            let attached = if category.is_empty() {
+                let p: &mut RawTracePoint = program.try_into().map_err(|e| refused("load", e))?;
+                p.load().map_err(load_failed)?;
+                injected_failure(prog, &place)?;
+                p.attach(name).map(drop)
+            } else {
+                let p: &mut TracePoint = program.try_into().map_err(|e| refused("load", e))?;
+                p.load().map_err(load_failed)?;
+                injected_failure(prog, &place)?;
+                p.attach(category, name).map(drop)
+            };
+            attached.map_err(|e| refused(&format!("attach to {place}"), one_line(&e)))?;
         }
         #[cfg(debug_assertions)]
         if injected("TWTRACE_TEST_PANIC", "after-attach") {
@@ -252,6 +255,19 @@ impl Probes {
 #[cfg(debug_assertions)]
 fn injected(var: &str, at: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == at)
+}
+
+/// `TWTRACE_TEST_FAIL_ATTACH=<program>`: attaching that program fails (debug builds only).
+fn injected_failure(prog: &str, place: &str) -> Result<(), Failure> {
+    #[cfg(debug_assertions)]
+    if injected("TWTRACE_TEST_FAIL_ATTACH", prog) {
+        return Err(refused(
+            &format!("attach to {place}"),
+            "failure injected by TWTRACE_TEST_FAIL_ATTACH",
+        ));
+    }
+    let _ = (prog, place);
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
