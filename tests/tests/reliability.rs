@@ -316,7 +316,7 @@ fn serve_survives_overload_and_recovers() {
     let _quiet_server = Server::start(Some(&ns), &quiet, &[]);
     client(Some(&ns), &["--to", &quiet, "--count", "13"]);
     thread::sleep(Duration::from_millis(1500));
-    let body = http_get(&listen, &format!("/api/v1/report?by=peer&top=1000"));
+    let body = http_get(&listen, "/api/v1/report?by=peer&top=1000");
     let doc: Value = serde_json::from_str(&body).unwrap();
     let g = doc["groups"]
         .as_array()

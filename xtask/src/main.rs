@@ -4,7 +4,10 @@
 //! so that it runs on a fresh machine. It then installs what is missing, one line per step it
 //! takes, and drives the pinned toolchain for everything else.
 
+mod fuzz;
+mod bench;
 mod setup;
+mod soak;
 
 use std::{
     env,
@@ -24,7 +27,12 @@ usage: cargo +stable xtask <command>
   run [--release] -- ARGS
                         build and run twtrace ARGS (as root, through sudo when needed)
   test [-- ARGS]        run every test: unit tests, then the integration tests that load the
-                        real programs into this kernel (needs root)";
+                        real programs into this kernel (needs root)
+  fuzz [--seconds N] [TARGET...]
+                        run the cargo-fuzz targets, N s each (default 30, all targets)
+  bench [--quick]       twtrace's overhead next to the classic tools, A/B interleaved (root)
+  soak [--minutes N] [--rate R]
+                        a long run at steady churn: RSS, owner map and counts must stay right";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -33,6 +41,9 @@ fn main() -> ExitCode {
         Some("build") => setup::ensure(setup::Need::Build).and_then(|_| build(release(&args))),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())

@@ -52,7 +52,7 @@ pub fn which(cmd: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(cmd)).find(|p| p.is_file())
 }
 
-fn cargo_bin_dir() -> PathBuf {
+pub(crate) fn cargo_bin_dir() -> PathBuf {
     env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
@@ -60,14 +60,14 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     println!("setup: {what}");
 }
 

@@ -163,7 +163,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut gen: Option<Child> = None;
     let mut round = 0u64;
     while started.elapsed() < total {
-        if gen.as_mut().is_none_or(|g| g.try_wait().ok().flatten().is_some()) {
+        if gen
+            .as_mut()
+            .map_or(true, |g| g.try_wait().ok().flatten().is_some())
+        {
             round += 1;
             // 9 of 10 rounds close normally; the others reset or abandon their connections.
             let extra: &[&str] = match round % 10 {
