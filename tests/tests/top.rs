@@ -125,5 +125,8 @@ fn top_restores_the_terminal_on_sigterm() {
     run(Command::new("kill").args(["-TERM", pid.trim()]));
     let after = tmux.wait_for("the exit", |s| s.contains("top exited"));
     assert!(after.contains("top exited 0"), "{after}");
-    assert!(!after.contains("twtrace top"), "the alternate screen is gone:\n{after}");
+    assert!(
+        !after.contains("twtrace top"),
+        "the alternate screen is gone:\n{after}"
+    );
 }
