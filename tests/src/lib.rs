@@ -594,8 +594,9 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 
 /// How many of twtrace's programs are loaded (by their names, as the kernel truncates them).
 pub fn twtrace_programs_loaded() -> usize {
-    const OURS: [&str; 6] = [
+    const OURS: [&str; 7] = [
         "inet_sock_set_state",
+        "inet_sock_set_state_raw",
         "inet_sock_set_s",
         "timer_start",
         "timer_cancel",
@@ -606,6 +607,19 @@ pub fn twtrace_programs_loaded() -> usize {
         .iter()
         .filter(|n| OURS.contains(&n.as_str()))
         .count()
+}
+
+/// `twtrace_programs_loaded()` once it equals `expected`, or after 5 s: the kernel frees a
+/// detached program only after an RCU grace period, so a count right after an exit can lag.
+pub fn settled_programs(expected: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = twtrace_programs_loaded();
+        if n == expected || Instant::now() > deadline {
+            return n;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub fn write_all(path: &str, value: &str) {

@@ -248,5 +248,5 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let r = serve.finish(Duration::from_secs(10));
     assert!(r.status.success(), "{:?}: {}", r.status, r.stderr);
-    assert_eq!(twtrace_programs_loaded(), before);
+    assert_eq!(settled_programs(before), before);
 }

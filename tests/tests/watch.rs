@@ -430,7 +430,7 @@ fn without_privilege_one_line_and_exit_code_four() {
         "{stderr}"
     );
     assert!(stderr.contains("root"), "{stderr}");
-    assert_eq!(twtrace_programs_loaded(), before);
+    assert_eq!(settled_programs(before), before);
 }
 
 /// SIGTERM: exit 0 within a second, the loss line printed, every program and link gone.
@@ -447,5 +447,5 @@ fn sigterm_detaches_everything() {
     // Bounded by the harness (10 s); the figure is for the log, not an assertion.
     eprintln!("exited {:?} after the signal was due", t.elapsed());
     assert!(r.stderr.contains("events lost"), "{}", r.stderr);
-    assert_eq!(twtrace_programs_loaded(), before);
+    assert_eq!(settled_programs(before), before);
 }

@@ -186,6 +186,9 @@ pub struct Config {
     pub off_timer_function: u32,
     /// `timer_list.expires`.
     pub off_timer_expires: u32,
+    /// `sock.sk_protocol` and `inet_sock.inet_sport`, for the raw state tracepoint.
+    pub off_sk_protocol: u32,
+    pub off_inet_sport: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
     /// Non-zero: emit every TCP state transition (`kind::STATE`).

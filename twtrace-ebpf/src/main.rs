@@ -75,6 +75,8 @@ static CONFIG: Config = Config {
     off_rsk_timer: 0,
     off_timer_function: 0,
     off_timer_expires: 0,
+    off_sk_protocol: 0,
+    off_inet_sport: 0,
     off_skc_v6_daddr: 0,
     off_skc_v6_rcv_saddr: 0,
     emit_states: 0,
@@ -286,37 +288,156 @@ fn portpair(head: &SkcHead) -> u32 {
 // ---------------------------------------------------------------------------------------------
 // sock:inet_sock_set_state
 
+/// One TCP state change, as either flavour of the tracepoint shows it. The classic record is
+/// read at constant offsets; the raw tracepoint hands over the socket, read through BTF offsets.
+trait Change {
+    fn skaddr(&self) -> u64;
+    fn old(&self) -> u8;
+    fn new(&self) -> u8;
+    fn family(&self) -> u8;
+    /// (local, remote) ports, host order.
+    fn ports(&self) -> (u16, u16);
+    /// (local, remote) IPv4 addresses, network order.
+    fn v4(&self) -> ([u8; 4], [u8; 4]);
+    /// (local, remote) IPv6 addresses.
+    fn v6(&self) -> ([u8; 16], [u8; 16]);
+
+    #[inline(always)]
+    fn tuple(&self, t: &mut Tuple) {
+        (t.sport, t.dport) = self.ports();
+        if self.family() == AF_INET6 {
+            (t.saddr, t.daddr) = self.v6();
+        } else {
+            let (s, d) = self.v4();
+            t.saddr[..4].copy_from_slice(&s);
+            t.daddr[..4].copy_from_slice(&d);
+        }
+    }
+}
+
+/// The classic tracepoint's record.
+struct Record<'a>(&'a TracePointContext);
+
+impl Change for Record<'_> {
+    #[inline(always)]
+    fn skaddr(&self) -> u64 {
+        field(self.0, tp::inet_sock_set_state::SKADDR)
+    }
+    #[inline(always)]
+    fn old(&self) -> u8 {
+        // States are small numbers (include/net/tcp_states.h) in int fields.
+        field::<i32>(self.0, tp::inet_sock_set_state::OLDSTATE) as u8
+    }
+    #[inline(always)]
+    fn new(&self) -> u8 {
+        field::<i32>(self.0, tp::inet_sock_set_state::NEWSTATE) as u8
+    }
+    #[inline(always)]
+    fn family(&self) -> u8 {
+        field::<u16>(self.0, tp::inet_sock_set_state::FAMILY) as u8
+    }
+    #[inline(always)]
+    fn ports(&self) -> (u16, u16) {
+        use tp::inet_sock_set_state as f;
+        (field(self.0, f::SPORT), field(self.0, f::DPORT))
+    }
+    #[inline(always)]
+    fn v4(&self) -> ([u8; 4], [u8; 4]) {
+        use tp::inet_sock_set_state as f;
+        (field_v4(self.0, f::SADDR), field_v4(self.0, f::DADDR))
+    }
+    #[inline(always)]
+    fn v6(&self) -> ([u8; 16], [u8; 16]) {
+        use tp::inet_sock_set_state as f;
+        (field_v6(self.0, f::SADDR_V6), field_v6(self.0, f::DADDR_V6))
+    }
+}
+
+/// The socket itself (raw tracepoint): its `sock_common` head, read once, and its source port
+/// from `inet_sock` (`skc_num` is already 0 at `-> CLOSE`: the port is released first).
+struct Socket {
+    sk: u64,
+    old: u8,
+    new: u8,
+    head: SkcHead,
+    sport: u16,
+}
+
+impl Change for Socket {
+    #[inline(always)]
+    fn skaddr(&self) -> u64 {
+        self.sk
+    }
+    #[inline(always)]
+    fn old(&self) -> u8 {
+        self.old
+    }
+    #[inline(always)]
+    fn new(&self) -> u8 {
+        self.new
+    }
+    #[inline(always)]
+    fn family(&self) -> u8 {
+        self.head.family as u8
+    }
+    #[inline(always)]
+    fn ports(&self) -> (u16, u16) {
+        (self.sport, u16::from_be(self.head.dport_be))
+    }
+    #[inline(always)]
+    fn v4(&self) -> ([u8; 4], [u8; 4]) {
+        (self.head.rcv_saddr, self.head.daddr)
+    }
+    #[inline(always)]
+    fn v6(&self) -> ([u8; 16], [u8; 16]) {
+        let mut t = Tuple::default();
+        skc_tuple(self.sk, &self.head, &mut t);
+        (t.saddr, t.daddr)
+    }
+}
+
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if field::<u16>(&ctx, tp::inet_sock_set_state::PROTOCOL) != IPPROTO_TCP {
         return 0;
     }
-    on_state(&ctx);
+    on_state(&Record(&ctx));
+    0
+}
+
+/// The same tracepoint, raw: `inet_sock_set_state(const struct sock *sk, int oldstate,
+/// int newstate)`. No trace record is built; the program reads only what it needs.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: bpf_probe_read_kernel tolerates any address; offsets from BTF.
+    let protocol =
+        unsafe { bpf_probe_read_kernel((sk + config!(off_sk_protocol) as u64) as *const u16) }
+            .unwrap_or(0);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let Some(head) = read_skc(sk) else { return 0 };
+    // SAFETY: as above.
+    let sport_be =
+        unsafe { bpf_probe_read_kernel((sk + config!(off_inet_sport) as u64) as *const u16) }
+            .unwrap_or(0);
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    on_state(&Socket {
+        sk,
+        old: old as u8,
+        new: new as u8,
+        head,
+        sport: u16::from_be(sport_be),
+    });
     0
 }
 
 #[inline(always)]
-fn sock_tuple(ctx: &TracePointContext, family: u8, t: &mut Tuple) {
-    use tp::inet_sock_set_state as f;
-    t.sport = field(ctx, f::SPORT);
-    t.dport = field(ctx, f::DPORT);
-    if family == AF_INET6 {
-        t.saddr = field_v6(ctx, f::SADDR_V6);
-        t.daddr = field_v6(ctx, f::DADDR_V6);
-    } else {
-        t.saddr[..4].copy_from_slice(&field_v4(ctx, f::SADDR));
-        t.daddr[..4].copy_from_slice(&field_v4(ctx, f::DADDR));
-    }
-}
-
-fn on_state(ctx: &TracePointContext) {
-    use tp::inet_sock_set_state as f;
+fn on_state<C: Change>(c: &C) {
     let Some(s) = scratch() else { return };
-    // States are small numbers (include/net/tcp_states.h) in int fields.
-    let old = field::<i32>(ctx, f::OLDSTATE) as u8;
-    let new = field::<i32>(ctx, f::NEWSTATE) as u8;
-    let skaddr: u64 = field(ctx, f::SKADDR);
-    let family = field::<u16>(ctx, f::FAMILY) as u8;
+    let (old, new, skaddr, family) = (c.old(), c.new(), c.skaddr(), c.family());
 
     // Both slots only describe the hit right before this one.
     let pending = s.pending_timer;
@@ -338,11 +459,11 @@ fn on_state(ctx: &TracePointContext) {
             // SAFETY: helper without arguments.
             s.connect_ts = unsafe { bpf_ktime_get_ns() };
             s.connect_family = family as u16;
-            s.connect_dport = field(ctx, f::DPORT);
+            s.connect_dport = c.ports().1;
             if family == AF_INET6 {
-                s.connect_daddr = field_v6(ctx, f::DADDR_V6);
+                s.connect_daddr = c.v6().1;
             } else {
-                s.connect_daddr[..4].copy_from_slice(&field_v4(ctx, f::DADDR));
+                s.connect_daddr[..4].copy_from_slice(&c.v4().1);
             }
         }
         (st::LISTEN, st::SYN_RECV) => {
@@ -356,19 +477,26 @@ fn on_state(ctx: &TracePointContext) {
         }
         (st::ESTABLISHED | st::SYN_RECV, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => {
             // close() or shutdown(), in process context: the caller is responsible for what
-            // follows (TIME_WAIT on the active side).
-            let mut record = OWNERS
-                .get_ptr(&skaddr)
-                // SAFETY: copied out at once.
-                .map(|p| unsafe { *p })
-                .unwrap_or_default();
-            current_owner(&mut record.owner);
-            record.has_owner = 1;
-            store_owner(skaddr, &record, BPF_ANY);
+            // follows (TIME_WAIT on the active side). Updated in place when recorded already.
+            match OWNERS.get_ptr_mut(&skaddr) {
+                // SAFETY: the value lives in the map; written field by field.
+                Some(r) => unsafe {
+                    current_owner(&mut (*r).owner);
+                    (*r).has_owner = 1;
+                },
+                None => {
+                    let mut record = OwnerRecord {
+                        has_owner: 1,
+                        ..OwnerRecord::default()
+                    };
+                    current_owner(&mut record.owner);
+                    store_owner(skaddr, &record, BPF_ANY);
+                }
+            }
         }
         (_, st::CLOSE) => {
             if pending != 0 {
-                on_close_after_tw_start(ctx, pending, s.pending_timeout, family);
+                on_close_after_tw_start(c, pending, s.pending_timeout);
             } else if old == st::FIN_WAIT2 || old == st::CLOSING {
                 bump(counter::CLOSE_WITHOUT_TW);
             }
@@ -380,7 +508,7 @@ fn on_state(ctx: &TracePointContext) {
         emit(|e: &mut SockEvent| {
             let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
             e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
-            sock_tuple(ctx, family, &mut e.tuple);
+            c.tuple(&mut e.tuple);
             e.skaddr = skaddr;
             e.old_state = old;
             e.new_state = new;
@@ -404,31 +532,30 @@ fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
 /// `-> CLOSE` right after a TIME_WAIT timer start on this CPU: a birth if the timewait socket
 /// has this socket's 4-tuple (a re-armed timer followed by an unrelated close does not).
 #[inline(always)]
-fn on_close_after_tw_start(ctx: &TracePointContext, timer: u64, timeout: u64, family: u8) {
-    use tp::inet_sock_set_state as f;
+fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
+    let family = c.family();
     let Some(head) = read_skc(timer - config!(off_tw_timer) as u64) else {
         bump(counter::BIRTH_UNMATCHED);
         return;
     };
+    let (sport, dport) = c.ports();
     let same = head.family == family as u16
-        && head.num == field::<u16>(ctx, f::SPORT)
-        && u16::from_be(head.dport_be) == field::<u16>(ctx, f::DPORT)
-        && (family != AF_INET
-            || (head.rcv_saddr == field_v4(ctx, f::SADDR)
-                && head.daddr == field_v4(ctx, f::DADDR)));
+        && head.num == sport
+        && u16::from_be(head.dport_be) == dport
+        && (family != AF_INET || (head.rcv_saddr, head.daddr) == c.v4());
     if !same {
         bump(counter::BIRTH_UNMATCHED);
         return;
     }
-    let skaddr: u64 = field(ctx, f::SKADDR);
+    let skaddr = c.skaddr();
     emit(|e: &mut SockEvent| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
         e.header = header(kind::TW_BIRTH, family, fl | flags::HAS_TUPLE);
-        sock_tuple(ctx, family, &mut e.tuple);
+        c.tuple(&mut e.tuple);
         e.skaddr = skaddr;
         e.timer = timer;
         e.timeout_jiffies = timeout as u32;
-        e.old_state = field::<i32>(ctx, f::OLDSTATE) as u8;
+        e.old_state = c.old();
         e.new_state = st::CLOSE;
         e.role = rl;
     });

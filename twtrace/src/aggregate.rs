@@ -693,6 +693,9 @@ impl Aggregator {
             return;
         };
         self.totals.in_time_wait -= 1;
+        if x.seeded {
+            self.totals.seeded -= 1;
+        }
         let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
         for by in By::ALL {
             self.tables[by.index()].exit(slots[by.index()], x.reason, lifetime_ms);
@@ -1047,6 +1050,11 @@ mod tests {
             seeded: true,
         }));
         assert_eq!(a.totals().in_time_wait, 1);
+        assert_eq!(
+            a.totals().seeded,
+            1,
+            "the seeded one that ended is no longer counted"
+        );
         assert_eq!(find(&a, By::Service, "8080").in_time_wait, 0);
     }
 

@@ -41,6 +41,9 @@ fn decode(s: &str) -> Option<String> {
         match b[i] {
             b'%' => {
                 let hex = s.get(i + 1..i + 3)?;
+                if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    return None;
+                }
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             }
@@ -166,6 +169,7 @@ mod tests {
             ("colour=red", "unknown parameter 'colour'"),
             ("port=%zz", "bad escape"),
             ("port=%", "bad escape"),
+            ("port=%+8", "bad escape"),
             ("comm=%ff", "bad escape"),
         ] {
             let e = parse(Some(bad)).unwrap_err();

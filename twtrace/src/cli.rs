@@ -181,6 +181,10 @@ pub struct ProbeArgs {
     /// recursion misses, events received) to this file as JSON
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
+    /// Which flavour of sock:inet_sock_set_state to attach: raw (the default: no trace record,
+    /// no tracefs) or classic (the stable record layout; for comparison in the benchmark)
+    #[arg(long, value_name = "FLAVOUR", default_value = "raw", value_parser = ["raw", "classic"], hide = true)]
+    pub state_tracepoint: String,
 }
 
 impl ProbeArgs {
@@ -188,6 +192,7 @@ impl ProbeArgs {
     pub fn options(&self) -> crate::probes::ProbeOptions {
         crate::probes::ProbeOptions {
             ring_size: self.ring_size,
+            classic_state: self.state_tracepoint == "classic",
             ..Default::default()
         }
     }

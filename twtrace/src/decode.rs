@@ -222,9 +222,16 @@ fn ip(family: u8, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
 }
 
 pub fn conn(family: u8, t: &Tuple) -> Result<Conn, DecodeError> {
+    let (mut local, mut remote) = (ip(family, &t.saddr)?, ip(family, &t.daddr)?);
+    // Both ends or neither: an IPv6 socket talking IPv4 has both addresses v4-mapped. A record
+    // mixing them is not the kernel's, but must not give a connection of two families.
+    if local.is_ipv4() != remote.is_ipv4() {
+        local = IpAddr::V6(Ipv6Addr::from(t.saddr));
+        remote = IpAddr::V6(Ipv6Addr::from(t.daddr));
+    }
     Ok(Conn {
-        local: SocketAddr::new(ip(family, &t.saddr)?, t.sport),
-        remote: SocketAddr::new(ip(family, &t.daddr)?, t.dport),
+        local: SocketAddr::new(local, t.sport),
+        remote: SocketAddr::new(remote, t.dport),
     })
 }
 
@@ -434,8 +441,13 @@ mod tests {
         t.saddr = "::ffff:10.0.0.1".parse::<Ipv6Addr>().unwrap().octets();
         t.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         let c = conn(AF_INET6, &t).unwrap();
-        assert_eq!(c.local, "10.0.0.1:1".parse().unwrap());
+        // Mixed (not something the kernel produces): both stay IPv6, one family per connection.
+        assert_eq!(c.local, "[::ffff:10.0.0.1]:1".parse().unwrap());
         assert_eq!(c.remote, "[2001:db8::1]:2".parse().unwrap());
+        t.daddr = "::ffff:10.0.0.2".parse::<Ipv6Addr>().unwrap().octets();
+        let c = conn(AF_INET6, &t).unwrap();
+        assert_eq!(c.local, "10.0.0.1:1".parse().unwrap());
+        assert_eq!(c.remote, "10.0.0.2:2".parse().unwrap());
     }
 
     #[test]

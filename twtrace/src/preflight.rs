@@ -36,6 +36,8 @@ pub struct KernelInfo {
     pub off_rsk_timer: u32,
     pub off_timer_function: u32,
     pub off_timer_expires: u32,
+    pub off_sk_protocol: u32,
+    pub off_inet_sport: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
     pub tracefs: PathBuf,
@@ -43,9 +45,18 @@ pub struct KernelInfo {
     pub mounted_tracefs: bool,
 }
 
-/// `track_forks`: `exec` also needs sched:sched_process_fork.
-pub fn check(track_forks: bool) -> Result<KernelInfo, Failure> {
-    check_privileges(effective_caps()?)?;
+/// Which classic tracepoints will be attached (they need tracefs and a known record layout);
+/// the raw ones need neither.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Classic {
+    /// sock:inet_sock_set_state as a classic tracepoint (`--state-tracepoint classic`).
+    pub state: bool,
+    /// sched:sched_process_fork (`exec`).
+    pub fork: bool,
+}
+
+pub fn check(classic: Classic) -> Result<KernelInfo, Failure> {
+    check_privileges(effective_caps()?, classic.state || classic.fork)?;
     let release = kernel_release();
     check_kernel_version(&release)?;
     let mut info = btf_offsets()?;
@@ -53,10 +64,12 @@ pub fn check(track_forks: bool) -> Result<KernelInfo, Failure> {
     let (tw, reqsk) = kallsyms()?;
     info.tw_timer_fn = tw;
     info.reqsk_timer_fn = reqsk;
-    let (tracefs, mounted) = tracefs()?;
-    check_formats(&tracefs, track_forks)?;
-    info.tracefs = tracefs;
-    info.mounted_tracefs = mounted;
+    if classic.state || classic.fork {
+        let (tracefs, mounted) = tracefs()?;
+        check_formats(&tracefs, classic)?;
+        info.tracefs = tracefs;
+        info.mounted_tracefs = mounted;
+    }
     Ok(info)
 }
 
@@ -77,7 +90,9 @@ fn has(caps: u64, cap: u32) -> bool {
     caps & (1 << cap) != 0
 }
 
-pub fn check_privileges(caps: u64) -> Result<(), Failure> {
+/// `tracefs`: a classic tracepoint will be attached (its id and format are read from tracefs,
+/// mode 0700). Raw tracepoints need no tracefs.
+pub fn check_privileges(caps: u64, tracefs: bool) -> Result<(), Failure> {
     let bpf = has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON));
     let mut missing = Vec::new();
     if !bpf {
@@ -91,7 +106,7 @@ pub fn check_privileges(caps: u64) -> Result<(), Failure> {
     if !has(caps, CAP_SYSLOG) {
         missing.push("CAP_SYSLOG (kernel addresses in /proc/kallsyms)");
     }
-    if !has(caps, CAP_DAC_READ_SEARCH) && !has(caps, CAP_DAC_OVERRIDE) {
+    if tracefs && !has(caps, CAP_DAC_READ_SEARCH) && !has(caps, CAP_DAC_OVERRIDE) {
         missing.push("CAP_DAC_READ_SEARCH (tracefs)");
     }
     if missing.is_empty() {
@@ -160,6 +175,8 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::btf::BtfError> {
         off_rsk_timer: btf.member_offset("request_sock", "rsk_timer")?,
         off_timer_function: btf.member_offset("timer_list", "function")?,
         off_timer_expires: btf.member_offset("timer_list", "expires")?,
+        off_sk_protocol: btf.member_offset("sock", "sk_protocol")?,
+        off_inet_sport: btf.member_offset("inet_sock", "inet_sport")?,
         off_skc_v6_daddr: if v6 {
             btf.member_offset("sock_common", "skc_v6_daddr")?
         } else {
@@ -293,9 +310,10 @@ const FORK_TRACEPOINT: (&str, &str, &[tp::Field]) = (
     tp::sched_process_fork::FIELDS,
 );
 
-fn check_formats(tracefs: &Path, track_forks: bool) -> Result<(), Failure> {
-    let fork = track_forks.then_some(FORK_TRACEPOINT);
-    for (category, name, fields) in TRACEPOINTS.into_iter().chain(fork) {
+fn check_formats(tracefs: &Path, classic: Classic) -> Result<(), Failure> {
+    let state = TRACEPOINTS.into_iter().filter(|_| classic.state);
+    let fork = classic.fork.then_some(FORK_TRACEPOINT);
+    for (category, name, fields) in state.chain(fork) {
         let path = tracefs
             .join("events")
             .join(category)
@@ -382,17 +400,26 @@ mod tests {
 
     #[test]
     fn privileges_name_what_is_missing() {
-        assert!(check_privileges(ALL).is_ok());
-        let e = check_privileges(0).unwrap_err();
+        assert!(check_privileges(ALL, true).is_ok());
+        let e = check_privileges(0, true).unwrap_err();
         assert_eq!(e.code, Code::Privilege);
         assert!(e.message.contains("CAP_BPF") && e.message.contains("CAP_PERFMON"));
         assert!(e.message.contains("root"));
         // CAP_SYS_ADMIN stands in for BPF + PERFMON.
         let admin = 1 << CAP_SYS_ADMIN | 1 << CAP_SYSLOG | 1 << CAP_DAC_READ_SEARCH;
-        assert!(check_privileges(admin).is_ok());
+        assert!(check_privileges(admin, true).is_ok());
+        // Without a classic tracepoint, no tracefs, no CAP_DAC_READ_SEARCH.
+        let no_dac = ALL & !(1 << CAP_DAC_READ_SEARCH) & !(1 << CAP_DAC_OVERRIDE);
+        assert!(check_privileges(no_dac, false).is_ok());
+        assert!(
+            check_privileges(no_dac, true)
+                .unwrap_err()
+                .message
+                .contains("tracefs")
+        );
         let no_syslog = ALL & !(1 << CAP_SYSLOG);
         assert!(
-            check_privileges(no_syslog)
+            check_privileges(no_syslog, true)
                 .unwrap_err()
                 .message
                 .contains("CAP_SYSLOG")
@@ -487,7 +514,13 @@ mod tests {
             eprintln!("tracefs not mounted here: skipped");
             return;
         };
-        if let Err(e) = check_formats(&tracefs, true) {
+        if let Err(e) = check_formats(
+            &tracefs,
+            Classic {
+                state: true,
+                fork: true,
+            },
+        ) {
             assert_eq!(e.code, Code::Privilege, "{}", e.message);
         }
     }

@@ -20,13 +20,18 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
-/// (program, category, tracepoint); an empty category is a raw tracepoint.
-pub const PROGRAMS: [(&str, &str, &str); 4] = [
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
+/// (program, category, tracepoint); an empty category is a raw tracepoint. The state program
+/// is one of the two below.
+pub const PROGRAMS: [(&str, &str, &str); 3] = [
     ("timer_start", "", "timer_start"),
     ("timer_cancel", "", "timer_cancel"),
     ("timer_expire_entry", "", "timer_expire_entry"),
 ];
+
+/// sock:inet_sock_set_state, raw (the default) or classic.
+pub const STATE_RAW: (&str, &str, &str) = ("inet_sock_set_state_raw", "", "inet_sock_set_state");
+pub const STATE_CLASSIC: (&str, &str, &str) =
+    ("inet_sock_set_state", "sock", "inet_sock_set_state");
 
 /// Attached only when a process tree is tracked (`exec`).
 pub const FORK_PROGRAM: (&str, &str, &str) = ("sched_process_fork", "sched", "sched_process_fork");
@@ -38,6 +43,9 @@ pub struct ProbeOptions {
     pub emit_states: bool,
     /// Follow a process tree through its forks (`exec`).
     pub track_forks: bool,
+    /// The classic flavour of the state tracepoint instead of the raw one (for comparison:
+    /// `--state-tracepoint classic`).
+    pub classic_state: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -98,7 +106,10 @@ fn first_line(s: &str) -> String {
 
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
-        let info = preflight::check(opts.track_forks)?;
+        let info = preflight::check(preflight::Classic {
+            state: opts.classic_state,
+            fork: opts.track_forks,
+        })?;
         if info.mounted_tracefs {
             eprintln!(
                 "twtrace: mounted tracefs at {} (it was not mounted)",
@@ -113,6 +124,8 @@ impl Probes {
             off_rsk_timer: info.off_rsk_timer,
             off_timer_function: info.off_timer_function,
             off_timer_expires: info.off_timer_expires,
+            off_sk_protocol: info.off_sk_protocol,
+            off_inet_sport: info.off_inet_sport,
             off_skc_v6_daddr: info.off_skc_v6_daddr,
             off_skc_v6_rcv_saddr: info.off_skc_v6_rcv_saddr,
             emit_states: opts.emit_states as u8,
@@ -134,8 +147,13 @@ impl Probes {
                     ),
                 )
             })?;
+        let state = if opts.classic_state {
+            STATE_CLASSIC
+        } else {
+            STATE_RAW
+        };
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
-        for (prog, category, name) in PROGRAMS.into_iter().chain(fork) {
+        for (prog, category, name) in [state].into_iter().chain(PROGRAMS).chain(fork) {
             let place = if category.is_empty() {
                 format!("raw tracepoint {name}")
             } else {
@@ -199,9 +217,12 @@ impl Probes {
         }
     }
 
+    /// The loaded programs' kernel statistics.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        PROGRAMS
+        [STATE_RAW, STATE_CLASSIC]
             .iter()
+            .chain(PROGRAMS.iter())
+            .chain([FORK_PROGRAM].iter())
             .filter_map(|(name, _, _)| {
                 let fd = self.ebpf.program(name)?.fd().ok()?;
                 let mut stats = prog_info(fd.as_fd().as_raw_fd())?;

@@ -37,7 +37,7 @@ use crate::setup;
 
 const USAGE: &str = "\
 usage: cargo +stable xtask bench [--repeats N] [--seconds S] [--quick] [--threads N]
-                                 [--only watch,report,serve,tcpstates,bpftrace,floor]
+                                 [--only watch,watch-classic,report,serve,tcpstates,bpftrace,floor]
                                  [--no-bpf-stats]
 
   --repeats N   interleaved A/B pairs per scenario (default 5)
@@ -750,6 +750,9 @@ impl Drop for Netns {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Watch,
+    /// watch with the classic flavour of the state tracepoint (the raw one is the default):
+    /// both measured side by side.
+    WatchClassic,
     Report,
     Serve,
     Tcpstates,
@@ -758,8 +761,9 @@ enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::Watch,
+        Kind::WatchClassic,
         Kind::Report,
         Kind::Serve,
         Kind::Tcpstates,
@@ -770,6 +774,7 @@ impl Kind {
     fn key(self) -> &'static str {
         match self {
             Kind::Watch => "watch",
+            Kind::WatchClassic => "watch-classic",
             Kind::Report => "report",
             Kind::Serve => "serve",
             Kind::Tcpstates => "tcpstates",
@@ -781,6 +786,7 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Watch => "twtrace watch",
+            Kind::WatchClassic => "watch, classic state tp",
             Kind::Report => "twtrace report",
             Kind::Serve => "twtrace serve",
             Kind::Tcpstates => "tcpstates (libbpf)",
@@ -790,7 +796,10 @@ impl Kind {
     }
 
     fn twtrace(self) -> bool {
-        matches!(self, Kind::Watch | Kind::Report | Kind::Serve)
+        matches!(
+            self,
+            Kind::Watch | Kind::WatchClassic | Kind::Report | Kind::Serve
+        )
     }
 
     fn bpftrace(self) -> bool {
@@ -867,17 +876,20 @@ impl Ctx {
         let mut stats_file = None;
         let mut serve_port = None;
         let mut cmd = match kind {
-            Kind::Watch | Kind::Report | Kind::Serve => {
+            Kind::Watch | Kind::WatchClassic | Kind::Report | Kind::Serve => {
                 let f = self.state_dir.join(format!("stats-{run}.json"));
                 // `serve` writes it as the unprivileged user it drops to.
                 fs::write(&f, "").map_err(|e| format!("{}: {e}", f.display()))?;
                 let _ = fs::set_permissions(&f, fs::Permissions::from_mode(0o666));
                 let mut c = Command::new(&self.twtrace);
                 match kind {
-                    Kind::Watch => {
+                    Kind::Watch | Kind::WatchClassic => {
                         // --duration only bounds it should xtask die: it is stopped by SIGINT.
                         c.args(["watch", "--json", "--duration"])
                             .arg(format!("{}s", self.seconds + 60));
+                        if kind == Kind::WatchClassic {
+                            c.args(["--state-tracepoint", "classic"]);
+                        }
                     }
                     Kind::Report => {
                         c.args(["report", "--json", "--duration"])

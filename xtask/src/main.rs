@@ -4,8 +4,8 @@
 //! so that it runs on a fresh machine. It then installs what is missing, one line per step it
 //! takes, and drives the pinned toolchain for everything else.
 
-mod fuzz;
 mod bench;
+mod fuzz;
 mod setup;
 mod soak;
 

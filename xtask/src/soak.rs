@@ -41,7 +41,11 @@ fn status_kb(pid: u32, field: &str) -> u64 {
 fn http_get(path: &str) -> Option<String> {
     let mut s = TcpStream::connect(HTTP).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
@@ -77,8 +81,12 @@ fn owner_entries() -> u64 {
     let dump = Command::new("bpftool")
         .args(["-j", "map", "dump", "id", &id.to_string()])
         .output();
-    dump.map(|o| String::from_utf8_lossy(&o.stdout).matches("\"key\"").count() as u64)
-        .unwrap_or(0)
+    dump.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .matches("\"key\"")
+            .count() as u64
+    })
+    .unwrap_or(0)
 }
 
 fn tcpext_tw() -> u64 {
@@ -158,7 +166,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let total = Duration::from_secs(minutes * 60);
     let started = Instant::now();
     println!("soak: {minutes} min at {rate} connections/s (10 % reset, 10 % abandoned), sampling every 10 s");
-    println!("{:>6} {:>9} {:>9} {:>10} {:>10}", "t (s)", "RSS KiB", "owners", "births", "kernel TW");
+    println!(
+        "{:>6} {:>9} {:>9} {:>10} {:>10}",
+        "t (s)", "RSS KiB", "owners", "births", "kernel TW"
+    );
     let mut samples: Vec<(u64, u64, u64, u64, u64)> = Vec::new();
     let mut gen: Option<Child> = None;
     let mut round = 0u64;
@@ -234,7 +245,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     std::fs::write(dir.join("latest.json"), json).map_err(|e| e.to_string())?;
     println!("written to {}", dir.join("latest.json").display());
     // Ask serve to end cleanly.
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     thread::sleep(Duration::from_millis(500));
     drop(children);
     Ok(())
