@@ -118,24 +118,11 @@ fn ensure() -> Result<(), String> {
             "--force",
             &format!("cargo-fuzz@{CARGO_FUZZ}"),
         ]);
-        clean_env(&mut cmd);
+        crate::clean_env(&mut cmd);
         cmd.env_remove("CARGO_TARGET_DIR");
         status(&mut cmd)?;
     }
     Ok(())
-}
-
-/// What the outer `cargo +stable` set for its own children, as `crate::cargo` removes it.
-fn clean_env(cmd: &mut Command) {
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-    ] {
-        cmd.env_remove(var);
-    }
 }
 
 fn files_in(dir: &Path) -> Result<Vec<PathBuf>, String> {
@@ -278,7 +265,7 @@ fn run_target(target: &str, seconds: u64) -> Result<Report, String> {
         .current_dir(root())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    clean_env(&mut cmd);
+    crate::clean_env(&mut cmd);
     println!(
         "xtask fuzz: {target} for {seconds} s (corpus {})",
         dir.display()

@@ -78,6 +78,13 @@ pub fn cargo(args: &[&str]) -> Command {
     c.arg(format!("+{TOOLCHAIN}"))
         .args(args)
         .current_dir(root());
+    clean_env(&mut c);
+    c
+}
+
+/// Removes what the outer `cargo +stable` set for its children, so that a child cargo picks
+/// its own toolchain (the `+toolchain` given, or rust-toolchain.toml).
+pub fn clean_env(cmd: &mut Command) {
     for var in [
         "RUSTUP_TOOLCHAIN",
         "CARGO",
@@ -85,9 +92,8 @@ pub fn cargo(args: &[&str]) -> Command {
         "RUSTDOC",
         "RUSTC_WRAPPER",
     ] {
-        c.env_remove(var);
+        cmd.env_remove(var);
     }
-    c
 }
 
 pub fn status(cmd: &mut Command) -> Result<(), String> {

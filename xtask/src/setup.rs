@@ -197,9 +197,8 @@ fn install_bpf_linker() -> Result<(), String> {
         ])
         // Without LLVM 22 first in PATH its build finds another llvm-config and fails to link.
         .env("PATH", format!("{llvm_bin}:{path}"));
-    for var in ["RUSTUP_TOOLCHAIN", "CARGO", "RUSTC", "CARGO_TARGET_DIR"] {
-        cmd.env_remove(var);
-    }
+    crate::clean_env(&mut cmd);
+    cmd.env_remove("CARGO_TARGET_DIR");
     status(&mut cmd)
 }
 
