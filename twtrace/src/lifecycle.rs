@@ -16,7 +16,10 @@
 //!
 //! Pure: fed events built in code by the unit tests.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use crate::decode::{Conn, KernelEvent, Process, Role};
 
@@ -99,14 +102,112 @@ impl Event {
     }
 }
 
+/// One live TIME_WAIT socket, kept small: there can be hundreds of thousands (64 bytes: the
+/// 4-tuple packed, the owner interned).
 #[derive(Debug)]
 struct Live {
     birth_ts: u64,
-    conn: Conn,
-    owner: Option<Process>,
+    conn: PackedConn,
+    /// Index in `Owners`, or `NO_OWNER`.
+    owner: u32,
     role: Role,
-    /// The last cancel that turned out to be a re-arm; see `on_birth`.
-    last_cancel: Option<(u64, bool)>,
+    /// The last cancel that turned out to be a re-arm (0: none), and whether it was a reuse;
+    /// see `on_birth`.
+    last_cancel_ts: u64,
+    last_cancel_reuse: bool,
+}
+
+const NO_OWNER: u32 = u32::MAX;
+
+/// A connection's two ends in 36 bytes (`Conn` takes 64).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PackedConn {
+    local: [u8; 16],
+    remote: [u8; 16],
+    lport: u16,
+    rport: u16,
+    v4: bool,
+}
+
+impl From<Conn> for PackedConn {
+    fn from(c: Conn) -> Self {
+        let octets = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => {
+                let mut o = [0u8; 16];
+                o[..4].copy_from_slice(&a.octets());
+                o
+            }
+            IpAddr::V6(a) => a.octets(),
+        };
+        PackedConn {
+            local: octets(c.local.ip()),
+            remote: octets(c.remote.ip()),
+            lport: c.local.port(),
+            rport: c.remote.port(),
+            v4: c.local.is_ipv4(),
+        }
+    }
+}
+
+impl From<PackedConn> for Conn {
+    fn from(p: PackedConn) -> Self {
+        let ip = |o: [u8; 16]| -> IpAddr {
+            if p.v4 {
+                IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+        };
+        Conn {
+            local: SocketAddr::new(ip(p.local), p.lport),
+            remote: SocketAddr::new(ip(p.remote), p.rport),
+        }
+    }
+}
+
+/// Owners interned: the sockets of one process share one entry, counted.
+#[derive(Debug, Default)]
+struct Owners {
+    list: Vec<(Process, u32)>,
+    index: HashMap<Process, u32>,
+    free: Vec<u32>,
+}
+
+impl Owners {
+    fn intern(&mut self, p: Option<Process>) -> u32 {
+        let Some(p) = p else { return NO_OWNER };
+        if let Some(&i) = self.index.get(&p) {
+            self.list[i as usize].1 += 1;
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.list[i as usize] = (p, 1);
+                i
+            }
+            None => {
+                self.list.push((p, 1));
+                (self.list.len() - 1) as u32
+            }
+        };
+        self.index.insert(p, i);
+        i
+    }
+
+    fn get(&self, i: u32) -> Option<Process> {
+        self.list.get(i as usize).map(|(p, _)| *p)
+    }
+
+    fn release(&mut self, i: u32) -> Option<Process> {
+        let (p, n) = self.list.get_mut(i as usize)?;
+        let p = *p;
+        *n -= 1;
+        if *n == 0 {
+            self.index.remove(&p);
+            self.free.push(i);
+        }
+        Some(p)
+    }
 }
 
 /// A TIME_WAIT socket that existed at start, known by its 4-tuple.
@@ -144,6 +245,7 @@ pub struct LifecycleStats {
 #[derive(Default)]
 pub struct Lifecycle {
     live: HashMap<u64, Live>,
+    owners: Owners,
     /// Indexed by CPU: at most one unexplained cancel per CPU.
     pending: Vec<Option<PendingCancel>>,
     seeds: HashMap<Conn, Seed>,
@@ -166,8 +268,8 @@ impl Lifecycle {
         let born = self.live.iter().map(|(&timer, l)| TwEnter {
             ts_ns: l.birth_ts,
             timer,
-            conn: l.conn,
-            owner: l.owner,
+            conn: l.conn.into(),
+            owner: self.owners.get(l.owner),
             role: l.role,
             timeout_jiffies: 0,
             seeded: false,
@@ -200,7 +302,8 @@ impl Lifecycle {
         remaining_ms: u64,
         out: &mut Vec<Event>,
     ) {
-        if self.seeds.contains_key(&conn) || self.live.values().any(|l| l.conn == conn) {
+        let packed = PackedConn::from(conn);
+        if self.seeds.contains_key(&conn) || self.live.values().any(|l| l.conn == packed) {
             return;
         }
         self.seeds.insert(
@@ -235,7 +338,8 @@ impl Lifecycle {
                 KernelEvent::Rearm { timer, .. } if *timer == p.timer => {
                     self.stats.rearms += 1;
                     if let Some(live) = self.live.get_mut(&p.timer) {
-                        live.last_cancel = Some((p.ts_ns, p.reuse));
+                        live.last_cancel_ts = p.ts_ns;
+                        live.last_cancel_reuse = p.reuse;
                     }
                     return;
                 }
@@ -326,7 +430,11 @@ impl Lifecycle {
         // socket's timer started right after the old one's cancel on the same CPU), or lost.
         if let Some(old) = self.live.remove(&enter.timer) {
             self.stats.replaced += 1;
-            let (ts, reuse) = old.last_cancel.unwrap_or((enter.ts_ns, false));
+            let (ts, reuse) = if old.last_cancel_ts != 0 {
+                (old.last_cancel_ts, old.last_cancel_reuse)
+            } else {
+                (enter.ts_ns, false)
+            };
             let reason = if reuse {
                 Reason::Reused
             } else {
@@ -336,8 +444,8 @@ impl Lifecycle {
             out.push(Event::Exit(TwExit {
                 ts_ns: ts,
                 timer: enter.timer,
-                conn: Some(old.conn),
-                owner: old.owner,
+                conn: Some(old.conn.into()),
+                owner: self.owners.release(old.owner),
                 role: old.role,
                 reason,
                 lifetime_ns: Some(ts.saturating_sub(old.birth_ts)),
@@ -349,10 +457,11 @@ impl Lifecycle {
             enter.timer,
             Live {
                 birth_ts: enter.ts_ns,
-                conn: enter.conn,
-                owner: enter.owner,
+                conn: enter.conn.into(),
+                owner: self.owners.intern(enter.owner),
                 role: enter.role,
-                last_cancel: None,
+                last_cancel_ts: 0,
+                last_cancel_reuse: false,
             },
         );
         out.push(Event::Enter(enter));
@@ -379,8 +488,8 @@ impl Lifecycle {
             Some(live) => TwExit {
                 ts_ns,
                 timer,
-                conn: Some(live.conn),
-                owner: live.owner,
+                conn: Some(live.conn.into()),
+                owner: self.owners.release(live.owner),
                 role: live.role,
                 reason,
                 lifetime_ns: Some(ts_ns.saturating_sub(live.birth_ts)),
@@ -718,6 +827,35 @@ mod tests {
             }
             e => panic!("{e:?}"),
         }
+    }
+
+    #[test]
+    fn live_entries_stay_small_and_owners_are_shared() {
+        assert!(size_of::<Live>() <= 72, "{}", size_of::<Live>());
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        for t in 1..=100 {
+            lc.feed(birth(0, t, t, 1000 + t as u16), &mut out);
+        }
+        assert_eq!(lc.owners.index.len(), 1, "one process, one owner entry");
+        for t in 1..=100 {
+            lc.feed(cancel(0, 200 + t, t, false), &mut out);
+        }
+        lc.flush(&mut out);
+        assert!(lc.owners.index.is_empty(), "released with the last socket");
+        // The 4-tuple and owner come back whole at the end.
+        match out.iter().rev().find(|e| matches!(e, Event::Exit(_))) {
+            Some(Event::Exit(x)) => {
+                assert_eq!(x.conn, Some(conn(1100)));
+                assert_eq!(x.owner, owner());
+            }
+            e => panic!("{e:?}"),
+        }
+        let v6 = Conn {
+            local: "[2001:db8::1]:5".parse().unwrap(),
+            remote: "[::1]:6".parse().unwrap(),
+        };
+        assert_eq!(Conn::from(PackedConn::from(v6)), v6);
     }
 
     #[test]
