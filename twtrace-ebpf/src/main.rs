@@ -28,9 +28,9 @@ use aya_ebpf::{
             bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
         },
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
 };
 use twtrace_common::{
     AF_INET, AF_INET6, Config, EVENT_VERSION, Header, Owner, OwnerRecord, SockEvent, TimerEvent,
@@ -571,21 +571,28 @@ fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
 
 /// `timer->function`, read from the timer_list (offset from BTF).
 #[inline(always)]
-fn timer_function(timer: u64) -> u64 {
-    // SAFETY: bpf_probe_read_kernel tolerates any address.
-    unsafe { bpf_probe_read_kernel((timer + config!(off_timer_function) as u64) as *const u64) }
-        .unwrap_or(0)
+fn timer_function(timer: *const u8) -> u64 {
+    // SAFETY: a BTF tracepoint's argument is a typed kernel pointer the verifier lets the
+    // program load from directly (no helper call) at the BTF offset of a member; the offset
+    // comes from frozen read-only data, which the verifier sees as a constant.
+    unsafe {
+        core::ptr::read_volatile(
+            timer
+                .add(config!(off_timer_function) as usize)
+                .cast::<u64>(),
+        )
+    }
 }
 
 /// `timer_start(struct timer_list *timer, unsigned long bucket_expiry)`.
-#[raw_tracepoint(tracepoint = "timer_start")]
-pub fn timer_start(ctx: RawTracePointContext) -> i32 {
-    let timer: u64 = ctx.arg(0);
+#[btf_tracepoint(function = "timer_start")]
+pub fn timer_start(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
     let function = timer_function(timer);
     if function == config!(tw_timer_fn) {
-        on_tw_start(timer);
+        on_tw_start(timer as u64);
     } else if function == config!(reqsk_timer_fn) {
-        on_reqsk_start(timer);
+        on_reqsk_start(timer as u64);
     }
     0
 }
@@ -637,11 +644,11 @@ fn on_reqsk_start(timer: u64) {
 }
 
 /// `timer_cancel(struct timer_list *timer)`.
-#[raw_tracepoint(tracepoint = "timer_cancel")]
-pub fn timer_cancel(ctx: RawTracePointContext) -> i32 {
-    let timer: u64 = ctx.arg(0);
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn timer_cancel(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
     if timer_function(timer) == config!(tw_timer_fn) {
-        on_tw_cancel(timer);
+        on_tw_cancel(timer as u64);
     }
     0
 }
@@ -687,11 +694,11 @@ fn on_tw_cancel(timer: u64) {
 
 /// `timer_expire_entry(struct timer_list *timer, unsigned long baseclk)`: the timer is about to
 /// run; `function` is still set in the struct.
-#[raw_tracepoint(tracepoint = "timer_expire_entry")]
-pub fn timer_expire_entry(ctx: RawTracePointContext) -> i32 {
-    let timer: u64 = ctx.arg(0);
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn timer_expire_entry(ctx: BtfTracePointContext) -> i32 {
+    let timer: *const u8 = ctx.arg(0);
     if timer_function(timer) == config!(tw_timer_fn) {
-        on_tw_expire(timer);
+        on_tw_expire(timer as u64);
     }
     0
 }

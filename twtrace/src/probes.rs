@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
 };
 use twtrace_common::{Config, counter};
 
@@ -23,9 +23,9 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tw
 /// (program, category, tracepoint); an empty category is a raw tracepoint. The state program
 /// is one of the two below.
 pub const PROGRAMS: [(&str, &str, &str); 3] = [
-    ("timer_start", "", "timer_start"),
-    ("timer_cancel", "", "timer_cancel"),
-    ("timer_expire_entry", "", "timer_expire_entry"),
+    ("timer_start", "btf", "timer_start"),
+    ("timer_cancel", "btf", "timer_cancel"),
+    ("timer_expire_entry", "btf", "timer_expire_entry"),
 ];
 
 /// sock:inet_sock_set_state, raw (the default) or classic.
@@ -153,9 +153,14 @@ impl Probes {
             STATE_RAW
         };
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
+        // The kernel's type information, which BTF tracepoints are loaded against (preflight
+        // has already read it once and found what it needs).
+        let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read BTF", e))?;
         for (prog, category, name) in [state].into_iter().chain(PROGRAMS).chain(fork) {
             let place = if category.is_empty() {
                 format!("raw tracepoint {name}")
+            } else if category == "btf" {
+                format!("BTF tracepoint {name}")
             } else {
                 format!("tracepoint {category}:{name}")
             };
@@ -170,6 +175,11 @@ impl Probes {
                 p.load().map_err(load_failed)?;
                 injected_failure(prog, &place)?;
                 p.attach(name).map(drop)
+            } else if category == "btf" {
+                let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
+                p.load(name, &btf).map_err(load_failed)?;
+                injected_failure(prog, &place)?;
+                p.attach().map(drop)
             } else {
                 let p: &mut TracePoint = program.try_into().map_err(|e| refused("load", e))?;
                 p.load().map_err(load_failed)?;
