@@ -596,7 +596,7 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 pub fn twtrace_programs_loaded() -> usize {
     const OURS: [&str; 7] = [
         "inet_sock_set_state",
-        "inet_sock_set_state_raw",
+        "inet_sock_set_state_btf",
         "inet_sock_set_s",
         "timer_start",
         "timer_cancel",

@@ -30,7 +30,7 @@ use serde_json::Value;
 
 /// The capabilities `twtrace serve` needs, without the `CAP_` prefix: the one set every
 /// deployment must grant, no more, no less (see deploy/README.md for why each). Its programs
-/// are raw tracepoints, attached through bpf() by name: no tracefs, so no DAC_READ_SEARCH.
+/// are BTF tracepoints, attached through bpf(): no tracefs, so no DAC_READ_SEARCH.
 const CAPS: [&str; 5] = ["BPF", "PERFMON", "SYSLOG", "SETUID", "SETGID"];
 
 /// tracefs, which `serve` no longer reads: no deployment mounts it, depends on it or lists it.
@@ -281,7 +281,7 @@ fn systemd_unit_grants_exactly_the_needed_capabilities() {
         "no Requires=: serve needs no mount unit"
     );
     // The allow list: a service's ordinary calls and bpf(), which loads and attaches the
-    // programs; nothing else (raw tracepoints need no perf_event_open, @debug).
+    // programs; nothing else (BTF tracepoints need no perf_event_open, @debug).
     let allowed: BTreeSet<&str> = unit_value(&entries, "SystemCallFilter")
         .into_iter()
         .filter(|v| !v.starts_with('~'))

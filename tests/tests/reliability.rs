@@ -28,7 +28,7 @@ fn assert_one_line(out: &Output, code: i32, needle: &str) {
     );
 }
 
-/// Without tracefs, and unable to mount it: the raw tracepoints work anyway; what needs a
+/// Without tracefs, and unable to mount it: the BTF tracepoints work anyway; what needs a
 /// classic tracepoint (exec's fork tracking, the classic state flavour) says so and exits 6.
 #[test]
 fn tracefs_neither_mounted_nor_mountable() {
@@ -204,7 +204,7 @@ fn nothing_left_in_the_kernel_after_any_end() {
         .env("TWTRACE_TEST_FAIL_ATTACH", "timer_cancel")
         .output()
         .unwrap();
-    assert_one_line(&out, 7, "attach to raw tracepoint timer_cancel");
+    assert_one_line(&out, 7, "attach to BTF tracepoint timer_cancel");
     assert_eq!(settled_programs(before), before, "after a failed attach");
 }
 
@@ -249,11 +249,23 @@ fn overload_is_counted_exactly_and_reported() {
         "collecting",
     );
     let _server = Server::start(Some(&ns), &addr, &[]);
+    // The readers are stopped while the load runs: the 4 KiB rings must overflow, whatever the
+    // machine's speed. They catch up once continued.
+    // SAFETY: signalling our own children.
+    unsafe {
+        libc::kill(watch.pid() as i32, libc::SIGSTOP);
+        libc::kill(report.pid() as i32, libc::SIGSTOP);
+    }
     thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| client(Some(&ns), &["--to", &addr, "--count", "2000"]));
         }
     });
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(watch.pid() as i32, libc::SIGCONT);
+        libc::kill(report.pid() as i32, libc::SIGCONT);
+    }
     thread::sleep(Duration::from_millis(500));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(watch.pid() as i32, libc::SIGINT) };
@@ -279,6 +291,8 @@ fn overload_is_counted_exactly_and_reported() {
     let doc: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(doc["complete"], false, "the report says it is incomplete");
     let rs = stats(&report_stats);
+    assert!(rs["kernel"]["lost"].as_u64().unwrap() > 0, "{rs}");
+    assert_eq!(rs["received"], rs["kernel"]["emitted"]);
     assert_eq!(
         doc["totals"]["lost_events"].as_u64().unwrap(),
         rs["kernel"]["lost"].as_u64().unwrap()
@@ -309,11 +323,16 @@ fn serve_survives_overload_and_recovers() {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(Some(&ns), &addr, &[]);
+    // The daemon is stopped while the load runs, so that its 4 KiB ring overflows for sure.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGSTOP) };
     thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| client(Some(&ns), &["--to", &addr, "--count", "3000"]));
         }
     });
+    // SAFETY: as above.
+    unsafe { libc::kill(serve.pid() as i32, libc::SIGCONT) };
     thread::sleep(Duration::from_millis(1500));
     let metrics = http_get(&listen, "/metrics");
     let lost: f64 = metrics

@@ -1,5 +1,6 @@
-//! twtrace's kernel side: one classic tracepoint (TCP state changes), three raw tracepoints
-//! (the TIME_WAIT timer), one ring buffer; and for `exec`, the fork tracepoint.
+//! twtrace's kernel side: BTF tracepoints on TCP state changes and on the TIME_WAIT timer, one
+//! ring buffer; for `exec`, the classic fork tracepoint; and the classic flavour of the state
+//! tracepoint, kept for the benchmark's side-by-side comparison.
 //!
 //! What the kernel does, and why the programs are shaped this way (measured on Linux 6.18, see
 //! ARCHITECTURE.md and the kernel notes):
@@ -28,9 +29,9 @@ use aya_ebpf::{
             bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
         },
     },
-    macros::{btf_tracepoint, map, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, RawTracePointContext, TracePointContext},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use twtrace_common::{
     AF_INET, AF_INET6, Config, EVENT_VERSION, Header, Owner, OwnerRecord, SockEvent, TimerEvent,
@@ -289,7 +290,7 @@ fn portpair(head: &SkcHead) -> u32 {
 // sock:inet_sock_set_state
 
 /// One TCP state change, as either flavour of the tracepoint shows it. The classic record is
-/// read at constant offsets; the raw tracepoint hands over the socket, read through BTF offsets.
+/// read at constant offsets; the BTF tracepoint hands over the socket itself.
 trait Change {
     fn skaddr(&self) -> u64;
     fn old(&self) -> u8;
@@ -353,7 +354,7 @@ impl Change for Record<'_> {
     }
 }
 
-/// The socket itself (raw tracepoint): its `sock_common` head, read once, and its source port
+/// The socket itself (BTF tracepoint): its `sock_common` head, read once, and its source port
 /// from `inet_sock` (`skc_num` is already 0 at `-> CLOSE`: the port is released first).
 struct Socket {
     sk: u64,
@@ -405,27 +406,44 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The same tracepoint, raw: `inet_sock_set_state(const struct sock *sk, int oldstate,
-/// int newstate)`. No trace record is built; the program reads only what it needs.
-#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
-pub fn inet_sock_set_state_raw(ctx: RawTracePointContext) -> i32 {
-    let sk: u64 = ctx.arg(0);
-    // SAFETY: bpf_probe_read_kernel tolerates any address; offsets from BTF.
-    let protocol =
-        unsafe { bpf_probe_read_kernel((sk + config!(off_sk_protocol) as u64) as *const u16) }
-            .unwrap_or(0);
-    if protocol != IPPROTO_TCP {
+/// A field of the socket handed to a BTF tracepoint, loaded directly: the verifier knows the
+/// pointer's type and checks each load against it (no helper call).
+#[inline(always)]
+fn sk_field<T: Copy>(sk: *const u8, offset: usize) -> T {
+    // SAFETY: `sk` is the tracepoint's typed `struct sock *`; offsets lie inside it (the
+    // `sock_common` head, or `sk_protocol` from BTF).
+    unsafe { core::ptr::read_volatile(sk.add(offset).cast::<T>()) }
+}
+
+/// The same tracepoint as a BTF tracepoint: `inet_sock_set_state(const struct sock *sk,
+/// int oldstate, int newstate)`. No trace record is built; the program loads only what it
+/// needs from the socket itself.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    if sk_field::<u16>(sk, config!(off_sk_protocol) as usize) != IPPROTO_TCP {
         return 0;
     }
-    let Some(head) = read_skc(sk) else { return 0 };
-    // SAFETY: as above.
-    let sport_be =
-        unsafe { bpf_probe_read_kernel((sk + config!(off_inet_sport) as u64) as *const u16) }
-            .unwrap_or(0);
+    // The start of sock_common: see SkcHead.
+    let head = SkcHead {
+        daddr: sk_field::<u32>(sk, 0).to_ne_bytes(),
+        rcv_saddr: sk_field::<u32>(sk, 4).to_ne_bytes(),
+        hash: 0,
+        dport_be: sk_field(sk, 12),
+        num: sk_field(sk, 14),
+        family: sk_field(sk, 16),
+        _pad: 0,
+    };
+    // inet_sport lies in struct inet_sock, beyond struct sock: read, not loaded.
+    // SAFETY: bpf_probe_read_kernel tolerates any address; offset from BTF.
+    let sport_be = unsafe {
+        bpf_probe_read_kernel((sk as u64 + config!(off_inet_sport) as u64) as *const u16)
+    }
+    .unwrap_or(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     on_state(&Socket {
-        sk,
+        sk: sk as u64,
         old: old as u8,
         new: new as u8,
         head,
@@ -562,12 +580,12 @@ fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// timer:* as raw tracepoints. They fire for every timer of the system, so each compares the
-// timer's function first and returns at once for all others. Raw, not classic: a classic
-// tracepoint builds its whole trace record before the program runs, and all classic and kprobe
-// programs of a CPU share one recursion guard, so a timer started by an interrupt while any of
-// them runs would be skipped (and counted in recursion_misses). A raw tracepoint hands over the
-// `struct timer_list *` and guards each program on its own.
+// timer:* as BTF tracepoints. They fire for every timer of the system, so each loads the
+// timer's function first (a direct load, no helper call) and returns at once for all others.
+// Not classic: a classic tracepoint builds its whole trace record before the program runs, and
+// all classic and kprobe programs of a CPU share one recursion guard, so a timer started by an
+// interrupt while any of them runs would be skipped (and counted in recursion_misses). A BTF
+// tracepoint hands over the typed `struct timer_list *` and guards each program on its own.
 
 /// `timer->function`, read from the timer_list (offset from BTF).
 #[inline(always)]

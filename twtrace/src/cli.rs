@@ -181,9 +181,9 @@ pub struct ProbeArgs {
     /// recursion misses, events received) to this file as JSON
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
-    /// Which flavour of sock:inet_sock_set_state to attach: raw (the default: no trace record,
+    /// Which flavour of sock:inet_sock_set_state to attach: btf (the default: no trace record,
     /// no tracefs) or classic (the stable record layout; for comparison in the benchmark)
-    #[arg(long, value_name = "FLAVOUR", default_value = "raw", value_parser = ["raw", "classic"], hide = true)]
+    #[arg(long, value_name = "FLAVOUR", default_value = "btf", value_parser = ["btf", "classic"], hide = true)]
     pub state_tracepoint: String,
 }
 

@@ -46,7 +46,7 @@ pub struct KernelInfo {
 }
 
 /// Which classic tracepoints will be attached (they need tracefs and a known record layout);
-/// the raw ones need neither.
+/// the BTF ones need neither.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Classic {
     /// sock:inet_sock_set_state as a classic tracepoint (`--state-tracepoint classic`).
@@ -91,7 +91,7 @@ fn has(caps: u64, cap: u32) -> bool {
 }
 
 /// `tracefs`: a classic tracepoint will be attached (its id and format are read from tracefs,
-/// mode 0700). Raw tracepoints need no tracefs.
+/// mode 0700). BTF tracepoints need no tracefs.
 pub fn check_privileges(caps: u64, tracefs: bool) -> Result<(), Failure> {
     let bpf = has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON));
     let mut missing = Vec::new();
@@ -295,9 +295,8 @@ pub fn tracefs_from_mounts(mounts: &str) -> Option<PathBuf> {
     found
 }
 
-/// The classic tracepoints whose records the programs read. (The timer programs are raw
-/// tracepoints: no record, no tracefs; their one argument, the timer, has been the first of
-/// timer_start, timer_cancel and timer_expire_entry since they exist.)
+/// The classic tracepoints whose records the programs read. (The others are BTF tracepoints: no
+/// record, no tracefs; the verifier checks their arguments' types against the kernel's BTF.)
 const TRACEPOINTS: [(&str, &str, &[tp::Field]); 1] = [(
     "sock",
     "inet_sock_set_state",

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, TracePoint},
 };
 use twtrace_common::{Config, counter};
 
@@ -20,16 +20,16 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
-/// (program, category, tracepoint); an empty category is a raw tracepoint. The state program
-/// is one of the two below.
+/// (program, category, tracepoint); category "btf" is a BTF tracepoint, anything else a classic
+/// one. The state program is one of the two below.
 pub const PROGRAMS: [(&str, &str, &str); 3] = [
     ("timer_start", "btf", "timer_start"),
     ("timer_cancel", "btf", "timer_cancel"),
     ("timer_expire_entry", "btf", "timer_expire_entry"),
 ];
 
-/// sock:inet_sock_set_state, raw (the default) or classic.
-pub const STATE_RAW: (&str, &str, &str) = ("inet_sock_set_state_raw", "", "inet_sock_set_state");
+/// sock:inet_sock_set_state, as a BTF tracepoint (the default) or a classic one.
+pub const STATE_BTF: (&str, &str, &str) = ("inet_sock_set_state_btf", "btf", "inet_sock_set_state");
 pub const STATE_CLASSIC: (&str, &str, &str) =
     ("inet_sock_set_state", "sock", "inet_sock_set_state");
 
@@ -43,7 +43,7 @@ pub struct ProbeOptions {
     pub emit_states: bool,
     /// Follow a process tree through its forks (`exec`).
     pub track_forks: bool,
-    /// The classic flavour of the state tracepoint instead of the raw one (for comparison:
+    /// The classic flavour of the state tracepoint instead of the BTF one (for comparison:
     /// `--state-tracepoint classic`).
     pub classic_state: bool,
 }
@@ -150,16 +150,14 @@ impl Probes {
         let state = if opts.classic_state {
             STATE_CLASSIC
         } else {
-            STATE_RAW
+            STATE_BTF
         };
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
         // The kernel's type information, which BTF tracepoints are loaded against (preflight
         // has already read it once and found what it needs).
         let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read BTF", e))?;
         for (prog, category, name) in [state].into_iter().chain(PROGRAMS).chain(fork) {
-            let place = if category.is_empty() {
-                format!("raw tracepoint {name}")
-            } else if category == "btf" {
+            let place = if category == "btf" {
                 format!("BTF tracepoint {name}")
             } else {
                 format!("tracepoint {category}:{name}")
@@ -170,12 +168,7 @@ impl Probes {
             let load_failed = |e: aya::programs::ProgramError| {
                 refused(&format!("load program {prog}"), one_line(&e))
             };
-            let attached = if category.is_empty() {
-                let p: &mut RawTracePoint = program.try_into().map_err(|e| refused("load", e))?;
-                p.load().map_err(load_failed)?;
-                injected_failure(prog, &place)?;
-                p.attach(name).map(drop)
-            } else if category == "btf" {
+            let attached = if category == "btf" {
                 let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
                 p.load(name, &btf).map_err(load_failed)?;
                 injected_failure(prog, &place)?;
@@ -229,7 +222,7 @@ impl Probes {
 
     /// The loaded programs' kernel statistics.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        [STATE_RAW, STATE_CLASSIC]
+        [STATE_BTF, STATE_CLASSIC]
             .iter()
             .chain(PROGRAMS.iter())
             .chain([FORK_PROGRAM].iter())
