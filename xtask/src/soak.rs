@@ -62,10 +62,16 @@ fn json_num(doc: &str, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
-/// Host-wide births since serve started (the report's totals).
+/// Births towards the soak's server since serve started: its `peer` group in the report (the
+/// host's other TIME_WAIT, such as the samples' own HTTP requests to serve, do not count).
 fn births(doc: &str) -> u64 {
-    doc.find("\"totals\"")
-        .and_then(|i| json_num(&doc[i..], "entered"))
+    let Some(k) = doc.find(&format!("\"key\":\"{SERVER}\"")) else {
+        return 0;
+    };
+    // The group object holds its keys in order: "entered" comes before "key".
+    doc[..k]
+        .rfind('{')
+        .and_then(|start| json_num(&doc[start..k], "entered"))
         .unwrap_or(0)
 }
 
@@ -203,7 +209,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let t = started.elapsed().as_secs();
         let rss = status_kb(pid, "VmRSS");
         let owners = owner_entries();
-        let doc = http_get("/api/v1/report?by=peer&top=5").unwrap_or_default();
+        let doc = http_get("/api/v1/report?by=peer&top=1000").unwrap_or_default();
         let born = births(&doc);
         let kernel = tcpext_tw().saturating_sub(tw_start);
         println!("{t:>6} {rss:>9} {owners:>9} {born:>10} {kernel:>10}");
@@ -214,7 +220,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let _ = g.wait();
     }
     thread::sleep(Duration::from_secs(2));
-    let doc = http_get("/api/v1/report?by=peer&top=5").unwrap_or_default();
+    let doc = http_get("/api/v1/report?by=peer&top=1000").unwrap_or_default();
     let births = births(&doc);
     let lost = json_num(&doc, "lost_events").unwrap_or(0);
     let kernel = tcpext_tw().saturating_sub(tw_start);
