@@ -68,9 +68,10 @@ fn births(doc: &str) -> u64 {
     let Some(k) = doc.find(&format!("\"key\":\"{SERVER}\"")) else {
         return 0;
     };
-    // The group object holds its keys in order: "entered" comes before "key".
+    // The group object holds its keys in order: its "entered" is the last one before "key"
+    // (the objects nested between them, "exits", have none).
     doc[..k]
-        .rfind('{')
+        .rfind("\"entered\":")
         .and_then(|start| json_num(&doc[start..k], "entered"))
         .unwrap_or(0)
 }
