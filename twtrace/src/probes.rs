@@ -185,6 +185,12 @@ impl Probes {
         if injected("TWTRACE_TEST_PANIC", "after-attach") {
             panic!("panic injected by TWTRACE_TEST_PANIC after attaching");
         }
+        // Reading BTF twice (offsets, then the BTF tracepoints' types) took some 10 MB of heap,
+        // freed now; hand it back to the system rather than keep it in RSS for the daemon's
+        // whole life.
+        drop(btf);
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         Ok(Self { ebpf, info })
     }
 
