@@ -170,8 +170,9 @@ pub struct CloseWait {
 
 /// CLOSE_WAIT sockets per process now (sock_diag, then /proc/*/fd for the holders), largest
 /// first. A CLOSE_WAIT socket is one whose peer closed and whose process has not called
-/// close(): only the process that holds it can say. Not yet accepted ones (inode 0) are shown as
-/// pid 0.
+/// close(): only the process that holds it can say. Sockets no process holds yet (not yet
+/// accepted: inode 0) and sockets whose holder cannot be seen (another user's process, once
+/// `serve` runs unprivileged) are shown as pid 0 with a name that says which.
 pub fn close_wait_by_process() -> Vec<CloseWait> {
     let Ok(sockets) = sockdiag::dump(&[state::CLOSE_WAIT]) else {
         return Vec::new();
@@ -184,10 +185,11 @@ pub fn close_wait_by_process() -> Vec<CloseWait> {
     let owners = sockdiag::socket_owners(&inodes);
     let mut by_pid: HashMap<(u32, String), u64> = HashMap::new();
     for s in &sockets {
-        let key = owners
-            .get(&s.inode)
-            .cloned()
-            .unwrap_or_else(|| (0, "(not accepted)".to_owned()));
+        let key = match owners.get(&s.inode) {
+            Some(o) => o.clone(),
+            None if s.inode == 0 => (0, "(not accepted)".to_owned()),
+            None => (0, "(holder not visible)".to_owned()),
+        };
         *by_pid.entry(key).or_default() += 1;
     }
     let mut out: Vec<CloseWait> = by_pid
