@@ -1879,8 +1879,12 @@ fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
             s.cpu_ms_per_1k.map(|n| n < TARGET_CPU_MS_PER_1K),
         )
     }));
-    line(row("peak RSS MB", "< 50", &|s| {
-        (f1(s.rss_mb), s.rss_mb.map(|n| n < TARGET_RSS_MB))
+    // The target is RSS with 100,000 TIME_WAIT sockets tracked: the peak at attach (which
+    // includes start-up's transient BTF parsing, so it errs high) plus the growth per 100k
+    // alive. The runs' own peak is for however many were alive at their end.
+    line(row("RSS MB with 100k TIME_WAIT", "< 50", &|s| {
+        let at_100k = s.rss_attach_mb.zip(s.rss_mb_per_100k).map(|(a, g)| a + g);
+        (f1(at_100k), at_100k.map(|n| n < TARGET_RSS_MB))
     }));
     let mut check = format!("  {:<34} {:>10}", "sanity: births - connections", "0");
     for s in &tw {
