@@ -58,12 +58,23 @@ pub fn require_root() {
     );
 }
 
-/// A port no other test uses, from a range outside the ephemeral one.
+/// A port no other test uses, from a range outside the ephemeral one, and that no socket of
+/// this host holds now: a TIME_WAIT left by an earlier test binary lives 60 s, and the views that
+/// read existing TIME_WAIT at start (report, serve) would count it.
 pub fn unique_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::SeqCst);
-    // Spread by pid so that two test binaries running at once do not collide.
-    (20000 + (std::process::id() % 200) * 40 + n) as u16
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        // Spread by pid so that two test binaries running at once do not collide.
+        let port = (20000 + ((std::process::id() % 200) * 40 + n) % 12000) as u16;
+        let out = Command::new("ss")
+            .args(["-Htan", &format!("( sport = :{port} or dport = :{port} )")])
+            .output();
+        match out {
+            Ok(o) if o.status.success() && !o.stdout.is_empty() => continue,
+            _ => return port,
+        }
+    }
 }
 
 pub fn run(cmd: &mut Command) -> String {

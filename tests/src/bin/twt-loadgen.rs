@@ -471,21 +471,6 @@ fn server(listeners: Vec<OwnedFd>, closer: Closer, start: &Barrier, stop: &Atomi
     }
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn run(o: Opts) -> Result<(), String> {
     let ip = if o.v6 {
         std::net::IpAddr::V6(Ipv6Addr::LOCALHOST)
@@ -589,7 +574,7 @@ fn run(o: Opts) -> Result<(), String> {
     let first_error = total
         .first_error
         .or(server_first_error)
-        .map(|e| json_str(&e))
+        .map(|e| serde_json::Value::String(e).to_string())
         .unwrap_or_else(|| "null".into());
     println!(
         "{{\"connections\":{},\"seconds\":{:.3},\"connections_per_s\":{:.1},\"errors\":{},\
