@@ -146,12 +146,12 @@ impl Netns {
 
     /// TcpExt counters of this namespace (/proc/net/netstat as its processes see it).
     pub fn tcpext(&self) -> HashMap<String, u64> {
-        parse_netstat(&self.exec_ok(&["cat", "/proc/net/netstat"]), "TcpExt:")
+        twtrace::host::parse_netstat(&self.exec_ok(&["cat", "/proc/net/netstat"]), "TcpExt:")
     }
 
     /// The `tw` figure of /proc/net/sockstat: timewait sockets alive now.
     pub fn sockstat_tw(&self) -> u64 {
-        parse_sockstat_tw(&self.exec_ok(&["cat", "/proc/net/sockstat"]))
+        twtrace::host::sockstat_tw_from(&self.exec_ok(&["cat", "/proc/net/sockstat"])).unwrap_or(0)
     }
 
     /// TIME_WAIT 4-tuples from sock_diag, through `ss` (local, remote).
@@ -187,34 +187,6 @@ fn norm_ss(s: &str) -> String {
         Some(rest) if rest.contains('.') => rest.replacen("]:", ":", 1),
         _ => s.to_owned(),
     }
-}
-
-pub fn parse_netstat(text: &str, prefix: &str) -> HashMap<String, u64> {
-    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
-    let mut out = HashMap::new();
-    if lines.len() >= 2 {
-        for (k, v) in lines[0]
-            .split_whitespace()
-            .skip(1)
-            .zip(lines[1].split_whitespace().skip(1))
-        {
-            out.insert(k.to_owned(), v.parse().unwrap_or(0));
-        }
-    }
-    out
-}
-
-pub fn parse_sockstat_tw(text: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.iter()
-                .position(|&x| x == "tw")
-                .and_then(|i| f.get(i + 1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -475,6 +447,36 @@ impl Drop for Run {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A plain HTTP/1.1 exchange with a server under test (no client crate needed): the status
+/// (0 when nothing answers) and the body.
+pub fn http(addr: &str, request: &[u8]) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 //! kernel's owner map forgets sockets that end badly.
 
 use std::{
-    net::TcpStream,
     process::{Command, Output},
     thread,
     time::Duration,
@@ -334,7 +333,7 @@ fn serve_survives_overload_and_recovers() {
     // SAFETY: as above.
     unsafe { libc::kill(serve.pid() as i32, libc::SIGCONT) };
     thread::sleep(Duration::from_millis(1500));
-    let metrics = http_get(&listen, "/metrics");
+    let (_, metrics) = http_get(&listen, "/metrics");
     let lost: f64 = metrics
         .lines()
         .find(|l| l.starts_with("twtrace_events_lost_total{cause=\"ring_full\"}"))
@@ -348,7 +347,7 @@ fn serve_survives_overload_and_recovers() {
     let _quiet_server = Server::start(Some(&ns), &quiet, &[]);
     client(Some(&ns), &["--to", &quiet, "--count", "13"]);
     thread::sleep(Duration::from_millis(1500));
-    let body = http_get(&listen, "/api/v1/report?by=peer&top=1000");
+    let (_, body) = http_get(&listen, "/api/v1/report?by=peer&top=1000");
     let doc: Value = serde_json::from_str(&body).unwrap();
     let g = doc["groups"]
         .as_array()
@@ -361,22 +360,6 @@ fn serve_survives_overload_and_recovers() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(serve.pid() as i32, libc::SIGTERM) };
     assert!(serve.finish(Duration::from_secs(10)).status.success());
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
 }
 
 /// Sockets that never reach CLOSE normally (resets, refused connects, processes that exit

@@ -2,8 +2,7 @@
 //! births back; the daemon runs unprivileged after start-up and leaves nothing on SIGTERM.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::Write,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -11,36 +10,6 @@ use std::{
 
 use serde_json::Value;
 use twtrace_tests::*;
-
-/// A plain HTTP/1.1 exchange (no client crate needed to speak to a server we test); status 0
-/// when nothing answers.
-fn http(addr: &str, request: &[u8]) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(request);
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    http(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-}
 
 fn status_field(pid: u32, field: &str) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -116,7 +85,7 @@ fn promql(prom: &str, query: &str) -> Option<f64> {
             _ => format!("%{b:02X}"),
         })
         .collect();
-    let (code, body) = get(prom, &format!("/api/v1/query?query={encoded}"));
+    let (code, body) = http_get(prom, &format!("/api/v1/query?query={encoded}"));
     if code != 200 {
         return None;
     }
@@ -176,7 +145,7 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     assert_eq!(tw_now, Some(N as f64));
 
     // The exposition passes promtool's own checks.
-    let (code, metrics) = get(&listen, "/metrics");
+    let (code, metrics) = http_get(&listen, "/metrics");
     assert_eq!(code, 200);
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])
@@ -200,13 +169,13 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     );
 
     // The JSON API: the report's document, with the report's filters.
-    let (code, body) = get(&listen, &format!("/api/v1/report?by=peer&port={peer_port}"));
+    let (code, body) = http_get(&listen, &format!("/api/v1/report?by=peer&port={peer_port}"));
     assert_eq!(code, 200, "{body}");
     let doc: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["by"], "peer");
     assert_eq!(doc["groups"][0]["key"], peer.as_str());
     assert_eq!(doc["groups"][0]["in_time_wait"], N, "{doc}");
-    let (code, body) = get(&listen, "/api/v1/report?by=peer");
+    let (code, body) = http_get(&listen, "/api/v1/report?by=peer");
     assert_eq!(code, 200);
     let all: Value = serde_json::from_str(&body).unwrap();
     let g = all["groups"]
@@ -218,8 +187,8 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     assert_eq!(g["entered"], N);
 
     // Everything else is refused without harm.
-    assert_eq!(get(&listen, "/healthz").0, 200);
-    assert_eq!(get(&listen, "/nope").0, 404);
+    assert_eq!(http_get(&listen, "/healthz").0, 200);
+    assert_eq!(http_get(&listen, "/nope").0, 404);
     assert_eq!(
         http(
             &listen,
@@ -228,7 +197,7 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
         .0,
         405
     );
-    let (code, body) = get(&listen, "/api/v1/report?port=99999");
+    let (code, body) = http_get(&listen, "/api/v1/report?port=99999");
     assert_eq!(code, 400);
     assert!(body.contains("'99999'"), "{body}");
     assert_eq!(http(&listen, b"GARBAGE\r\n\r\n").0, 400);
@@ -241,7 +210,7 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
         code == 431 || code == 400 || code == 0,
         "oversized header: {code}"
     );
-    assert_eq!(get(&listen, "/healthz").0, 200, "still serving");
+    assert_eq!(http_get(&listen, "/healthz").0, 200, "still serving");
 
     // SIGTERM: exit 0, nothing left attached.
     // SAFETY: signalling our own child.
