@@ -635,6 +635,25 @@ pub fn settled_programs(expected: usize) -> usize {
     }
 }
 
+/// The count of twtrace programs loaded, once programs of tests that just ended are freed: the
+/// baseline a test compares with (a count taken right after another test's twtrace exited can
+/// still include its programs, see `settled_programs`). Waits until the count stops falling
+/// for half a second, 5 s at most.
+pub fn quiet_programs() -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = twtrace_programs_loaded();
+    let mut since = Instant::now();
+    while last > 0 && Instant::now() < deadline && since.elapsed() < Duration::from_millis(500) {
+        thread::sleep(Duration::from_millis(100));
+        let n = twtrace_programs_loaded();
+        if n < last {
+            since = Instant::now();
+        }
+        last = n;
+    }
+    last
+}
+
 pub fn write_all(path: &str, value: &str) {
     std::fs::File::create(path)
         .and_then(|mut f| f.write_all(value.as_bytes()))

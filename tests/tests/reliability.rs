@@ -33,7 +33,7 @@ fn assert_one_line(out: &Output, code: i32, needle: &str) {
 fn tracefs_neither_mounted_nor_mountable() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     let no_tracefs = "unshare -m --propagation private sh -c 'umount -l /sys/kernel/tracing \
          2>/dev/null; exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin \"$0\" \"$@\"'";
     let out = twtrace_in(no_tracefs, "watch --duration 1s");
@@ -69,7 +69,7 @@ fn btf_missing() {
 fn kallsyms_hiding_addresses() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     let old = std::fs::read_to_string("/proc/sys/kernel/kptr_restrict").unwrap();
     write_all("/proc/sys/kernel/kptr_restrict", "2");
     let out = twtrace_in("", "watch --duration 1s");
@@ -82,7 +82,7 @@ fn kallsyms_hiding_addresses() {
 fn ring_buffer_refused_by_the_kernel() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     // A memory cgroup too small for the ring buffer: the kernel refuses the map.
     let cg = format!("/sys/fs/cgroup/memory/twt-ring-{}", std::process::id());
     let (prefix, cleanup): (String, Box<dyn Fn()>) =
@@ -173,7 +173,7 @@ fn bad_values_are_named_and_exit_2() {
 fn nothing_left_in_the_kernel_after_any_end() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
 
     let out = twtrace_in("", "watch --duration 1s");
     assert!(out.status.success());

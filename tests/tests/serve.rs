@@ -99,7 +99,7 @@ fn promql(prom: &str, query: &str) -> Option<f64> {
 fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     let http_port = unique_port();
     let listen = format!("127.0.0.1:{http_port}");
     let serve = Run::start(&["serve", "--listen", &listen], "serving on");

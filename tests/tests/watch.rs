@@ -410,7 +410,7 @@ fn an_untouched_time_wait_expires_after_sixty_seconds() {
 fn without_privilege_one_line_and_exit_code_four() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",
@@ -438,7 +438,7 @@ fn without_privilege_one_line_and_exit_code_four() {
 fn sigterm_detaches_everything() {
     require_root();
     let _g = exclusive();
-    let before = twtrace_programs_loaded();
+    let before = quiet_programs();
     let w = Watch::start(&[]);
     assert_eq!(twtrace_programs_loaded(), before + 4);
     let t = Instant::now();
