@@ -142,6 +142,10 @@ fn unit_value<'a>(entries: &'a [(String, String, String)], key: &str) -> Vec<&'a
 
 const UNIT_BINARY: &str = "/usr/local/bin/twtrace";
 
+/// What the image and the DaemonSet run: `serve` on every address, since in a container the
+/// pod's port is the only way in (the unit, on the host, stays on loopback).
+const CONTAINER_ARGV: [&str; 4] = [UNIT_BINARY, "serve", "--listen", "0.0.0.0:9979"];
+
 /// systemd's own parser accepts the unit: `systemd-analyze verify` says nothing at all, except
 /// that the binary is not installed (it is not, on a build machine). The same unit with the
 /// binary replaced by /bin/true must then verify with no output and exit 0, so that the one
@@ -879,15 +883,7 @@ fn kubernetes_manifests_match_the_api_and_each_other() {
     let c = &containers[0];
     let mut argv = strings(&c["command"]);
     argv.extend(strings(&c["args"]));
-    assert_eq!(
-        argv,
-        [
-            "/usr/local/bin/twtrace",
-            "serve",
-            "--listen",
-            "0.0.0.0:9979"
-        ]
-    );
+    assert_eq!(argv, CONTAINER_ARGV);
     let sc = &c["securityContext"];
     assert_eq!(
         sc["runAsUser"], 0,
@@ -1316,15 +1312,7 @@ fn dockerfile_builds_with_the_project_toolchain_and_runs_serve() {
     };
     let mut argv = exec_form(entrypoint);
     argv.extend(exec_form(cmd));
-    assert_eq!(
-        argv,
-        [
-            "/usr/local/bin/twtrace",
-            "serve",
-            "--listen",
-            "0.0.0.0:9979"
-        ]
-    );
+    assert_eq!(argv, CONTAINER_ARGV);
     assert!(
         find("COPY").iter().any(|c| c.args.starts_with("--from=")
             && c.args.split_whitespace().last() == Some(argv[0].as_str())),

@@ -252,33 +252,20 @@ fn a_new_syn_on_the_4_tuple_ends_the_time_wait_as_syn() {
     let bind = format!("127.0.0.1:{cport}");
     let w = Watch::start(&["--port", &port.to_string()]);
     let server = Server::start(Some(&ns), &server_addr, &["--closer", "server"]);
-    client(
-        Some(&ns),
-        &[
-            "--to",
-            &server_addr,
-            "--count",
-            "1",
-            "--bind",
-            &bind,
-            "--closer",
-            "server",
-        ],
-    );
+    // Twice the same 4-tuple: the second SYN finds the first connection's TIME_WAIT.
+    let once: [&str; 8] = [
+        "--to",
+        &server_addr,
+        "--count",
+        "1",
+        "--bind",
+        &bind,
+        "--closer",
+        "server",
+    ];
+    client(Some(&ns), &once);
     thread::sleep(Duration::from_millis(1200));
-    client(
-        Some(&ns),
-        &[
-            "--to",
-            &server_addr,
-            "--count",
-            "1",
-            "--bind",
-            &bind,
-            "--closer",
-            "server",
-        ],
-    );
+    client(Some(&ns), &once);
     let mut seen = Vec::new();
     w.wait_until(Duration::from_secs(5), &mut seen, |e| {
         count(e, "tw_exit") >= 1

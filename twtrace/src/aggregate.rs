@@ -804,6 +804,23 @@ mod tests {
         })
     }
 
+    /// Peer 10.0.1.i:80 gets i births at second 1, timers and local ports counted up from 1 and
+    /// 30001; returns the last timer.
+    fn births_by_peer_number(a: &mut Aggregator, peers: std::ops::RangeInclusive<u16>) -> u64 {
+        let mut timer = 0;
+        for i in peers {
+            for _ in 0..i {
+                timer += 1;
+                let c = conn(
+                    &format!("10.0.0.1:{}", 30000 + timer),
+                    &format!("10.0.1.{i}:80"),
+                );
+                a.on_event(&enter(timer, S, c, None, Role::Connected));
+            }
+        }
+        timer
+    }
+
     fn find<'a>(a: &'a Aggregator, by: By, key: &str) -> &'a Group {
         a.groups(by)
             .0
@@ -915,18 +932,7 @@ mod tests {
     #[test]
     fn folding_keeps_the_largest_and_totals_exact() {
         let mut a = Aggregator::new(3);
-        let mut timer = 0;
-        // Peer i gets i births.
-        for i in 1..=6u16 {
-            for _ in 0..i {
-                timer += 1;
-                let c = conn(
-                    &format!("10.0.0.1:{}", 30000 + timer),
-                    &format!("10.0.1.{i}:80"),
-                );
-                a.on_event(&enter(timer, S, c, None, Role::Connected));
-            }
-        }
+        let mut timer = births_by_peer_number(&mut a, 1..=6);
         a.tick();
         let (groups, other) = a.groups(By::Peer);
         let mut keys: Vec<String> = groups.iter().map(|(k, _)| k.to_string()).collect();
@@ -1063,17 +1069,7 @@ mod tests {
         let mut a = Aggregator::new(2);
         let small = Key::Peer("10.0.1.1:80".parse().unwrap());
         assert!(a.pin(By::Peer, &small));
-        let mut timer = 0;
-        for i in 2..=5u16 {
-            for _ in 0..i {
-                timer += 1;
-                let c = conn(
-                    &format!("10.0.0.1:{}", 30000 + timer),
-                    &format!("10.0.1.{i}:80"),
-                );
-                a.on_event(&enter(timer, S, c, None, Role::Connected));
-            }
-        }
+        births_by_peer_number(&mut a, 2..=5);
         a.tick();
         assert!(a.group(By::Peer, &small).is_some(), "pinned, though empty");
         assert!(
