@@ -607,14 +607,25 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 
 /// How many of twtrace's programs are loaded (by their names, as the kernel truncates them).
 pub fn twtrace_programs_loaded() -> usize {
-    const OURS: [&str; 7] = [
+    // bpftool shows the full name when the program carries BTF, else the kernel's 15 bytes.
+    const OURS: &[&str] = &[
         "inet_sock_set_state",
-        "inet_sock_set_state_btf",
         "inet_sock_set_s",
         "timer_start",
         "timer_cancel",
         "timer_expire_entry",
         "timer_expire_en",
+        // --hooks-only
+        "hook_state",
+        "hook_timer_start",
+        "hook_timer_star",
+        "hook_timer_cancel",
+        "hook_timer_canc",
+        "hook_timer_expire",
+        "hook_timer_expi",
+        // exec
+        "sched_process_fork",
+        "sched_process_f",
     ];
     loaded_program_names()
         .iter()

@@ -28,7 +28,7 @@ fn assert_one_line(out: &Output, code: i32, needle: &str) {
 }
 
 /// Without tracefs, and unable to mount it: the BTF tracepoints work anyway; what needs a
-/// classic tracepoint (exec's fork tracking, the classic state flavour) says so and exits 6.
+/// classic tracepoint (exec's fork tracking) says so and exits 6.
 #[test]
 fn tracefs_neither_mounted_nor_mountable() {
     require_root();
@@ -42,14 +42,9 @@ fn tracefs_neither_mounted_nor_mountable() {
         "watch needs no tracefs: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for args in [
-        "exec -- true",
-        "watch --duration 1s --state-tracepoint classic",
-    ] {
-        let out = twtrace_in(no_tracefs, args);
-        assert_one_line(&out, 6, "tracefs is not mounted and cannot be mounted");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("mount -t tracefs"));
-    }
+    let out = twtrace_in(no_tracefs, "exec -- true");
+    assert_one_line(&out, 6, "tracefs is not mounted and cannot be mounted");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mount -t tracefs"));
     assert_eq!(settled_programs(before), before);
 }
 

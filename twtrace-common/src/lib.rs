@@ -216,41 +216,14 @@ const _: () = {
     assert!(core::mem::size_of::<OwnerRecord>() == 40);
 };
 
-/// Field offsets of the classic tracepoint records the programs read (the timer programs are raw
-/// tracepoints and read `struct timer_list` at offsets from BTF instead), as published in
+/// Field offsets of the classic tracepoint records the programs read (the others are BTF
+/// tracepoints and read kernel structures at offsets from BTF instead), as published in
 /// `/sys/kernel/tracing/events/<category>/<name>/format`. The kernel programs read them at
 /// these constant offsets (the cheapest possible access); userspace checks at start-up that the
 /// running kernel's format agrees, and refuses to attach otherwise.
 pub mod tp {
     /// (field name, offset, size)
     pub type Field = (&'static str, usize, usize);
-
-    pub mod inet_sock_set_state {
-        pub const SKADDR: usize = 8;
-        pub const OLDSTATE: usize = 16;
-        pub const NEWSTATE: usize = 20;
-        pub const SPORT: usize = 24;
-        pub const DPORT: usize = 26;
-        pub const FAMILY: usize = 28;
-        pub const PROTOCOL: usize = 30;
-        pub const SADDR: usize = 32;
-        pub const DADDR: usize = 36;
-        pub const SADDR_V6: usize = 40;
-        pub const DADDR_V6: usize = 56;
-        pub const FIELDS: &[super::Field] = &[
-            ("skaddr", SKADDR, 8),
-            ("oldstate", OLDSTATE, 4),
-            ("newstate", NEWSTATE, 4),
-            ("sport", SPORT, 2),
-            ("dport", DPORT, 2),
-            ("family", FAMILY, 2),
-            ("protocol", PROTOCOL, 2),
-            ("saddr", SADDR, 4),
-            ("daddr", DADDR, 4),
-            ("saddr_v6", SADDR_V6, 16),
-            ("daddr_v6", DADDR_V6, 16),
-        ];
-    }
 
     pub mod sched_process_fork {
         pub const PARENT_PID: usize = 12;

@@ -1,6 +1,6 @@
 //! twtrace's kernel side: BTF tracepoints on TCP state changes and on the TIME_WAIT timer, one
-//! ring buffer; for `exec`, the classic fork tracepoint; and the classic flavour of the state
-//! tracepoint, kept for the benchmark's side-by-side comparison.
+//! ring buffer; for `exec`, the classic fork tracepoint; and, for the benchmark's floor, the same
+//! four hooks with programs that return at once.
 //!
 //! What the kernel does, and why the programs are shaped this way (measured on Linux 6.18, see
 //! ARCHITECTURE.md and the kernel notes):
@@ -11,8 +11,9 @@
 //! * So a TIME_WAIT timer start leaves a per-CPU "pending birth"; the next state change on that
 //!   CPU consumes it. If it is the `-> CLOSE` of a socket whose ports (and IPv4 addresses) equal
 //!   the timewait socket's own, the birth is certain and carries the full socket's owner.
-//! * The owner is recorded in process context only (`connect()`, `close()`); the softirq
-//!   transitions run on behalf of whichever task was interrupted.
+//! * The owner is recorded in process context only (`close()`, and `connect()` for
+//!   `--all-states`); the softirq transitions run on behalf of whichever task was interrupted.
+//!   TIME_WAIT is charged to whoever closed first, so the record at close is the one that counts.
 //! * Every end of a timewait socket passes through `timer_cancel` (expiry detaches the timer
 //!   first, a re-arm cancels then starts, an early kill shuts it down). The programs report the
 //!   facts; userspace pairs a cancel with what follows it on the same CPU.
@@ -144,23 +145,6 @@ fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
     unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
 }
 
-/// A 4-byte address field, in memory (network) order.
-#[inline(always)]
-fn field_v4(ctx: &TracePointContext, offset: usize) -> [u8; 4] {
-    field::<u32>(ctx, offset).to_ne_bytes()
-}
-
-/// A 16-byte address field, read as two 8-byte loads at constant offsets.
-#[inline(always)]
-fn field_v6(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
-    let lo = field::<u64>(ctx, offset).to_ne_bytes();
-    let hi = field::<u64>(ctx, offset + 8).to_ne_bytes();
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&lo);
-    out[8..].copy_from_slice(&hi);
-    out
-}
-
 #[inline(always)]
 fn bump(slot: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(slot) {
@@ -289,123 +273,6 @@ fn portpair(head: &SkcHead) -> u32 {
 // ---------------------------------------------------------------------------------------------
 // sock:inet_sock_set_state
 
-/// One TCP state change, as either flavour of the tracepoint shows it. The classic record is
-/// read at constant offsets; the BTF tracepoint hands over the socket itself.
-trait Change {
-    fn skaddr(&self) -> u64;
-    fn old(&self) -> u8;
-    fn new(&self) -> u8;
-    fn family(&self) -> u8;
-    /// (local, remote) ports, host order.
-    fn ports(&self) -> (u16, u16);
-    /// (local, remote) IPv4 addresses, network order.
-    fn v4(&self) -> ([u8; 4], [u8; 4]);
-    /// (local, remote) IPv6 addresses.
-    fn v6(&self) -> ([u8; 16], [u8; 16]);
-
-    #[inline(always)]
-    fn tuple(&self, t: &mut Tuple) {
-        (t.sport, t.dport) = self.ports();
-        if self.family() == AF_INET6 {
-            (t.saddr, t.daddr) = self.v6();
-        } else {
-            let (s, d) = self.v4();
-            t.saddr[..4].copy_from_slice(&s);
-            t.daddr[..4].copy_from_slice(&d);
-        }
-    }
-}
-
-/// The classic tracepoint's record.
-struct Record<'a>(&'a TracePointContext);
-
-impl Change for Record<'_> {
-    #[inline(always)]
-    fn skaddr(&self) -> u64 {
-        field(self.0, tp::inet_sock_set_state::SKADDR)
-    }
-    #[inline(always)]
-    fn old(&self) -> u8 {
-        // States are small numbers (include/net/tcp_states.h) in int fields.
-        field::<i32>(self.0, tp::inet_sock_set_state::OLDSTATE) as u8
-    }
-    #[inline(always)]
-    fn new(&self) -> u8 {
-        field::<i32>(self.0, tp::inet_sock_set_state::NEWSTATE) as u8
-    }
-    #[inline(always)]
-    fn family(&self) -> u8 {
-        field::<u16>(self.0, tp::inet_sock_set_state::FAMILY) as u8
-    }
-    #[inline(always)]
-    fn ports(&self) -> (u16, u16) {
-        use tp::inet_sock_set_state as f;
-        (field(self.0, f::SPORT), field(self.0, f::DPORT))
-    }
-    #[inline(always)]
-    fn v4(&self) -> ([u8; 4], [u8; 4]) {
-        use tp::inet_sock_set_state as f;
-        (field_v4(self.0, f::SADDR), field_v4(self.0, f::DADDR))
-    }
-    #[inline(always)]
-    fn v6(&self) -> ([u8; 16], [u8; 16]) {
-        use tp::inet_sock_set_state as f;
-        (field_v6(self.0, f::SADDR_V6), field_v6(self.0, f::DADDR_V6))
-    }
-}
-
-/// The socket itself (BTF tracepoint): its `sock_common` head, read once, and its source port
-/// from `inet_sock` (`skc_num` is already 0 at `-> CLOSE`: the port is released first).
-struct Socket {
-    sk: u64,
-    old: u8,
-    new: u8,
-    head: SkcHead,
-    sport: u16,
-}
-
-impl Change for Socket {
-    #[inline(always)]
-    fn skaddr(&self) -> u64 {
-        self.sk
-    }
-    #[inline(always)]
-    fn old(&self) -> u8 {
-        self.old
-    }
-    #[inline(always)]
-    fn new(&self) -> u8 {
-        self.new
-    }
-    #[inline(always)]
-    fn family(&self) -> u8 {
-        self.head.family as u8
-    }
-    #[inline(always)]
-    fn ports(&self) -> (u16, u16) {
-        (self.sport, u16::from_be(self.head.dport_be))
-    }
-    #[inline(always)]
-    fn v4(&self) -> ([u8; 4], [u8; 4]) {
-        (self.head.rcv_saddr, self.head.daddr)
-    }
-    #[inline(always)]
-    fn v6(&self) -> ([u8; 16], [u8; 16]) {
-        let mut t = Tuple::default();
-        skc_tuple(self.sk, &self.head, &mut t);
-        (t.saddr, t.daddr)
-    }
-}
-
-#[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    if field::<u16>(&ctx, tp::inet_sock_set_state::PROTOCOL) != IPPROTO_TCP {
-        return 0;
-    }
-    on_state(&Record(&ctx));
-    0
-}
-
 /// A field of the socket handed to a BTF tracepoint, loaded directly: the verifier knows the
 /// pointer's type and checks each load against it (no helper call).
 #[inline(always)]
@@ -415,11 +282,55 @@ fn sk_field<T: Copy>(sk: *const u8, offset: usize) -> T {
     unsafe { core::ptr::read_volatile(sk.add(offset).cast::<T>()) }
 }
 
-/// The same tracepoint as a BTF tracepoint: `inet_sock_set_state(const struct sock *sk,
-/// int oldstate, int newstate)`. No trace record is built; the program loads only what it
-/// needs from the socket itself.
+/// The socket whose state changes: its `sock_common` head, loaded once.
+struct Socket {
+    sk: u64,
+    old: u8,
+    new: u8,
+    head: SkcHead,
+}
+
+impl Socket {
+    #[inline(always)]
+    fn family(&self) -> u8 {
+        self.head.family as u8
+    }
+
+    /// From `inet_sock` (`skc_num` is already 0 at `-> CLOSE`: the port is released first).
+    /// Read only when needed: it lies beyond `struct sock`, a helper call.
+    #[inline(always)]
+    fn sport(&self) -> u16 {
+        // SAFETY: bpf_probe_read_kernel tolerates any address; offset from BTF.
+        let sport_be = unsafe {
+            bpf_probe_read_kernel((self.sk + config!(off_inet_sport) as u64) as *const u16)
+        }
+        .unwrap_or(0);
+        u16::from_be(sport_be)
+    }
+
+    #[inline(always)]
+    fn dport(&self) -> u16 {
+        u16::from_be(self.head.dport_be)
+    }
+
+    /// (local, remote) IPv4 addresses, network order.
+    #[inline(always)]
+    fn v4(&self) -> ([u8; 4], [u8; 4]) {
+        (self.head.rcv_saddr, self.head.daddr)
+    }
+
+    /// The 4-tuple, local side first.
+    #[inline(always)]
+    fn tuple(&self, t: &mut Tuple) {
+        skc_tuple(self.sk, &self.head, t);
+        t.sport = self.sport();
+    }
+}
+
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`, as a BTF
+/// tracepoint: no trace record is built; the program loads only what it needs from the socket.
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     if sk_field::<u16>(sk, config!(off_sk_protocol) as usize) != IPPROTO_TCP {
         return 0;
@@ -434,12 +345,6 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
         family: sk_field(sk, 16),
         _pad: 0,
     };
-    // inet_sport lies in struct inet_sock, beyond struct sock: read, not loaded.
-    // SAFETY: bpf_probe_read_kernel tolerates any address; offset from BTF.
-    let sport_be = unsafe {
-        bpf_probe_read_kernel((sk as u64 + config!(off_inet_sport) as u64) as *const u16)
-    }
-    .unwrap_or(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     on_state(&Socket {
@@ -447,15 +352,15 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> i32 {
         old: old as u8,
         new: new as u8,
         head,
-        sport: u16::from_be(sport_be),
     });
     0
 }
 
 #[inline(always)]
-fn on_state<C: Change>(c: &C) {
+fn on_state(c: &Socket) {
     let Some(s) = scratch() else { return };
-    let (old, new, skaddr, family) = (c.old(), c.new(), c.skaddr(), c.family());
+    let (old, new, skaddr, family) = (c.old, c.new, c.sk, c.family());
+    let all_states = config!(emit_states) != 0;
 
     // Both slots only describe the hit right before this one.
     let pending = s.pending_timer;
@@ -464,25 +369,26 @@ fn on_state<C: Change>(c: &C) {
 
     match (old, new) {
         (st::CLOSE, st::SYN_SENT) => {
-            // connect(), in process context: the caller owns the socket. The local port is not
-            // chosen yet (sport is 0 here); remember the destination to recognise tcp_tw_reuse.
+            // connect(), in process context. The local port is not chosen yet (sport is 0
+            // here); remember the destination to recognise tcp_tw_reuse. The caller is only
+            // recorded for `--all-states`: a TIME_WAIT is charged to whoever closes.
             let mut record = OwnerRecord {
                 role: role::CONNECTED,
-                has_owner: 1,
                 ..OwnerRecord::default()
             };
-            current_owner(&mut record.owner);
+            if all_states {
+                current_owner(&mut record.owner);
+                record.has_owner = 1;
+            }
             store_owner(skaddr, &record, BPF_ANY);
             s.connect_pid_tgid = bpf_get_current_pid_tgid();
             // SAFETY: helper without arguments.
             s.connect_ts = unsafe { bpf_ktime_get_ns() };
             s.connect_family = family as u16;
-            s.connect_dport = c.ports().1;
-            if family == AF_INET6 {
-                s.connect_daddr = c.v6().1;
-            } else {
-                s.connect_daddr[..4].copy_from_slice(&c.v4().1);
-            }
+            s.connect_dport = c.dport();
+            let mut t = Tuple::default();
+            skc_tuple(skaddr, &c.head, &mut t);
+            s.connect_daddr = t.daddr;
         }
         (st::LISTEN, st::SYN_RECV) => {
             // A child socket cloned from a listener, in softirq: the role is known, the owner is
@@ -493,25 +399,10 @@ fn on_state<C: Change>(c: &C) {
             };
             store_owner(skaddr, &record, BPF_NOEXIST);
         }
-        (st::ESTABLISHED | st::SYN_RECV, st::FIN_WAIT1) | (st::CLOSE_WAIT, st::LAST_ACK) => {
-            // close() or shutdown(), in process context: the caller is responsible for what
-            // follows (TIME_WAIT on the active side). Updated in place when recorded already.
-            match OWNERS.get_ptr_mut(&skaddr) {
-                // SAFETY: the value lives in the map; written field by field.
-                Some(r) => unsafe {
-                    current_owner(&mut (*r).owner);
-                    (*r).has_owner = 1;
-                },
-                None => {
-                    let mut record = OwnerRecord {
-                        has_owner: 1,
-                        ..OwnerRecord::default()
-                    };
-                    current_owner(&mut record.owner);
-                    store_owner(skaddr, &record, BPF_ANY);
-                }
-            }
-        }
+        (st::ESTABLISHED | st::SYN_RECV, st::FIN_WAIT1) => record_closer(skaddr),
+        // The passive close never leads to TIME_WAIT: its closer only matters to
+        // `--all-states` (the socket's last transitions run in softirq).
+        (st::CLOSE_WAIT, st::LAST_ACK) if all_states => record_closer(skaddr),
         (_, st::CLOSE) => {
             if pending != 0 {
                 on_close_after_tw_start(c, pending, s.pending_timeout);
@@ -522,7 +413,7 @@ fn on_state<C: Change>(c: &C) {
         _ => {}
     }
 
-    if config!(emit_states) != 0 {
+    if all_states {
         emit(|e: &mut SockEvent| {
             let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
             e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
@@ -540,6 +431,27 @@ fn on_state<C: Change>(c: &C) {
     }
 }
 
+/// close() or shutdown(), in process context: the caller is responsible for what follows
+/// (TIME_WAIT on the active side). Updated in place when recorded already.
+#[inline(always)]
+fn record_closer(skaddr: u64) {
+    match OWNERS.get_ptr_mut(&skaddr) {
+        // SAFETY: the value lives in the map; written field by field.
+        Some(r) => unsafe {
+            current_owner(&mut (*r).owner);
+            (*r).has_owner = 1;
+        },
+        None => {
+            let mut record = OwnerRecord {
+                has_owner: 1,
+                ..OwnerRecord::default()
+            };
+            current_owner(&mut record.owner);
+            store_owner(skaddr, &record, BPF_ANY);
+        }
+    }
+}
+
 #[inline(always)]
 fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
     if OWNERS.insert(&skaddr, record, how as u64).is_err() && how != BPF_NOEXIST {
@@ -550,13 +462,13 @@ fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
 /// `-> CLOSE` right after a TIME_WAIT timer start on this CPU: a birth if the timewait socket
 /// has this socket's 4-tuple (a re-armed timer followed by an unrelated close does not).
 #[inline(always)]
-fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
+fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
     let family = c.family();
     let Some(head) = read_skc(timer - config!(off_tw_timer) as u64) else {
         bump(counter::BIRTH_UNMATCHED);
         return;
     };
-    let (sport, dport) = c.ports();
+    let (sport, dport) = (c.sport(), c.dport());
     let same = head.family == family as u16
         && head.num == sport
         && u16::from_be(head.dport_be) == dport
@@ -565,7 +477,7 @@ fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
         bump(counter::BIRTH_UNMATCHED);
         return;
     }
-    let skaddr = c.skaddr();
+    let skaddr = c.sk;
     emit(|e: &mut SockEvent| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
         e.header = header(kind::TW_BIRTH, family, fl | flags::HAS_TUPLE);
@@ -573,7 +485,7 @@ fn on_close_after_tw_start<C: Change>(c: &C, timer: u64, timeout: u64) {
         e.skaddr = skaddr;
         e.timer = timer;
         e.timeout_jiffies = timeout as u32;
-        e.old_state = c.old();
+        e.old_state = c.old;
         e.new_state = st::CLOSE;
         e.role = rl;
     });
@@ -737,6 +649,30 @@ fn on_tw_expire(timer: u64) {
             None => header(kind::TW_EXPIRE, 0, 0),
         };
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark's floor (hidden `--hooks-only`): the same four hooks, programs that return at
+// once. What entering a BPF program on each of these events costs before any work is done.
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn hook_state(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_start")]
+pub fn hook_timer_start(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_cancel")]
+pub fn hook_timer_cancel(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "timer_expire_entry")]
+pub fn hook_timer_expire(_ctx: BtfTracePointContext) -> i32 {
+    0
 }
 
 // ---------------------------------------------------------------------------------------------

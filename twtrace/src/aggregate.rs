@@ -12,15 +12,14 @@
 //! at most `2 * cap` groups per grouping of about `GROUP_BYTES` each, plus about
 //! `LIVE_TW_BYTES` per TIME_WAIT socket alive (the kernel bounds those by tcp_max_tw_buckets).
 
-use std::{
-    collections::{HashMap, HashSet},
-    fmt,
-    net::SocketAddr,
-    str::FromStr,
-};
+use std::{collections::HashSet, fmt, net::SocketAddr, str::FromStr};
+
+// Every birth and end looks up the live map and four group maps: a fast seeded hash rather than
+// SipHash. The live map's keys are kernel addresses; the group maps hold at most 2 * cap keys.
+use foldhash::{HashMap, HashMapExt as _, HashSetExt as _};
 
 use crate::{
-    decode::{Conn, Process, Role},
+    decode::{Comm, Conn, Process, Role},
     lifecycle::{Event, Reason, TwEnter, TwExit},
 };
 
@@ -90,7 +89,7 @@ pub enum Key {
     /// Remote address and port (`peer`), or a destination the host connected to (`service`).
     Peer(SocketAddr),
     /// Owner process; pid 0 when unknown (`comm` then says why).
-    Process { pid: u32, comm: String },
+    Process { pid: u32, comm: Comm },
 }
 
 /// Owner shown for TIME_WAIT sockets that existed before twtrace started.
@@ -103,7 +102,7 @@ impl fmt::Display for Key {
         match self {
             Key::Port(p) => write!(f, "{p}"),
             Key::Peer(a) => write!(f, "{a}"),
-            Key::Process { pid: 0, comm } => f.write_str(comm),
+            Key::Process { pid: 0, comm } => f.write_str(comm.as_str()),
             Key::Process { pid, comm } => write!(f, "{comm}[{pid}]"),
         }
     }
@@ -279,7 +278,7 @@ pub struct Group {
     rates: RateRing,
     pub lifetimes: Lifetimes,
     /// Most recent distinct owners (pid, comm), newest last.
-    pub owners: Vec<(u32, String)>,
+    pub owners: Vec<(u32, Comm)>,
     /// cgroup id of the most recent owner (resolved to a unit or container by the views).
     pub cgroup_id: Option<u64>,
 }
@@ -293,19 +292,16 @@ impl Group {
         }
         if let Some(p) = owner {
             self.cgroup_id = Some(p.cgroup_id);
-            if let Some(i) = self
-                .owners
-                .iter()
-                .position(|(pid, comm)| *pid == p.pid && *comm == *p.comm)
-            {
-                let o = self.owners.remove(i);
-                self.owners.push(o);
-            } else {
-                if self.owners.len() == OWNERS_PER_GROUP {
-                    self.owners.remove(0);
-                }
-                self.owners.push((p.pid, p.comm.to_string()));
+            let this = (p.pid, p.comm);
+            if self.owners.last() == Some(&this) {
+                return;
             }
+            if let Some(i) = self.owners.iter().position(|o| *o == this) {
+                self.owners.remove(i);
+            } else if self.owners.len() == OWNERS_PER_GROUP {
+                self.owners.remove(0);
+            }
+            self.owners.push(this);
         }
     }
 
@@ -353,8 +349,11 @@ struct Table {
     /// Per slot: the group while it is live.
     groups: Vec<Option<Box<(Key, Group)>>>,
     free: Vec<u32>,
+    /// Boxes of folded groups, for the next new groups.
+    #[expect(clippy::vec_box, reason = "the boxes move into `groups` as they are")]
+    spare: Vec<Box<(Key, Group)>>,
     /// Never folded (exported as metric series: their counters must not go back).
-    pinned: HashSet<Key>,
+    pinned: foldhash::HashSet<Key>,
     other: Group,
     folded_groups: u64,
     cap: usize,
@@ -367,7 +366,8 @@ impl Table {
             refs: Vec::new(),
             groups: Vec::new(),
             free: Vec::new(),
-            pinned: HashSet::new(),
+            spare: Vec::new(),
+            pinned: foldhash::HashSet::new(),
             other: Group::default(),
             folded_groups: 0,
             cap: cap.max(1),
@@ -381,7 +381,15 @@ impl Table {
         if self.map.len() >= 2 * self.cap {
             self.compact();
         }
-        let entry = Some(Box::new((key.clone(), Group::default())));
+        // A folded group's box is reused: with client sockets grouped by local port, a new group
+        // is made for nearly every birth.
+        let entry = Some(match self.spare.pop() {
+            Some(mut b) => {
+                *b = (key.clone(), Group::default());
+                b
+            }
+            None => Box::new((key.clone(), Group::default())),
+        });
         let s = match self.free.pop() {
             Some(s) => {
                 self.refs[s as usize] = LIVE;
@@ -459,19 +467,28 @@ impl Table {
                 Some((if pinned { u64::MAX } else { g.in_time_wait }, g.entered, s))
             })
             .collect();
-        // Largest first: TIME_WAIT now, then births.
-        ranked.sort_unstable_by_key(|&(tw, entered, _)| std::cmp::Reverse((tw, entered)));
+        // Largest first: TIME_WAIT now, then births. Only which side of `cap` a group falls
+        // matters, not the order within either side.
+        ranked.select_nth_unstable_by_key(self.cap, |&(tw, entered, _)| {
+            std::cmp::Reverse((tw, entered))
+        });
         for &(_, _, s) in &ranked[self.cap..] {
             let Some(entry) = self.groups[s as usize].take() else {
                 continue;
             };
-            let (key, group) = *entry;
-            self.map.remove(&key);
-            self.other.absorb(&group);
+            self.map.remove(&entry.0);
+            self.other.absorb(&entry.1);
             self.folded_groups += 1;
-            self.refs[s as usize] = group.in_time_wait.min(u32::MAX as u64 - 1) as u32;
-            if group.in_time_wait == 0 {
+            let tw = entry.1.in_time_wait;
+            self.refs[s as usize] = tw.min(u32::MAX as u64 - 1) as u32;
+            if tw == 0 {
                 self.free.push(s);
+            }
+            // Boxes, live groups and spares, never exceed 2 * cap (a new group takes a spare).
+            if self.spare.len() < self.cap {
+                let mut entry = entry;
+                entry.1 = Group::default();
+                self.spare.push(entry);
             }
         }
         self.map.shrink_to(self.cap * 2);
@@ -488,6 +505,8 @@ impl Table {
             + self.groups.capacity() * 8
             + self.map.capacity() * (size_of::<Key>() + 5)
             + self.free.capacity() * 4
+            + self.spare.capacity() * 8
+            + self.spare.len() * size_of::<(Key, Group)>()
             + self
                 .groups()
                 .map(|(_, g)| {
@@ -604,11 +623,11 @@ impl Aggregator {
             By::Process => match owner {
                 Some(p) => Key::Process {
                     pid: p.pid,
-                    comm: p.comm.to_string(),
+                    comm: p.comm,
                 },
                 None => Key::Process {
                     pid: 0,
-                    comm: if seeded { BEFORE_START } else { UNKNOWN_OWNER }.to_owned(),
+                    comm: if seeded { BEFORE_START } else { UNKNOWN_OWNER }.into(),
                 },
             },
             By::Service => match self.role_of(role, conn) {
@@ -852,10 +871,7 @@ mod tests {
         assert_eq!(find(&a, By::Service, "10.0.0.2:6379").entered, 2);
         assert_eq!(find(&a, By::Service, "443").entered, 1);
         let g = find(&a, By::Peer, "10.0.0.2:6379");
-        assert_eq!(
-            g.owners,
-            vec![(5, "api".to_owned()), (6, "worker".to_owned())]
-        );
+        assert_eq!(g.owners, vec![(5, "api".into()), (6, "worker".into())]);
 
         a.on_event(&exit(1, 70 * S, redis, Reason::Expired, 60_300));
         a.on_event(&exit(3, 12 * S, web_in, Reason::Syn, 1_000));

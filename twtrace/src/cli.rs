@@ -181,10 +181,10 @@ pub struct ProbeArgs {
     /// recursion misses, events received) to this file as JSON
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<std::path::PathBuf>,
-    /// Which flavour of sock:inet_sock_set_state to attach: btf (the default: no trace record,
-    /// no tracefs) or classic (the stable record layout; for comparison in the benchmark)
-    #[arg(long, value_name = "FLAVOUR", default_value = "btf", value_parser = ["btf", "classic"], hide = true)]
-    pub state_tracepoint: String,
+    /// Attach programs that return at once, on the same hooks, and trace nothing: what the
+    /// hooks alone cost (the benchmark's floor)
+    #[arg(long, hide = true)]
+    pub hooks_only: bool,
 }
 
 impl ProbeArgs {
@@ -192,7 +192,7 @@ impl ProbeArgs {
     pub fn options(&self) -> crate::probes::ProbeOptions {
         crate::probes::ProbeOptions {
             ring_size: self.ring_size,
-            classic_state: self.state_tracepoint == "classic",
+            hooks_only: self.hooks_only,
             ..Default::default()
         }
     }

@@ -16,10 +16,11 @@
 //!
 //! Pure: fed events built in code by the unit tests.
 
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+// Every event passes through these maps: a fast (seeded) hash rather than SipHash. Their keys
+// are kernel addresses and 4-tuples known at start, not values a remote peer picks.
+use foldhash::HashMap;
 
 use crate::decode::{Conn, KernelEvent, Process, Role};
 
@@ -104,7 +105,7 @@ impl Event {
 
 /// One live TIME_WAIT socket, kept small: there can be hundreds of thousands (64 bytes: the
 /// 4-tuple packed, the owner interned).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Live {
     birth_ts: u64,
     conn: PackedConn,
@@ -118,6 +119,61 @@ struct Live {
 }
 
 const NO_OWNER: u32 = u32::MAX;
+
+/// The TIME_WAIT sockets alive, by timer address: records in a slab, and an index of 16-byte
+/// slots. Every birth inserts at a random kernel address; a small index keeps that insert
+/// within cache far longer than a table of whole records would (and reuses freed records).
+#[derive(Default)]
+struct LiveSet {
+    index: HashMap<u64, u32>,
+    slab: Vec<Live>,
+    free: Vec<u32>,
+}
+
+impl LiveSet {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Returns the record this one replaces, if the timer was alive already.
+    fn insert(&mut self, timer: u64, live: Live) -> Option<Live> {
+        use std::collections::hash_map::Entry;
+        match self.index.entry(timer) {
+            Entry::Occupied(e) => Some(std::mem::replace(&mut self.slab[*e.get() as usize], live)),
+            Entry::Vacant(e) => {
+                let i = match self.free.pop() {
+                    Some(i) => {
+                        self.slab[i as usize] = live;
+                        i
+                    }
+                    None => {
+                        self.slab.push(live);
+                        (self.slab.len() - 1) as u32
+                    }
+                };
+                e.insert(i);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, timer: u64) -> Option<Live> {
+        let i = self.index.remove(&timer)?;
+        self.free.push(i);
+        Some(self.slab[i as usize])
+    }
+
+    fn get_mut(&mut self, timer: u64) -> Option<&mut Live> {
+        let i = *self.index.get(&timer)?;
+        Some(&mut self.slab[i as usize])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &Live)> + '_ {
+        self.index
+            .iter()
+            .map(|(&timer, &i)| (timer, &self.slab[i as usize]))
+    }
+}
 
 /// A connection's two ends in 36 bytes (`Conn` takes 64).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +300,7 @@ pub struct LifecycleStats {
 
 #[derive(Default)]
 pub struct Lifecycle {
-    live: HashMap<u64, Live>,
+    live: LiveSet,
     owners: Owners,
     /// Indexed by CPU: at most one unexplained cancel per CPU.
     pending: Vec<Option<PendingCancel>>,
@@ -265,7 +321,7 @@ impl Lifecycle {
     /// Every TIME_WAIT socket alive now that this lifecycle knows (born since start, or
     /// seeded), as `Enter` events with their birth time: a new aggregate adopts them.
     pub fn alive(&self) -> impl Iterator<Item = TwEnter> + '_ {
-        let born = self.live.iter().map(|(&timer, l)| TwEnter {
+        let born = self.live.iter().map(|(timer, l)| TwEnter {
             ts_ns: l.birth_ts,
             timer,
             conn: l.conn.into(),
@@ -303,7 +359,7 @@ impl Lifecycle {
         out: &mut Vec<Event>,
     ) {
         let packed = PackedConn::from(conn);
-        if self.seeds.contains_key(&conn) || self.live.values().any(|l| l.conn == packed) {
+        if self.seeds.contains_key(&conn) || self.live.iter().any(|(_, l)| l.conn == packed) {
             return;
         }
         self.seeds.insert(
@@ -337,7 +393,7 @@ impl Lifecycle {
                 }
                 KernelEvent::Rearm { timer, .. } if *timer == p.timer => {
                     self.stats.rearms += 1;
-                    if let Some(live) = self.live.get_mut(&p.timer) {
+                    if let Some(live) = self.live.get_mut(p.timer) {
                         live.last_cancel_ts = p.ts_ns;
                         live.last_cancel_reuse = p.reuse;
                     }
@@ -414,7 +470,9 @@ impl Lifecycle {
     fn on_birth(&mut self, enter: TwEnter, out: &mut Vec<Event>) {
         // Born between attach and the seeding dump: the birth replaces the seed (the
         // aggregator does the same by 4-tuple).
-        self.seeds.remove(&enter.conn);
+        if !self.seeds.is_empty() {
+            self.seeds.remove(&enter.conn);
+        }
         // Timewait sockets are freed and their memory reused at once. A cancel of this timer
         // still waiting on another CPU is the death of the previous socket at this address.
         for cpu in 0..self.pending.len() {
@@ -426,9 +484,18 @@ impl Lifecycle {
                 self.end_early(p, out);
             }
         }
+        self.stats.births += 1;
+        let born = Live {
+            birth_ts: enter.ts_ns,
+            conn: enter.conn.into(),
+            owner: self.owners.intern(enter.owner),
+            role: enter.role,
+            last_cancel_ts: 0,
+            last_cancel_reuse: false,
+        };
         // Still alive: its death was hidden behind a cancel that looked like a re-arm (the new
         // socket's timer started right after the old one's cancel on the same CPU), or lost.
-        if let Some(old) = self.live.remove(&enter.timer) {
+        if let Some(old) = self.live.insert(enter.timer, born) {
             self.stats.replaced += 1;
             let (ts, reuse) = if old.last_cancel_ts != 0 {
                 (old.last_cancel_ts, old.last_cancel_reuse)
@@ -452,18 +519,6 @@ impl Lifecycle {
                 seeded: false,
             }));
         }
-        self.stats.births += 1;
-        self.live.insert(
-            enter.timer,
-            Live {
-                birth_ts: enter.ts_ns,
-                conn: enter.conn.into(),
-                owner: self.owners.intern(enter.owner),
-                role: enter.role,
-                last_cancel_ts: 0,
-                last_cancel_reuse: false,
-            },
-        );
         out.push(Event::Enter(enter));
     }
 
@@ -484,7 +539,7 @@ impl Lifecycle {
         conn: Option<Conn>,
         out: &mut Vec<Event>,
     ) {
-        let exit = match self.live.remove(&timer) {
+        let exit = match self.live.remove(timer) {
             Some(live) => TwExit {
                 ts_ns,
                 timer,

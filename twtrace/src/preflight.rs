@@ -45,18 +45,10 @@ pub struct KernelInfo {
     pub mounted_tracefs: bool,
 }
 
-/// Which classic tracepoints will be attached (they need tracefs and a known record layout);
-/// the BTF ones need neither.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Classic {
-    /// sock:inet_sock_set_state as a classic tracepoint (`--state-tracepoint classic`).
-    pub state: bool,
-    /// sched:sched_process_fork (`exec`).
-    pub fork: bool,
-}
-
-pub fn check(classic: Classic) -> Result<KernelInfo, Failure> {
-    check_privileges(effective_caps()?, classic.state || classic.fork)?;
+/// `fork`: the one classic tracepoint, sched:sched_process_fork (`exec`), will be attached: it
+/// needs tracefs and a known record layout. The BTF tracepoints need neither.
+pub fn check(fork: bool) -> Result<KernelInfo, Failure> {
+    check_privileges(effective_caps()?, fork)?;
     let release = kernel_release();
     check_kernel_version(&release)?;
     let mut info = btf_offsets()?;
@@ -64,9 +56,9 @@ pub fn check(classic: Classic) -> Result<KernelInfo, Failure> {
     let (tw, reqsk) = kallsyms()?;
     info.tw_timer_fn = tw;
     info.reqsk_timer_fn = reqsk;
-    if classic.state || classic.fork {
+    if fork {
         let (tracefs, mounted) = tracefs()?;
-        check_formats(&tracefs, classic)?;
+        check_formats(&tracefs)?;
         info.tracefs = tracefs;
         info.mounted_tracefs = mounted;
     }
@@ -295,46 +287,36 @@ pub fn tracefs_from_mounts(mounts: &str) -> Option<PathBuf> {
     found
 }
 
-/// The classic tracepoints whose records the programs read. (The others are BTF tracepoints: no
+/// The classic tracepoint whose record a program reads. (The others are BTF tracepoints: no
 /// record, no tracefs; the verifier checks their arguments' types against the kernel's BTF.)
-const TRACEPOINTS: [(&str, &str, &[tp::Field]); 1] = [(
-    "sock",
-    "inet_sock_set_state",
-    tp::inet_sock_set_state::FIELDS,
-)];
-
 const FORK_TRACEPOINT: (&str, &str, &[tp::Field]) = (
     "sched",
     "sched_process_fork",
     tp::sched_process_fork::FIELDS,
 );
 
-fn check_formats(tracefs: &Path, classic: Classic) -> Result<(), Failure> {
-    let state = TRACEPOINTS.into_iter().filter(|_| classic.state);
-    let fork = classic.fork.then_some(FORK_TRACEPOINT);
-    for (category, name, fields) in state.chain(fork) {
-        let path = tracefs
-            .join("events")
-            .join(category)
-            .join(name)
-            .join("format");
-        let text = fs::read_to_string(&path).map_err(|e| {
-            let code = if e.kind() == ErrorKind::PermissionDenied {
-                Code::Privilege
-            } else {
-                Code::Kernel
-            };
-            Failure::new(
-                code,
-                format!(
-                    "cannot read tracepoint {category}:{name} ({}): {e}",
-                    path.display()
-                ),
-            )
-        })?;
-        check_format(category, name, &text, fields)?;
-    }
-    Ok(())
+fn check_formats(tracefs: &Path) -> Result<(), Failure> {
+    let (category, name, fields) = FORK_TRACEPOINT;
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = fs::read_to_string(&path).map_err(|e| {
+        let code = if e.kind() == ErrorKind::PermissionDenied {
+            Code::Privilege
+        } else {
+            Code::Kernel
+        };
+        Failure::new(
+            code,
+            format!(
+                "cannot read tracepoint {category}:{name} ({}): {e}",
+                path.display()
+            ),
+        )
+    })?;
+    check_format(category, name, &text, fields)
 }
 
 /// `field:TYPE NAME; offset:N; size:N; signed:N;` lines (tab separated) -> (name, offset,
@@ -513,13 +495,7 @@ mod tests {
             eprintln!("tracefs not mounted here: skipped");
             return;
         };
-        if let Err(e) = check_formats(
-            &tracefs,
-            Classic {
-                state: true,
-                fork: true,
-            },
-        ) {
+        if let Err(e) = check_formats(&tracefs) {
             assert_eq!(e.code, Code::Privilege, "{}", e.message);
         }
     }

@@ -21,17 +21,21 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
 /// (program, category, tracepoint); category "btf" is a BTF tracepoint, anything else a classic
-/// one. The state program is one of the two below.
-pub const PROGRAMS: [(&str, &str, &str); 3] = [
+/// one.
+pub const PROGRAMS: [(&str, &str, &str); 4] = [
+    ("inet_sock_set_state", "btf", "inet_sock_set_state"),
     ("timer_start", "btf", "timer_start"),
     ("timer_cancel", "btf", "timer_cancel"),
     ("timer_expire_entry", "btf", "timer_expire_entry"),
 ];
 
-/// sock:inet_sock_set_state, as a BTF tracepoint (the default) or a classic one.
-pub const STATE_BTF: (&str, &str, &str) = ("inet_sock_set_state_btf", "btf", "inet_sock_set_state");
-pub const STATE_CLASSIC: (&str, &str, &str) =
-    ("inet_sock_set_state", "sock", "inet_sock_set_state");
+/// The benchmark's floor (`--hooks-only`): programs that return at once, on the same hooks.
+pub const HOOKS_ONLY: [(&str, &str, &str); 4] = [
+    ("hook_state", "btf", "inet_sock_set_state"),
+    ("hook_timer_start", "btf", "timer_start"),
+    ("hook_timer_cancel", "btf", "timer_cancel"),
+    ("hook_timer_expire", "btf", "timer_expire_entry"),
+];
 
 /// Attached only when a process tree is tracked (`exec`).
 pub const FORK_PROGRAM: (&str, &str, &str) = ("sched_process_fork", "sched", "sched_process_fork");
@@ -43,9 +47,9 @@ pub struct ProbeOptions {
     pub emit_states: bool,
     /// Follow a process tree through its forks (`exec`).
     pub track_forks: bool,
-    /// The classic flavour of the state tracepoint instead of the BTF one (for comparison:
-    /// `--state-tracepoint classic`).
-    pub classic_state: bool,
+    /// Attach `HOOKS_ONLY` instead of the real programs: nothing is traced (the benchmark's
+    /// floor, `--hooks-only`).
+    pub hooks_only: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -106,10 +110,7 @@ fn first_line(s: &str) -> String {
 
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
-        let info = preflight::check(preflight::Classic {
-            state: opts.classic_state,
-            fork: opts.track_forks,
-        })?;
+        let info = preflight::check(opts.track_forks)?;
         if info.mounted_tracefs {
             eprintln!(
                 "twtrace: mounted tracefs at {} (it was not mounted)",
@@ -147,16 +148,16 @@ impl Probes {
                     ),
                 )
             })?;
-        let state = if opts.classic_state {
-            STATE_CLASSIC
+        let programs = if opts.hooks_only {
+            HOOKS_ONLY
         } else {
-            STATE_BTF
+            PROGRAMS
         };
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
         // The kernel's type information, which BTF tracepoints are loaded against (preflight
         // has already read it once and found what it needs).
         let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read BTF", e))?;
-        for (prog, category, name) in [state].into_iter().chain(PROGRAMS).chain(fork) {
+        for (prog, category, name) in programs.into_iter().chain(fork) {
             let place = if category == "btf" {
                 format!("BTF tracepoint {name}")
             } else {
@@ -228,9 +229,9 @@ impl Probes {
 
     /// The loaded programs' kernel statistics.
     pub fn program_stats(&self) -> Vec<ProgramStats> {
-        [STATE_BTF, STATE_CLASSIC]
+        PROGRAMS
             .iter()
-            .chain(PROGRAMS.iter())
+            .chain(HOOKS_ONLY.iter())
             .chain([FORK_PROGRAM].iter())
             .filter_map(|(name, _, _)| {
                 let fd = self.ebpf.program(name)?.fd().ok()?;

@@ -101,7 +101,12 @@ fn row(key: String, g: &Group, ctx: &Context) -> Row {
         p99_ms: g.lifetimes.quantile_ms(0.99),
         max_ms: g.lifetimes.max_ms(),
         exits: g.exits,
-        processes: g.owners.iter().rev().cloned().collect(),
+        processes: g
+            .owners
+            .iter()
+            .rev()
+            .map(|(pid, comm)| (*pid, comm.to_string()))
+            .collect(),
         cgroup_id: g.cgroup_id,
     }
 }

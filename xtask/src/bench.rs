@@ -3,13 +3,14 @@
 //!
 //! For each scenario it runs the same load twice per repeat, interleaved: A (the load alone) and
 //! B (the load with one tracer attached), each run in a fresh network namespace so that the
-//! TIME_WAIT of one run never slows the next. The load is `twt-loadgen` (tests/src/bin), client
+//! TIME_WAIT of one run never slows the next; then one cost run C (traced, with
+//! `kernel.bpf_stats_enabled=1`, which times every program run and so is kept out of the A/B
+//! ratios). The load is `twt-loadgen` (tests/src/bin), client
 //! closes first: one TIME_WAIT per connection. Tracers run in the host namespace (the kernel
 //! programs see every namespace).
 //!
 //! Measured per run: connections/s; for twtrace its own `--stats-json` (kernel counters, each
-//! program's run time and run count with `kernel.bpf_stats_enabled=1`, recursion misses, events
-//! received), its CPU time from /proc/PID/stat (at attach, just before SIGINT, and as a zombie
+//! program's run time and run count in the cost run, recursion misses, events received), its CPU time from /proc/PID/stat (at attach, just before SIGINT, and as a zombie
 //! right after it exits, before it is reaped: the full total) and its peak RSS (VmHWM, read
 //! while it runs: it is gone from a zombie); for the peers their programs' run time through
 //! bpftool (found by the program ids in the tracer's own /proc/PID/fdinfo) and the losses they
@@ -37,7 +38,7 @@ use crate::setup;
 
 const USAGE: &str = "\
 usage: cargo +stable xtask bench [--repeats N] [--seconds S] [--quick] [--threads N]
-                                 [--only watch,watch-classic,report,serve,tcpstates,bpftrace,floor]
+                                 [--only watch,report,serve,hooks,tcpstates,bpftrace,floor]
                                  [--no-bpf-stats]
 
   --repeats N   interleaved A/B pairs per scenario (default 5)
@@ -45,8 +46,8 @@ usage: cargo +stable xtask bench [--repeats N] [--seconds S] [--quick] [--thread
   --quick       smoke run: 2 repeats of 3 s
   --threads N   loadgen client threads and server threads, each (default 2)
   --only LIST   only these scenarios (comma-separated)
-  --no-bpf-stats  leave kernel.bpf_stats_enabled alone: no per-program run time, and no
-                clock reads added to every program run (the ratio without that overhead)
+  --no-bpf-stats  no cost run with kernel.bpf_stats_enabled=1 (no per-program run time);
+                the A/B pairs always run with it off: it slows every BPF program run
 
 Runs as root. Writes target/bench/bench-<unix time>.json and target/bench/latest.json.";
 
@@ -623,8 +624,8 @@ fn bpftool_prog(id: u64) -> Option<Json> {
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// Sets kernel.bpf_stats_enabled=1 for the runs and restores the previous value when dropped
-/// (normal end, error, panic). A Ctrl-C kills xtask before any destructor runs: for that, a
+/// Restores kernel.bpf_stats_enabled (switched on for the cost runs only, see `set_bpf_stats`)
+/// to its previous value when dropped (normal end, error, panic). A Ctrl-C kills xtask before any destructor runs: for that, a
 /// guard process (its own process group, SIGINT ignored) waits for xtask to disappear and then
 /// restores the value, deletes this run's namespaces and stops the tracer of the moment.
 struct Restore {
@@ -634,7 +635,7 @@ struct Restore {
 }
 
 impl Restore {
-    fn new(state_dir: &Path, enable: bool) -> Result<Self, String> {
+    fn new(state_dir: &Path) -> Result<Self, String> {
         let prev = fs::read_to_string(BPF_STATS)
             .map_err(|e| format!("cannot read {BPF_STATS}: {e}"))?
             .trim()
@@ -673,11 +674,16 @@ echo 'xtask bench: interrupted: restored kernel.bpf_stats_enabled={prev}, remove
         if guard.is_none() {
             eprintln!("xtask bench: no guard process: a Ctrl-C would leave bpf stats enabled");
         }
-        if enable {
-            fs::write(BPF_STATS, "1").map_err(|e| format!("cannot enable bpf stats: {e}"))?;
-        }
+        // The throughput runs are measured without it: it adds two clock reads to every run of
+        // every BPF program, which is the instrument's cost, not the tracer's.
+        set_bpf_stats(false)?;
         Ok(Self { prev, flag, guard })
     }
+}
+
+fn set_bpf_stats(on: bool) -> Result<(), String> {
+    fs::write(BPF_STATS, if on { "1" } else { "0" })
+        .map_err(|e| format!("cannot set kernel.bpf_stats_enabled: {e}"))
 }
 
 impl Drop for Restore {
@@ -750,11 +756,10 @@ impl Drop for Netns {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Watch,
-    /// watch with the classic flavour of the state tracepoint (the raw one is the default):
-    /// both measured side by side.
-    WatchClassic,
     Report,
     Serve,
+    /// twtrace's floor: its hooks with programs that return at once (`--hooks-only`).
+    Hooks,
     Tcpstates,
     Bpftrace,
     Floor,
@@ -763,9 +768,9 @@ enum Kind {
 impl Kind {
     const ALL: [Kind; 7] = [
         Kind::Watch,
-        Kind::WatchClassic,
         Kind::Report,
         Kind::Serve,
+        Kind::Hooks,
         Kind::Tcpstates,
         Kind::Bpftrace,
         Kind::Floor,
@@ -774,9 +779,9 @@ impl Kind {
     fn key(self) -> &'static str {
         match self {
             Kind::Watch => "watch",
-            Kind::WatchClassic => "watch-classic",
             Kind::Report => "report",
             Kind::Serve => "serve",
+            Kind::Hooks => "hooks",
             Kind::Tcpstates => "tcpstates",
             Kind::Bpftrace => "bpftrace",
             Kind::Floor => "floor",
@@ -786,20 +791,28 @@ impl Kind {
     fn label(self) -> &'static str {
         match self {
             Kind::Watch => "twtrace watch",
-            Kind::WatchClassic => "watch, classic state tp",
             Kind::Report => "twtrace report",
             Kind::Serve => "twtrace serve",
+            Kind::Hooks => "floor: twtrace hooks",
             Kind::Tcpstates => "tcpstates (libbpf)",
             Kind::Bpftrace => "bpftrace count",
-            Kind::Floor => "floor: 4 tracepoints",
+            Kind::Floor => "floor: classic tps",
         }
     }
 
+    /// twtrace tracing: the targets apply.
     fn twtrace(self) -> bool {
-        matches!(
-            self,
-            Kind::Watch | Kind::WatchClassic | Kind::Report | Kind::Serve
-        )
+        matches!(self, Kind::Watch | Kind::Report | Kind::Serve)
+    }
+
+    /// Runs the twtrace binary (and reads its `--stats-json`).
+    fn runs_twtrace(self) -> bool {
+        self.twtrace() || self == Kind::Hooks
+    }
+
+    /// A floor: programs on twtrace's events that do no work.
+    fn floor(self) -> bool {
+        matches!(self, Kind::Hooks | Kind::Floor)
     }
 
     fn bpftrace(self) -> bool {
@@ -810,9 +823,9 @@ impl Kind {
 const BPFTRACE_PROG: &str =
     "tracepoint:sock:inet_sock_set_state { @states[args->newstate] = count(); }";
 
-/// The floor: bpftrace programs whose filters never match, on the classic tracepoints of the
-/// same four events (twtrace itself uses raw tracepoints for the timer: bpftrace 0.17 cannot
-/// attach there). What attaching classic programs there costs before any program works.
+/// The classic floor: bpftrace programs whose filters never match, on the classic tracepoints of
+/// the same four events (bpftrace 0.17 cannot attach BTF tracepoints, as twtrace does; `hooks`
+/// is that floor). What attaching classic programs there costs before any program works.
 const FLOOR_PROG: &str = "\
 tracepoint:timer:timer_start /args->expires == 1/ { @a = count(); }
 tracepoint:timer:timer_cancel /args->timer == 0/ { @b = count(); }
@@ -876,19 +889,19 @@ impl Ctx {
         let mut stats_file = None;
         let mut serve_port = None;
         let mut cmd = match kind {
-            Kind::Watch | Kind::WatchClassic | Kind::Report | Kind::Serve => {
+            Kind::Watch | Kind::Report | Kind::Serve | Kind::Hooks => {
                 let f = self.state_dir.join(format!("stats-{run}.json"));
                 // `serve` writes it as the unprivileged user it drops to.
                 fs::write(&f, "").map_err(|e| format!("{}: {e}", f.display()))?;
                 let _ = fs::set_permissions(&f, fs::Permissions::from_mode(0o666));
                 let mut c = Command::new(&self.twtrace);
                 match kind {
-                    Kind::Watch | Kind::WatchClassic => {
+                    Kind::Watch | Kind::Hooks => {
                         // --duration only bounds it should xtask die: it is stopped by SIGINT.
                         c.args(["watch", "--json", "--duration"])
                             .arg(format!("{}s", self.seconds + 60));
-                        if kind == Kind::WatchClassic {
-                            c.args(["--state-tracepoint", "classic"]);
+                        if kind == Kind::Hooks {
+                            c.arg("--hooks-only");
                         }
                     }
                     Kind::Report => {
@@ -982,7 +995,7 @@ impl Ctx {
             if started.elapsed() >= limit {
                 return Err(format!("{} did not attach within {limit:?}", kind.label()));
             }
-            if kind.twtrace() {
+            if kind.runs_twtrace() {
                 match rx.recv_timeout(Duration::from_millis(50)) {
                     Ok(l) => {
                         if l.contains("tracing TIME_WAIT")
@@ -1077,7 +1090,7 @@ impl Tracer {
             ..Default::default()
         };
         // Peers: their programs' counters, by the program ids the process holds.
-        if !self.kind.twtrace() {
+        if !self.kind.runs_twtrace() {
             for id in proc_prog_ids(self.pid) {
                 if let Some(p) = bpftool_prog(id) {
                     let name = p.get("name").and_then(Json::str).unwrap_or("?").to_owned();
@@ -1384,11 +1397,30 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         .collect();
     let rates = |v: &[&Run]| v.iter().map(|r| r.rate).collect::<Vec<_>>();
     let conns: f64 = b.iter().map(|r| r.connections).sum();
-    let per_conn = |x: f64| if conns > 0.0 { Some(x / conns) } else { None };
     let trs: Vec<&TracerResult> = b.iter().filter_map(|r| r.tracer.as_ref()).collect();
+    // Each program's cost comes from the cost run (bpf stats on; run counts too are only kept
+    // then), or from the pairs' runs when there is none (the peers' own figures).
+    let c: Vec<&Run> = runs.iter().filter(|r| r.side == 'C').collect();
+    let cost_runs = if c.is_empty() { &b } else { &c };
+    let cost_conns: f64 = cost_runs.iter().map(|r| r.connections).sum();
+    let per_conn = |x: f64| {
+        if cost_conns > 0.0 {
+            Some(x / cost_conns)
+        } else {
+            None
+        }
+    };
+    let cost_trs: Vec<&TracerResult> = cost_runs.iter().filter_map(|r| r.tracer.as_ref()).collect();
+    // Recursion misses are counted whether or not stats are on: all traced runs.
+    let recursion: f64 = b
+        .iter()
+        .chain(&c)
+        .filter_map(|r| r.tracer.as_ref())
+        .flat_map(|t| t.progs.iter().map(|p| p.3))
+        .sum();
     // Programs, summed over runs by name.
     let mut names: Vec<String> = Vec::new();
-    for t in &trs {
+    for t in &cost_trs {
         for p in &t.progs {
             if !names.contains(&p.0) {
                 names.push(p.0.clone());
@@ -1397,7 +1429,7 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
     }
     let sum_prog = |pred: &dyn Fn(&str) -> bool| {
         let (mut ns, mut cnt, mut rec) = (0.0, 0.0, 0.0);
-        for t in &trs {
+        for t in &cost_trs {
             for p in t.progs.iter().filter(|p| pred(&p.0)) {
                 ns += p.1;
                 cnt += p.2;
@@ -1417,10 +1449,12 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
             rec,
         ));
     }
-    let (all_ns, all_cnt, recursion) = sum_prog(&|_| true);
-    let (st_ns, st_cnt, _) =
-        sum_prog(&|p: &str| p.starts_with("inet_sock_set_s") || p == "handle_set_state");
-    let (tm_ns, tm_cnt, _) = sum_prog(&|p: &str| p.starts_with("timer_"));
+    let (all_ns, all_cnt, _) = sum_prog(&|_| true);
+    let (st_ns, st_cnt, _) = sum_prog(&|p: &str| {
+        p.starts_with("inet_sock_set_s") || p == "handle_set_state" || p == "hook_state"
+    });
+    let (tm_ns, tm_cnt, _) =
+        sum_prog(&|p: &str| p.starts_with("timer_") || p.starts_with("hook_timer"));
     let ratio_of = |n: f64, d: f64| if d > 0.0 { Some(n / d) } else { None };
     let stat_sum = |path: &[&str]| -> Option<f64> {
         let v: Vec<f64> = trs
@@ -1437,10 +1471,6 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
     let emitted = stat_sum(&["kernel", "emitted"]);
     let ring_lost = stat_sum(&["kernel", "lost"]);
     let malformed = stat_sum(&["malformed"]);
-    let events = match (emitted, ring_lost) {
-        (Some(e), Some(l)) => Some(e + l),
-        _ => None,
-    };
     // twtrace's CPU: between attach and SIGINT (the steady cost of the load) and in all.
     let steady: Vec<(f64, f64)> = trs
         .iter()
@@ -1524,7 +1554,8 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
             if !t.stopped.starts_with("SIGINT") || t.stopped.contains('(') {
                 notes.push(format!("run B{}: tracer {}", r.repeat + 1, t.stopped));
             }
-            if let Some(st) = &t.stats {
+            // A floor traces nothing: no births to compare.
+            if let Some(st) = t.stats.as_ref().filter(|_| kind.twtrace()) {
                 let extra = st.f(&["births"]) - r.connections;
                 if extra > 0.0 {
                     let http = if t.http_requests > 0 {
@@ -1568,7 +1599,12 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         timer_ns: ratio_of(tm_ns, tm_cnt),
         kernel_ns_per_conn: per_conn(all_ns),
         kernel_ns_per_event: if kind.twtrace() {
-            events.and_then(|e| ratio_of(all_ns, e))
+            let cost_events: f64 = cost_trs
+                .iter()
+                .filter_map(|t| t.stats.as_ref())
+                .map(|s| s.f(&["kernel", "emitted"]) + s.f(&["kernel", "lost"]))
+                .sum();
+            ratio_of(all_ns, cost_events)
         } else {
             ratio_of(all_ns, all_cnt)
         },
@@ -1708,9 +1744,9 @@ fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
     }
     line(String::new());
     line(format!(
-        "kernel cost per program (all traced runs: run_time_ns / run_cnt{})",
+        "kernel cost per program (run_time_ns / run_cnt{})",
         if o.bpf_stats {
-            ", kernel.bpf_stats_enabled=1"
+            " in the cost run, kernel.bpf_stats_enabled=1; recursion misses: all traced runs"
         } else {
             "; --no-bpf-stats: not measured"
         }
@@ -1739,7 +1775,7 @@ fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
                 f0(Some(p.4))
             ));
         }
-        if s.kind.twtrace() || s.kind == Kind::Floor {
+        if s.kind.twtrace() || s.kind.floor() {
             line(format!(
                 "  {:<20} {:<22} {:>8}",
                 name(),
@@ -2179,7 +2215,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         threads: o.threads,
         runs: 0,
     };
-    let restore = Restore::new(&state_dir, o.bpf_stats)?;
+    let restore = Restore::new(&state_dir)?;
     let result = bench(&mut ctx, &o, &kinds, &mut skipped);
     drop(restore);
     let _ = fs::remove_dir_all(&state_dir);
@@ -2346,6 +2382,25 @@ fn bench(
         if let Some(e) = failed {
             skipped.push(format!("{}: failed: {e}", k.key()));
             continue;
+        }
+        if o.bpf_stats {
+            // One more traced run, with kernel.bpf_stats_enabled=1: each program's run time and
+            // run count. Not in the ratios (the clock reads slow every program run).
+            set_bpf_stats(true)?;
+            let c = ctx.run_one(Some(k), k.key(), o.repeats);
+            set_bpf_stats(false)?;
+            match c {
+                Ok(mut c) => {
+                    c.side = 'C';
+                    println!(
+                        "bench: {:<20} cost run (bpf stats on) {:>9} conn/s",
+                        k.label(),
+                        f0(Some(c.rate))
+                    );
+                    runs.push(c);
+                }
+                Err(e) => println!("bench: {}: cost run failed: {e}", k.label()),
+            }
         }
         sums.push(summarize(k, &runs));
         all.extend(runs);

@@ -1,13 +1,16 @@
 //! `twtrace watch`: every TIME_WAIT birth and death as it happens, as text or JSON lines.
 
-use std::io::{self, Write};
+use std::{
+    io::{self, Write},
+    net::IpAddr,
+};
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 use crate::{
     cli::WatchArgs,
     clock::{WallClock, hms_millis, jiffies_to_ms},
-    decode::{Conn, Process, Role},
+    decode::Role,
     filter::Filter,
     lifecycle::Event,
     probes::ProbeOptions,
@@ -107,69 +110,91 @@ impl Renderer {
         .to_owned()
     }
 
-    pub fn json(&self, ev: &Event) -> Value {
-        let mut m = Map::new();
-        let (name, conn, owner, role) = match ev {
-            Event::Enter(e) => ("tw_enter", Some(e.conn), e.owner.as_ref(), e.role),
-            Event::Exit(e) => ("tw_exit", e.conn, e.owner.as_ref(), e.role),
-            Event::State(e) => ("state", Some(e.conn), e.owner.as_ref(), e.role),
+    /// The JSON line of an event, serialized straight to the output (no map built per event).
+    pub fn json<'a>(&self, ev: &'a Event) -> JsonLine<'a> {
+        let (event, conn, owner, role, detail) = match ev {
+            Event::Enter(e) => (
+                "tw_enter",
+                Some(e.conn),
+                e.owner.as_ref(),
+                e.role,
+                Detail::Enter {
+                    timeout_ms: jiffies_to_ms(e.timeout_jiffies, self.hz),
+                },
+            ),
+            Event::Exit(e) => (
+                "tw_exit",
+                e.conn,
+                e.owner.as_ref(),
+                e.role,
+                Detail::Exit {
+                    reason: e.reason.as_str(),
+                    lifetime_ms: e.lifetime_ns.map(|ns| ns / 1_000_000),
+                },
+            ),
+            Event::State(e) => (
+                "state",
+                Some(e.conn),
+                e.owner.as_ref(),
+                e.role,
+                Detail::State {
+                    old_state: state_name(e.old_state),
+                    new_state: state_name(e.new_state),
+                },
+            ),
         };
-        m.insert("event".into(), json!(name));
-        m.insert("ts_ns".into(), json!(self.wall.epoch_ns(ev.ts_ns())));
-        insert_conn(&mut m, conn.as_ref());
-        m.insert("role".into(), json!(role.as_str()));
-        insert_owner(&mut m, owner);
-        match ev {
-            Event::Enter(e) => {
-                m.insert(
-                    "timeout_ms".into(),
-                    json!(jiffies_to_ms(e.timeout_jiffies, self.hz)),
-                );
-            }
-            Event::Exit(e) => {
-                m.insert("reason".into(), json!(e.reason.as_str()));
-                m.insert(
-                    "lifetime_ms".into(),
-                    json!(e.lifetime_ns.map(|ns| ns / 1_000_000)),
-                );
-            }
-            Event::State(e) => {
-                m.insert("old_state".into(), json!(state_name(e.old_state)));
-                m.insert("new_state".into(), json!(state_name(e.new_state)));
-            }
-        }
-        Value::Object(m)
-    }
-}
-
-fn insert_conn(m: &mut Map<String, Value>, conn: Option<&Conn>) {
-    match conn {
-        Some(c) => {
-            m.insert("family".into(), json!(c.family()));
-            m.insert("local_addr".into(), json!(c.local.ip().to_string()));
-            m.insert("local_port".into(), json!(c.local.port()));
-            m.insert("remote_addr".into(), json!(c.remote.ip().to_string()));
-            m.insert("remote_port".into(), json!(c.remote.port()));
-        }
-        None => {
-            for k in [
-                "family",
-                "local_addr",
-                "local_port",
-                "remote_addr",
-                "remote_port",
-            ] {
-                m.insert(k.into(), Value::Null);
-            }
+        JsonLine {
+            event,
+            ts_ns: self.wall.epoch_ns(ev.ts_ns()),
+            family: conn.map(|c| c.family()),
+            local_addr: conn.map(|c| c.local.ip()),
+            local_port: conn.map(|c| c.local.port()),
+            remote_addr: conn.map(|c| c.remote.ip()),
+            remote_port: conn.map(|c| c.remote.port()),
+            role: role.as_str(),
+            pid: owner.map(|p| p.pid),
+            tid: owner.map(|p| p.tid),
+            comm: owner.map(|p| p.comm.as_str()),
+            cgroup_id: owner.map(|p| p.cgroup_id),
+            detail,
         }
     }
 }
 
-fn insert_owner(m: &mut Map<String, Value>, owner: Option<&Process>) {
-    m.insert("pid".into(), json!(owner.map(|p| p.pid)));
-    m.insert("tid".into(), json!(owner.map(|p| p.tid)));
-    m.insert("comm".into(), json!(owner.map(|p| p.comm.as_str())));
-    m.insert("cgroup_id".into(), json!(owner.map(|p| p.cgroup_id)));
+/// One `watch --json` line. Every key is always present (null when unknown), plus the keys of
+/// the event's kind.
+#[derive(Serialize)]
+pub struct JsonLine<'a> {
+    event: &'static str,
+    ts_ns: u64,
+    family: Option<u8>,
+    local_addr: Option<IpAddr>,
+    local_port: Option<u16>,
+    remote_addr: Option<IpAddr>,
+    remote_port: Option<u16>,
+    role: &'static str,
+    pid: Option<u32>,
+    tid: Option<u32>,
+    comm: Option<&'a str>,
+    cgroup_id: Option<u64>,
+    #[serde(flatten)]
+    detail: Detail,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Detail {
+    Enter {
+        timeout_ms: Option<u64>,
+    },
+    Exit {
+        reason: &'static str,
+        lifetime_ms: Option<u64>,
+    },
+    State {
+        old_state: &'static str,
+        new_state: &'static str,
+    },
 }
 
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
@@ -234,7 +259,10 @@ fn emit(out: &mut impl Write, r: &Renderer, filter: &Filter, json: bool, events:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::{Reason, Transition, TwEnter, TwExit};
+    use crate::{
+        decode::{Conn, Process},
+        lifecycle::{Reason, Transition, TwEnter, TwExit},
+    };
 
     fn conn() -> Conn {
         Conn {
@@ -271,7 +299,7 @@ mod tests {
             timeout_jiffies: 15000,
             seeded: false,
         });
-        let v = r.json(&enter);
+        let v = serde_json::to_value(r.json(&enter)).unwrap();
         assert_eq!(v["event"], "tw_enter");
         assert_eq!(v["ts_ns"], 3_600_000_000_005u64);
         assert_eq!(v["local_addr"], "127.0.0.1");
@@ -294,7 +322,7 @@ mod tests {
             lifetime_ns: Some(1_500_000_000),
             seeded: false,
         });
-        let v = r.json(&exit);
+        let v = serde_json::to_value(r.json(&exit)).unwrap();
         assert_eq!(v["event"], "tw_exit");
         assert_eq!(v["reason"], "syn");
         assert_eq!(v["lifetime_ms"], 1500);
@@ -309,7 +337,7 @@ mod tests {
             role: Role::Accepted,
             skaddr: 1,
         });
-        let v = r.json(&state);
+        let v = serde_json::to_value(r.json(&state)).unwrap();
         assert_eq!(v["old_state"], "FIN_WAIT2");
         assert_eq!(v["new_state"], "CLOSE");
     }
