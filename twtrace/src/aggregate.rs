@@ -284,6 +284,18 @@ pub struct Group {
 }
 
 impl Group {
+    /// Back to a new group's state, keeping the vectors' memory (a reused group allocates
+    /// nothing).
+    fn reset(&mut self) {
+        let mut owners = std::mem::take(&mut self.owners);
+        let mut buckets = std::mem::take(&mut self.lifetimes.buckets);
+        owners.clear();
+        buckets.clear();
+        *self = Group::default();
+        self.owners = owners;
+        self.lifetimes.buckets = buckets;
+    }
+
     fn enter(&mut self, sec: u64, owner: Option<&Process>, counted: bool) {
         self.in_time_wait += 1;
         if counted {
@@ -385,7 +397,7 @@ impl Table {
         // is made for nearly every birth.
         let entry = Some(match self.spare.pop() {
             Some(mut b) => {
-                *b = (key.clone(), Group::default());
+                b.0 = key.clone();
                 b
             }
             None => Box::new((key.clone(), Group::default())),
@@ -487,7 +499,7 @@ impl Table {
             // Boxes, live groups and spares, never exceed 2 * cap (a new group takes a spare).
             if self.spare.len() < self.cap {
                 let mut entry = entry;
-                entry.1 = Group::default();
+                entry.1.reset();
                 self.spare.push(entry);
             }
         }
@@ -506,9 +518,9 @@ impl Table {
             + self.map.capacity() * (size_of::<Key>() + 5)
             + self.free.capacity() * 4
             + self.spare.capacity() * 8
-            + self.spare.len() * size_of::<(Key, Group)>()
             + self
                 .groups()
+                .chain(self.spare.iter().map(|b| (&b.0, &b.1)))
                 .map(|(_, g)| {
                     size_of::<(Key, Group)>()
                         + g.lifetimes.buckets.capacity() * 8
