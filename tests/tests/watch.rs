@@ -436,3 +436,47 @@ fn sigterm_detaches_everything() {
     assert!(r.stderr.contains("events lost"), "{}", r.stderr);
     assert_eq!(settled_programs(before), before);
 }
+
+/// `--hooks-only` (the benchmark's floor): programs that do nothing, on the same four hooks, in
+/// place of the real ones: the traffic happens, nothing is traced, and they go away like the
+/// real ones.
+#[test]
+fn hooks_only_attaches_the_empty_programs_and_traces_nothing() {
+    require_root();
+    let _g = exclusive();
+    let before = quiet_programs();
+    let ns = Netns::new("hk");
+    let port = unique_port();
+    let server_addr = format!("127.0.0.1:{port}");
+    let tw_before = ns.tcpext();
+    let w = Watch::start(&["--hooks-only"]);
+    let names = loaded_program_names();
+    for hook in [
+        "hook_state",
+        "hook_timer_start",
+        "hook_timer_cancel",
+        "hook_timer_expire",
+    ] {
+        assert!(names.iter().any(|n| n == hook), "{hook} not in {names:?}");
+    }
+    assert!(
+        !names.iter().any(|n| n == "inet_sock_set_state"),
+        "{names:?}"
+    );
+    assert_eq!(twtrace_programs_loaded(), before + 4);
+    let _server = Server::start(Some(&ns), &server_addr, &["--closer", "client"]);
+    client(Some(&ns), &["--to", &server_addr, "--count", "10"]);
+    // The last TIME_WAIT is born when the server's FIN reaches the client, after it returned.
+    let created = |t: &std::collections::HashMap<String, u64>| {
+        delta(t, &tw_before, "TW") + delta(t, &tw_before, "TWKilled")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while created(&ns.tcpext()) < 10 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let r = w.stop_with(libc::SIGINT, Vec::new());
+    assert!(r.status.success(), "{}", r.stderr);
+    assert_eq!(created(&ns.tcpext()), 10, "the traffic did happen");
+    assert_eq!(count(&r.events, "tw_enter"), 0, "{:?}", r.events);
+    assert_eq!(settled_programs(before), before);
+}
