@@ -156,11 +156,7 @@ impl Filter {
     }
 
     pub fn matches(&self, ev: &Event) -> bool {
-        let (conn, owner) = match ev {
-            Event::Enter(e) => (Some(&e.conn), e.owner.as_ref()),
-            Event::Exit(e) => (e.conn.as_ref(), e.owner.as_ref()),
-            Event::State(e) => (Some(&e.conn), e.owner.as_ref()),
-        };
+        let (conn, owner) = (ev.conn(), ev.owner());
         let conn_ok = match conn {
             Some(c) => self.matches_conn(c),
             None => self.ports.is_empty() && self.peers.is_empty() && self.family.is_none(),

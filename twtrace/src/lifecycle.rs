@@ -101,6 +101,31 @@ impl Event {
             Event::State(e) => e.ts_ns,
         }
     }
+
+    /// The connection, when known (an end of a socket born before start may not say).
+    pub fn conn(&self) -> Option<&Conn> {
+        match self {
+            Event::Enter(e) => Some(&e.conn),
+            Event::Exit(e) => e.conn.as_ref(),
+            Event::State(e) => Some(&e.conn),
+        }
+    }
+
+    pub fn owner(&self) -> Option<&Process> {
+        match self {
+            Event::Enter(e) => e.owner.as_ref(),
+            Event::Exit(e) => e.owner.as_ref(),
+            Event::State(e) => e.owner.as_ref(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match self {
+            Event::Enter(e) => e.role,
+            Event::Exit(e) => e.role,
+            Event::State(e) => e.role,
+        }
+    }
 }
 
 /// One live TIME_WAIT socket, kept small: there can be hundreds of thousands (64 bytes: the

@@ -60,21 +60,15 @@ impl Renderer {
         "TIME         EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL";
 
     pub fn text(&self, ev: &Event) -> String {
-        let (name, conn, owner, role, detail) = match ev {
+        let (name, detail) = match ev {
             Event::Enter(e) => (
                 "ENTER",
-                Some(e.conn),
-                e.owner.as_ref(),
-                e.role,
                 jiffies_to_ms(e.timeout_jiffies, self.hz)
                     .map(|ms| format!("for {}", secs(ms * 1_000_000)))
                     .unwrap_or_default(),
             ),
             Event::Exit(e) => (
                 "EXIT",
-                e.conn,
-                e.owner.as_ref(),
-                e.role,
                 match e.lifetime_ns {
                     Some(ns) => format!("{} after {}", e.reason.as_str(), secs(ns)),
                     None => format!("{} (born before start)", e.reason.as_str()),
@@ -82,17 +76,14 @@ impl Renderer {
             ),
             Event::State(e) => (
                 "STATE",
-                Some(e.conn),
-                e.owner.as_ref(),
-                e.role,
                 format!("{} > {}", state_name(e.old_state), state_name(e.new_state)),
             ),
         };
-        let (pid, comm) = match owner {
+        let (pid, comm) = match ev.owner() {
             Some(p) => (p.pid.to_string(), p.comm.as_str()),
             None => ("-".to_owned(), "-"),
         };
-        let conn = match conn {
+        let conn = match ev.conn() {
             Some(c) => format!("{} > {}", c.local, c.remote),
             None => "? > ?".to_owned(),
         };
@@ -103,7 +94,7 @@ impl Renderer {
             pid,
             comm,
             conn,
-            role_short(role),
+            role_short(ev.role()),
             detail
         )
         .trim_end()
@@ -112,21 +103,15 @@ impl Renderer {
 
     /// The JSON line of an event, serialized straight to the output (no map built per event).
     pub fn json<'a>(&self, ev: &'a Event) -> JsonLine<'a> {
-        let (event, conn, owner, role, detail) = match ev {
+        let (event, detail) = match ev {
             Event::Enter(e) => (
                 "tw_enter",
-                Some(e.conn),
-                e.owner.as_ref(),
-                e.role,
                 Detail::Enter {
                     timeout_ms: jiffies_to_ms(e.timeout_jiffies, self.hz),
                 },
             ),
             Event::Exit(e) => (
                 "tw_exit",
-                e.conn,
-                e.owner.as_ref(),
-                e.role,
                 Detail::Exit {
                     reason: e.reason.as_str(),
                     lifetime_ms: e.lifetime_ns.map(|ns| ns / 1_000_000),
@@ -134,15 +119,13 @@ impl Renderer {
             ),
             Event::State(e) => (
                 "state",
-                Some(e.conn),
-                e.owner.as_ref(),
-                e.role,
                 Detail::State {
                     old_state: state_name(e.old_state),
                     new_state: state_name(e.new_state),
                 },
             ),
         };
+        let (conn, owner) = (ev.conn(), ev.owner());
         JsonLine {
             event,
             ts_ns: self.wall.epoch_ns(ev.ts_ns()),
@@ -151,7 +134,7 @@ impl Renderer {
             local_port: conn.map(|c| c.local.port()),
             remote_addr: conn.map(|c| c.remote.ip()),
             remote_port: conn.map(|c| c.remote.port()),
-            role: role.as_str(),
+            role: ev.role().as_str(),
             pid: owner.map(|p| p.pid),
             tid: owner.map(|p| p.tid),
             comm: owner.map(|p| p.comm.as_str()),
