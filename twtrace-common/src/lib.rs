@@ -133,7 +133,8 @@ pub struct Owner {
 pub struct OwnerRecord {
     pub owner: Owner,
     pub role: u8,
-    /// Non-zero once `owner` holds a process (an accepted socket has a role before it has one).
+    /// Non-zero once `owner` holds a process (a socket has a role from connect() or accept
+    /// before close() gives it an owner).
     pub has_owner: u8,
     pub _pad: [u8; 6],
 }
@@ -186,12 +187,14 @@ pub struct Config {
     pub off_timer_function: u32,
     /// `timer_list.expires`.
     pub off_timer_expires: u32,
-    /// `sock.sk_protocol` and `inet_sock.inet_sport`, for the raw state tracepoint.
+    /// `sock.sk_protocol` and `inet_sock.inet_sport`, for the state tracepoint.
     pub off_sk_protocol: u32,
     pub off_inet_sport: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
-    /// Non-zero: emit every TCP state transition (`kind::STATE`).
+    /// Non-zero (`--all-states`): emit every TCP state transition (`kind::STATE`), and record
+    /// the caller of connect() and of the passive close too (only the closer matters to
+    /// TIME_WAIT; these transitions' successors run in softirq).
     pub emit_states: u8,
     pub _pad: [u8; 7],
     /// Ask userspace to wake up once this many bytes are waiting; below it, submit silently
@@ -216,11 +219,11 @@ const _: () = {
     assert!(core::mem::size_of::<OwnerRecord>() == 40);
 };
 
-/// Field offsets of the classic tracepoint records the programs read (the others are BTF
-/// tracepoints and read kernel structures at offsets from BTF instead), as published in
-/// `/sys/kernel/tracing/events/<category>/<name>/format`. The kernel programs read them at
-/// these constant offsets (the cheapest possible access); userspace checks at start-up that the
-/// running kernel's format agrees, and refuses to attach otherwise.
+/// Field offsets of the one classic tracepoint record a program reads (`exec`'s fork tracker;
+/// the others are BTF tracepoints and read kernel structures at offsets from BTF instead), as
+/// published in `/sys/kernel/tracing/events/<category>/<name>/format`. The program reads them
+/// at these constant offsets (the cheapest possible access); userspace checks at start-up that
+/// the running kernel's format agrees, and refuses to attach otherwise.
 pub mod tp {
     /// (field name, offset, size)
     pub type Field = (&'static str, usize, usize);

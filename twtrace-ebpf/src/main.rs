@@ -319,11 +319,11 @@ impl Socket {
         (self.head.rcv_saddr, self.head.daddr)
     }
 
-    /// The 4-tuple, local side first.
+    /// The 4-tuple, local side first, with the source port already read.
     #[inline(always)]
-    fn tuple(&self, t: &mut Tuple) {
+    fn tuple(&self, sport: u16, t: &mut Tuple) {
         skc_tuple(self.sk, &self.head, t);
-        t.sport = self.sport();
+        t.sport = sport;
     }
 }
 
@@ -386,9 +386,18 @@ fn on_state(c: &Socket) {
             s.connect_ts = unsafe { bpf_ktime_get_ns() };
             s.connect_family = family as u16;
             s.connect_dport = c.dport();
-            let mut t = Tuple::default();
-            skc_tuple(skaddr, &c.head, &mut t);
-            s.connect_daddr = t.daddr;
+            if family == AF_INET6 {
+                // SAFETY: as in skc_tuple. A failed read leaves zeroes.
+                let _ = unsafe {
+                    bpf_probe_read_kernel_buf(
+                        (skaddr + config!(off_skc_v6_daddr) as u64) as *const u8,
+                        &mut s.connect_daddr,
+                    )
+                };
+            } else {
+                s.connect_daddr = [0; 16];
+                s.connect_daddr[..4].copy_from_slice(&c.head.daddr);
+            }
         }
         (st::LISTEN, st::SYN_RECV) => {
             // A child socket cloned from a listener, in softirq: the role is known, the owner is
@@ -417,7 +426,7 @@ fn on_state(c: &Socket) {
         emit(|e: &mut SockEvent| {
             let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
             e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
-            c.tuple(&mut e.tuple);
+            c.tuple(c.sport(), &mut e.tuple);
             e.skaddr = skaddr;
             e.old_state = old;
             e.new_state = new;
@@ -468,7 +477,8 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
         bump(counter::BIRTH_UNMATCHED);
         return;
     };
-    let (sport, dport) = (c.sport(), c.dport());
+    let sport = c.sport();
+    let dport = c.dport();
     let same = head.family == family as u16
         && head.num == sport
         && u16::from_be(head.dport_be) == dport
@@ -481,7 +491,7 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
     emit(|e: &mut SockEvent| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
         e.header = header(kind::TW_BIRTH, family, fl | flags::HAS_TUPLE);
-        c.tuple(&mut e.tuple);
+        c.tuple(sport, &mut e.tuple);
         e.skaddr = skaddr;
         e.timer = timer;
         e.timeout_jiffies = timeout as u32;

@@ -1398,10 +1398,9 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
     let rates = |v: &[&Run]| v.iter().map(|r| r.rate).collect::<Vec<_>>();
     let conns: f64 = b.iter().map(|r| r.connections).sum();
     let trs: Vec<&TracerResult> = b.iter().filter_map(|r| r.tracer.as_ref()).collect();
-    // Each program's cost comes from the cost run (bpf stats on; run counts too are only kept
-    // then), or from the pairs' runs when there is none (the peers' own figures).
-    let c: Vec<&Run> = runs.iter().filter(|r| r.side == 'C').collect();
-    let cost_runs = if c.is_empty() { &b } else { &c };
+    // Each program's cost comes from the cost run: bpf stats are on only then (run counts too
+    // are only kept then). Without one (--no-bpf-stats), no cost figures.
+    let cost_runs: Vec<&Run> = runs.iter().filter(|r| r.side == 'C').collect();
     let cost_conns: f64 = cost_runs.iter().map(|r| r.connections).sum();
     let per_conn = |x: f64| {
         if cost_conns > 0.0 {
@@ -1411,13 +1410,9 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         }
     };
     let cost_trs: Vec<&TracerResult> = cost_runs.iter().filter_map(|r| r.tracer.as_ref()).collect();
-    // Recursion misses are counted whether or not stats are on: all traced runs.
-    let recursion: f64 = b
-        .iter()
-        .chain(&c)
-        .filter_map(|r| r.tracer.as_ref())
-        .flat_map(|t| t.progs.iter().map(|p| p.3))
-        .sum();
+    // Recursion misses are counted whether or not stats are on: those of the pairs' runs, like
+    // the other losses.
+    let recursion: f64 = trs.iter().flat_map(|t| t.progs.iter().map(|p| p.3)).sum();
     // Programs, summed over runs by name.
     let mut names: Vec<String> = Vec::new();
     for t in &cost_trs {
@@ -1519,7 +1514,7 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
     let b_iwi: f64 = b.iter().map(|r| r.irq_work as f64).sum();
     let others: Vec<f64> = runs
         .iter()
-        .filter(|r| r.seconds > 0.0)
+        .filter(|r| r.side != 'C' && r.seconds > 0.0)
         .map(|r| r.others_cpu_ms / r.seconds / 10.0)
         .collect();
     let mut notes = Vec::new();
@@ -1533,26 +1528,28 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         ));
     }
     for r in runs {
+        let run = if r.side == 'C' {
+            "cost run".to_owned()
+        } else {
+            format!("run {}{}", r.side, r.repeat + 1)
+        };
         if r.errors > 0.0 {
             notes.push(format!(
-                "run {}{}: {} loadgen errors (first: {})",
-                r.side,
-                r.repeat + 1,
+                "{run}: {} loadgen errors (first: {})",
                 r.errors,
                 r.first_error.as_deref().unwrap_or("?")
             ));
         }
         if r.side == 'A' && r.irq_work as f64 > r.connections / 100.0 {
             notes.push(format!(
-                "run A{}: {} IRQ-work interrupts with nothing of ours attached: another BPF tool \
+                "{run}: {} IRQ-work interrupts with nothing of ours attached: another BPF tool \
                  was busy on the host during this untraced run",
-                r.repeat + 1,
                 r.irq_work
             ));
         }
         if let Some(t) = &r.tracer {
             if !t.stopped.starts_with("SIGINT") || t.stopped.contains('(') {
-                notes.push(format!("run B{}: tracer {}", r.repeat + 1, t.stopped));
+                notes.push(format!("{run}: tracer {}", t.stopped));
             }
             // A floor traces nothing: no births to compare.
             if let Some(st) = t.stats.as_ref().filter(|_| kind.twtrace()) {
@@ -1568,16 +1565,14 @@ fn summarize(kind: Kind, runs: &[Run]) -> Summary {
                         String::new()
                     };
                     notes.push(format!(
-                        "run B{}: {} births more than the loadgen's connections: TIME_WAIT made \
+                        "{run}: {} births more than the loadgen's connections: TIME_WAIT made \
                          by other traffic on the host while it ran (twtrace sees every \
                          namespace){http}",
-                        r.repeat + 1,
                         extra
                     ));
                 } else if extra < 0.0 {
                     notes.push(format!(
-                        "run B{}: {} births FEWER than the loadgen's connections",
-                        r.repeat + 1,
+                        "{run}: {} births FEWER than the loadgen's connections",
                         -extra
                     ));
                 }
@@ -1746,7 +1741,7 @@ fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
     line(format!(
         "kernel cost per program (run_time_ns / run_cnt{})",
         if o.bpf_stats {
-            " in the cost run, kernel.bpf_stats_enabled=1; recursion misses: all traced runs"
+            " and recursion misses in the cost run, kernel.bpf_stats_enabled=1"
         } else {
             "; --no-bpf-stats: not measured"
         }
@@ -1792,6 +1787,19 @@ fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
             f0(s.kernel_ns_per_conn),
             f0(s.kernel_ns_per_event)
         ));
+    }
+    // What a program costs beyond entering it: the hooks' programs do nothing, so their run time
+    // is the entry and the timing itself.
+    if let Some(h) = sums.iter().find(|s| s.kind == Kind::Hooks) {
+        for s in sums.iter().filter(|s| s.kind.twtrace()) {
+            let less = |x: Option<f64>, floor: Option<f64>| x.zip(floor).map(|(x, f)| x - f);
+            line(format!(
+                "  {:<20} own work per run, over the hooks' floor: state {} ns, timers {} ns",
+                s.kind.label(),
+                f1(less(s.state_ns, h.state_ns)),
+                f1(less(s.timer_ns, h.timer_ns))
+            ));
+        }
     }
     line(String::new());
     line(
@@ -2247,7 +2255,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 ("closer", Json::Str("client".into())),
                 ("family", num(4.0)),
                 ("netns_tcp_max_tw_buckets", num(MAX_TW as f64)),
-                ("bpf_stats_enabled", Json::Bool(o.bpf_stats)),
+                // The A/B pairs always run with kernel.bpf_stats_enabled=0.
+                ("cost_run_with_bpf_stats", Json::Bool(o.bpf_stats)),
             ]),
         ),
         (
