@@ -988,6 +988,34 @@ mod tests {
         assert_eq!(find(&a, By::Peer, "10.0.1.1:80").in_time_wait, 1);
     }
 
+    /// A new group made from a folded group's box starts from nothing: no counts, owners,
+    /// rates or lifetimes of the group it was.
+    #[test]
+    fn a_reused_group_starts_empty() {
+        let mut a = Aggregator::new(1);
+        let big = conn("10.0.0.1:30001", "10.0.1.1:80");
+        let small = conn("10.0.0.1:30002", "10.0.1.2:80");
+        a.on_event(&enter(1, S, big, owner(5, "api"), Role::Connected));
+        a.on_event(&enter(2, S, big, owner(5, "api"), Role::Connected));
+        a.on_event(&enter(3, S, small, owner(6, "old"), Role::Connected));
+        a.on_event(&exit(3, 2 * S, small, Reason::Killed, 1_000));
+        // Cap 1: the peer 10.0.1.2:80 (no TIME_WAIT left) is folded; its box is kept.
+        a.tick();
+        assert!(!a.tables[By::Peer.index()].spare.is_empty(), "a box kept");
+        let fresh = conn("10.0.0.1:30003", "10.0.1.3:80");
+        a.on_event(&enter(4, 3 * S, fresh, owner(7, "new"), Role::Connected));
+        let g = find(&a, By::Peer, "10.0.1.3:80");
+        assert_eq!((g.entered, g.exited, g.in_time_wait), (1, 0, 1));
+        assert_eq!(g.exits, [0; 4]);
+        assert_eq!(g.owners, vec![(7, "new".into())]);
+        assert_eq!(g.lifetimes.quantile_ms(0.5), None);
+        assert_eq!(
+            g.rate(4, 10),
+            0.1,
+            "one birth in the last 10 s, none inherited"
+        );
+    }
+
     #[test]
     fn memory_stays_bounded_with_200k_peers() {
         const N: u32 = 200_000;

@@ -702,6 +702,33 @@ mod tests {
     }
 
     #[test]
+    fn live_set_reuses_freed_records_and_returns_what_it_replaces() {
+        let live = |ts: u64, port: u16| Live {
+            birth_ts: ts,
+            conn: conn(port).into(),
+            owner: NO_OWNER,
+            role: Role::Connected,
+            last_cancel_ts: 0,
+            last_cancel_reuse: false,
+        };
+        let mut set = LiveSet::default();
+        assert!(set.insert(0xa0, live(1, 1000)).is_none());
+        assert!(set.insert(0xb0, live(2, 1001)).is_none());
+        // Same timer again: the old record comes back, the set does not grow.
+        let old = set.insert(0xa0, live(3, 1002)).expect("replaced");
+        assert_eq!((old.birth_ts, set.len()), (1, 2));
+        assert_eq!(set.remove(0xb0).map(|l| l.birth_ts), Some(2));
+        assert!(set.remove(0xb0).is_none(), "removed once");
+        // A new timer takes the freed record: the slab stays at two.
+        assert!(set.insert(0xc0, live(4, 1003)).is_none());
+        assert_eq!(set.slab.len(), 2);
+        set.get_mut(0xc0).expect("alive").birth_ts = 5;
+        let mut alive: Vec<(u64, u64)> = set.iter().map(|(t, l)| (t, l.birth_ts)).collect();
+        alive.sort_unstable();
+        assert_eq!(alive, vec![(0xa0, 3), (0xc0, 5)]);
+    }
+
+    #[test]
     fn cancel_then_expire_is_an_expiry_with_lifetime() {
         let (out, lc) = run(vec![
             birth(0, 1_000, 7, 1),
