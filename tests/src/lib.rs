@@ -605,31 +605,22 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
     KERNEL.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How many of twtrace's programs are loaded (by their names, as the kernel truncates them).
+/// How many of twtrace's programs are loaded (every program twtrace can attach, by name).
 pub fn twtrace_programs_loaded() -> usize {
+    use twtrace::probes::{FORK_PROGRAM, HOOKS_ONLY, PROGRAMS};
+    let ours: Vec<&str> = PROGRAMS
+        .iter()
+        .chain(HOOKS_ONLY.iter())
+        .chain([FORK_PROGRAM].iter())
+        .map(|(name, _, _)| *name)
+        .collect();
     // bpftool shows the full name when the program carries BTF, else the kernel's 15 bytes.
-    const OURS: &[&str] = &[
-        "inet_sock_set_state",
-        "inet_sock_set_s",
-        "timer_start",
-        "timer_cancel",
-        "timer_expire_entry",
-        "timer_expire_en",
-        // --hooks-only
-        "hook_state",
-        "hook_timer_start",
-        "hook_timer_star",
-        "hook_timer_cancel",
-        "hook_timer_canc",
-        "hook_timer_expire",
-        "hook_timer_expi",
-        // exec
-        "sched_process_fork",
-        "sched_process_f",
-    ];
     loaded_program_names()
         .iter()
-        .filter(|n| OURS.contains(&n.as_str()))
+        .filter(|n| {
+            ours.iter()
+                .any(|o| o == n || (n.len() == 15 && o.starts_with(n.as_str())))
+        })
         .count()
 }
 
