@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`twtrace-ebpf`) for the BPF target and puts the object in
-//! OUT_DIR, where `probes.rs` embeds it.
+//! OUT_DIR, where `kernel/probes.rs` embeds it.
 
 use aya_build::{Package, Toolchain};
 

@@ -1,11 +1,11 @@
-//! `twtrace::api::parse`: the query string of `GET /api/v1/report`, straight from the network.
+//! `twtrace::present::api::parse`: the query string of `GET /api/v1/report`, straight from the network.
 //! Never panics; what it accepts is in range.
 //!
 //! Input: the query string (lossy UTF-8: a URI's query reaches the parser as a `&str`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twtrace::api::{MAX_QUERY, parse};
+use twtrace::present::api::{MAX_QUERY, parse};
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);

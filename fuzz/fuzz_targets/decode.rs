@@ -1,4 +1,4 @@
-//! `twtrace::decode::decode`: ring buffer records, trusted for nothing. Never panics.
+//! `twtrace::kernel::decode::decode`: ring buffer records, trusted for nothing. Never panics.
 //!
 //! Input: a mode byte, then
 //! * mode 0: the record itself, raw;
@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
-use twtrace::decode::{DecodeError, KernelEvent, decode};
+use twtrace::kernel::decode::{DecodeError, KernelEvent, decode};
 use twtrace_common::{
     AF_INET, AF_INET6, EVENT_VERSION, Header, Owner, SockEvent, TimerEvent, Tuple, flags, kind,
 };
@@ -139,7 +139,7 @@ fn expect_header(h: &Header, len: usize, want_len: usize) -> Option<DecodeError>
     }
 }
 
-fn check_tuple(family: u8, t: &Tuple, conn: &twtrace::decode::Conn) {
+fn check_tuple(family: u8, t: &Tuple, conn: &twtrace::kernel::decode::Conn) {
     let (mut local, mut remote) = (ip(family, &t.saddr).unwrap(), ip(family, &t.daddr).unwrap());
     // v4-mapped addresses become IPv4 only when both ends are: one family per connection.
     if local.is_ipv4() != remote.is_ipv4() {

@@ -1,4 +1,4 @@
-//! `--peer` CIDRs (`twtrace::filter::Cidr`) and the command line's other value parsers, on
+//! `--peer` CIDRs (`twtrace::track::filter::Cidr`) and the command line's other value parsers, on
 //! arbitrary strings. Never panics; what they accept is in range.
 //!
 //! Input: the string up to the first NUL byte (lossy UTF-8), then after it up to 17 bytes for
@@ -13,7 +13,7 @@ use twtrace::cli::{
     parse_comm, parse_duration, parse_listen, parse_pid, parse_port, parse_positive,
     parse_ring_size,
 };
-use twtrace::filter::Cidr;
+use twtrace::track::filter::Cidr;
 
 /// The address and prefix of a parsed CIDR, from its display form (the fields are private).
 fn parts(c: &Cidr) -> (IpAddr, u8) {

@@ -1,4 +1,4 @@
-//! `twtrace::lifecycle::Lifecycle` then `twtrace::aggregate::Aggregator`, fed sequences of
+//! `twtrace::track::lifecycle::Lifecycle` then `twtrace::track::aggregate::Aggregator`, fed sequences of
 //! kernel events that collide on purpose: 4 CPUs, 8 timer addresses, a few dozen 4-tuples, a
 //! cap of 4 groups so that folding happens.
 //!
@@ -23,9 +23,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use twtrace::aggregate::{Aggregator, By};
-use twtrace::decode::{Conn, KernelEvent, Process, Role};
-use twtrace::lifecycle::{Event, Lifecycle};
+use twtrace::track::aggregate::{Aggregator, By};
+use twtrace::kernel::decode::{Conn, KernelEvent, Process, Role};
+use twtrace::track::lifecycle::{Event, Lifecycle};
 
 #[derive(Clone, Copy, Debug)]
 enum Op {

@@ -146,12 +146,16 @@ impl Netns {
 
     /// TcpExt counters of this namespace (/proc/net/netstat as its processes see it).
     pub fn tcpext(&self) -> HashMap<String, u64> {
-        twtrace::host::parse_netstat(&self.exec_ok(&["cat", "/proc/net/netstat"]), "TcpExt:")
+        twtrace::host::counters::parse_netstat(
+            &self.exec_ok(&["cat", "/proc/net/netstat"]),
+            "TcpExt:",
+        )
     }
 
     /// The `tw` figure of /proc/net/sockstat: timewait sockets alive now.
     pub fn sockstat_tw(&self) -> u64 {
-        twtrace::host::sockstat_tw_from(&self.exec_ok(&["cat", "/proc/net/sockstat"])).unwrap_or(0)
+        twtrace::host::counters::sockstat_tw_from(&self.exec_ok(&["cat", "/proc/net/sockstat"]))
+            .unwrap_or(0)
     }
 
     /// TIME_WAIT 4-tuples from sock_diag, through `ss` (local, remote).
@@ -607,7 +611,7 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 
 /// How many of twtrace's programs are loaded (every program twtrace can attach, by name).
 pub fn twtrace_programs_loaded() -> usize {
-    use twtrace::probes::{FORK_PROGRAM, HOOKS_ONLY, PROGRAMS};
+    use twtrace::kernel::probes::{FORK_PROGRAM, HOOKS_ONLY, PROGRAMS};
     let ours: Vec<&str> = PROGRAMS
         .iter()
         .chain(HOOKS_ONLY.iter())

@@ -1,4 +1,4 @@
-//! `twtrace::sockdiag` against the running kernel: real sockets in a network namespace of the
+//! `twtrace::host::sockdiag` against the running kernel: real sockets in a network namespace of the
 //! test's own, with `ss` (iproute2's own sock_diag reader) and the churn tool's pids as the
 //! judges.
 
@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use twtrace::sockdiag::{self, DiagSocket};
+use twtrace::host::sockdiag::{self, DiagSocket};
 use twtrace_tests::*;
 
 /// These tests create network namespaces; unlike the `watch` tests they need no twtrace binary.

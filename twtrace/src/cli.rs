@@ -5,9 +5,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    aggregate::By,
-    filter::{Cidr, Filter},
-    report::Sort,
+    present::report::Sort,
+    track::aggregate::By,
+    track::filter::{Cidr, Filter},
 };
 
 #[derive(Parser, Debug)]
@@ -189,8 +189,8 @@ pub struct ProbeArgs {
 
 impl ProbeArgs {
     /// What to attach, for a view that needs no state transitions and no fork tracking.
-    pub fn options(&self) -> crate::probes::ProbeOptions {
-        crate::probes::ProbeOptions {
+    pub fn options(&self) -> crate::kernel::probes::ProbeOptions {
+        crate::kernel::probes::ProbeOptions {
             ring_size: self.ring_size,
             hooks_only: self.hooks_only,
             ..Default::default()

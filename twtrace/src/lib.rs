@@ -1,26 +1,14 @@
 //! twtrace: where a Linux host's TCP TIME_WAIT sockets come from.
 //!
-//! Data flows one way: kernel programs -> ring buffer (`source`) -> `decode` -> `lifecycle`
-//! -> views. See ARCHITECTURE.md.
+//! Data flows one way, and the folders follow it (see ARCHITECTURE.md):
+//! [`kernel`] (programs, ring buffer, decoding) -> [`track`] (lifecycles, filters, aggregates)
+//! -> [`present`] (rows, metrics, findings) -> [`views`] (one per command); [`host`] reads
+//! the kernel's own accounting and settings that the figures are judged against.
 
-pub mod aggregate;
-pub mod api;
-pub mod btf;
-pub mod cgroup;
 pub mod cli;
-pub mod clock;
-pub mod decode;
-pub mod diagnose;
 pub mod failure;
-pub mod filter;
 pub mod host;
-pub mod lifecycle;
-pub mod metrics;
-pub mod preflight;
-pub mod privileges;
-pub mod probes;
-pub mod report;
-pub mod session;
-pub mod sockdiag;
-pub mod source;
+pub mod kernel;
+pub mod present;
+pub mod track;
 pub mod views;

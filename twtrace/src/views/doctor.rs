@@ -12,13 +12,13 @@ use serde_json::json;
 
 use crate::{
     cli::DoctorArgs,
-    decode::Role,
-    diagnose::{self, Destination, Evidence, ServerPort},
     failure::ExitWith,
     host,
-    lifecycle::Event,
-    session::{self, Session},
-    sockdiag::{self, state},
+    host::sockdiag::{self, state},
+    kernel::decode::Role,
+    present::diagnose::{self, Destination, Evidence, ServerPort},
+    track::lifecycle::Event,
+    track::session::{self, Session},
 };
 
 /// Births seen while watching, by what they tell about ports.
@@ -130,8 +130,8 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
-    let counters_start = host::tw_counters();
-    let close_wait_start = host::close_wait_by_process();
+    let counters_start = host::counters::tw_counters();
+    let close_wait_start = host::close_wait::close_wait_by_process();
     let mut session = Session::start(args.probe.options(), false)?;
     let listening = sockdiag::listening_ports().unwrap_or_default();
     eprintln!(
@@ -156,18 +156,18 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         births.feed(ev, &listening);
     }
     let duration_s = started.elapsed().as_secs_f64();
-    let counters = host::tw_counters().since(&counters_start);
+    let counters = host::counters::tw_counters().since(&counters_start);
     let (destinations, servers) = evidence_from_sockets(&births, &listening);
     let evidence = Evidence {
         duration_s,
-        settings: host::settings(),
+        settings: host::settings::settings(),
         counters,
         resets_on_close: counters.abort_on_data,
-        sockstat_tw: host::sockstat_tw(),
+        sockstat_tw: host::counters::sockstat_tw(),
         destinations,
         servers,
         close_wait_start,
-        close_wait_end: host::close_wait_by_process(),
+        close_wait_end: host::close_wait::close_wait_by_process(),
     };
     let findings = diagnose::diagnose(&evidence);
     let loss = session.loss();

@@ -19,9 +19,9 @@ use crate::{
     cli::ExecArgs,
     failure::{Code, ExitWith, Failure},
     host,
-    lifecycle::Event,
-    probes::ProbeOptions,
-    session::{self, Session},
+    kernel::probes::ProbeOptions,
+    track::lifecycle::Event,
+    track::session::{self, Session},
 };
 
 /// After CMD exits, how long to keep reading: a TIME_WAIT is born when the peer's FIN arrives,
@@ -174,7 +174,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
         charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
     }
     // CLOSE_WAIT still held by processes of the tree.
-    let mut close_wait = host::close_wait_by_process();
+    let mut close_wait = host::close_wait::close_wait_by_process();
     close_wait.retain(|c| session.probes.is_tracked(c.pid));
     let over = exceeded(&charge, args.max_timewait, args.max_rate);
     let loss = session.loss();
@@ -243,7 +243,12 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
 /// Whether `pid` (a tgid) belongs to the command's tree; twtrace itself does not count.
 /// Members are cached (a member stays one); others are asked each time, since a pid can be
 /// reused by a later child of the tree.
-fn owned(probes: &crate::probes::Probes, known: &mut HashSet<u32>, me: u32, pid: u32) -> bool {
+fn owned(
+    probes: &crate::kernel::probes::Probes,
+    known: &mut HashSet<u32>,
+    me: u32,
+    pid: u32,
+) -> bool {
     if pid == me {
         return false;
     }
@@ -261,8 +266,8 @@ fn owned(probes: &crate::probes::Probes, known: &mut HashSet<u32>, me: u32, pid:
 mod tests {
     use super::*;
     use crate::{
-        decode::{Conn, Process, Role},
-        lifecycle::{Reason, TwEnter, TwExit},
+        kernel::decode::{Conn, Process, Role},
+        track::lifecycle::{Reason, TwEnter, TwExit},
     };
 
     fn enter(timer: u64, ts_ns: u64, pid: u32, port: u16) -> Event {

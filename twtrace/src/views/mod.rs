@@ -1,4 +1,5 @@
-//! The views: each reads lifecycle events (or an aggregate of them) and renders them.
+//! The commands: each reads lifecycle events (or an aggregate of them) from a session and
+//! renders them. Takes in a `track::session::Session`; hands on output to the user.
 
 pub mod doctor;
 pub mod exec;

@@ -6,12 +6,13 @@ use std::{
 };
 
 use crate::{
-    aggregate::Aggregator,
-    cgroup::CgroupNames,
     cli::ReportArgs,
-    clock, host,
-    report::{self, Context},
-    session::{self, Session},
+    host,
+    host::cgroup::CgroupNames,
+    host::clock,
+    present::report::{self, Context},
+    track::aggregate::Aggregator,
+    track::session::{self, Session},
 };
 
 /// Everything a report needs besides the aggregate, read now. The CLOSE_WAIT owners walk
@@ -21,13 +22,13 @@ pub fn context(session: &Session, started: Instant, close_wait: bool) -> Context
         duration_s: started.elapsed().as_secs_f64(),
         now_sec: clock::monotonic_ns() / 1_000_000_000,
         loss: session.loss(),
-        skipped_overflow: host::tw_counters()
+        skipped_overflow: host::counters::tw_counters()
             .since(&session.counters_at_start)
             .overflow,
-        kernel_time_wait: host::sockstat_tw(),
-        ephemeral_ports: host::settings().ephemeral_ports(),
+        kernel_time_wait: host::counters::sockstat_tw(),
+        ephemeral_ports: host::settings::settings().ephemeral_ports(),
         close_wait: if close_wait {
-            host::close_wait_by_process()
+            host::close_wait::close_wait_by_process()
         } else {
             Vec::new()
         },

@@ -25,18 +25,18 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    aggregate::Aggregator,
-    api,
-    cgroup::CgroupNames,
     cli::ServeArgs,
     failure::{Code, Failure},
-    filter::Filter,
     host,
-    lifecycle::Event,
-    metrics::{self, BuildInfo, Exporter},
-    privileges,
-    report::{self, Context},
-    session::{self, Session},
+    host::cgroup::CgroupNames,
+    host::privileges,
+    present::api,
+    present::metrics::{self, BuildInfo, Exporter},
+    present::report::{self, Context},
+    track::aggregate::Aggregator,
+    track::filter::Filter,
+    track::lifecycle::Event,
+    track::session::{self, Session},
     views::report::context,
 };
 
@@ -223,7 +223,7 @@ async fn serve(
         info: BuildInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             kernel: session.probes.info.release.clone(),
-            max_tw_buckets: host::settings().max_tw_buckets,
+            max_tw_buckets: host::settings::settings().max_tw_buckets,
         },
         max_groups: args.group.max_groups,
         units: CgroupNames::new(),

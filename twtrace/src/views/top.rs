@@ -18,12 +18,12 @@ use ratatui::{
 use tokio::sync::mpsc;
 
 use crate::{
-    aggregate::{Aggregator, By},
     cli::TopArgs,
     failure::{Code, Failure},
     host,
-    report::{self, Context, Sort},
-    session::{self, Session},
+    present::report::{self, Context, Sort},
+    track::aggregate::{Aggregator, By},
+    track::session::{self, Session},
     views::report::context,
 };
 
@@ -253,7 +253,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut ctx = context(&session, started, true);
     let mut head = Header {
-        max_tw_buckets: host::settings().max_tw_buckets,
+        max_tw_buckets: host::settings::settings().max_tw_buckets,
         births_per_s: 0.0,
     };
     let mut last_entered = 0;
@@ -281,7 +281,7 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
                 ctx = Context { close_wait, ..context(&session, started, false) };
                 // Finding CLOSE_WAIT owners walks /proc: every 5 s is enough.
                 if last_close_wait.elapsed() >= Duration::from_secs(5) {
-                    ctx.close_wait = host::close_wait_by_process();
+                    ctx.close_wait = host::close_wait::close_wait_by_process();
                     last_close_wait = Instant::now();
                 }
                 let t = agg.totals();
@@ -306,8 +306,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::{Conn, Process, Role},
-        lifecycle::{Event, TwEnter},
+        kernel::decode::{Conn, Process, Role},
+        track::lifecycle::{Event, TwEnter},
     };
 
     fn agg() -> Aggregator {

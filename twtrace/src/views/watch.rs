@@ -9,12 +9,12 @@ use serde::Serialize;
 
 use crate::{
     cli::WatchArgs,
-    clock::{WallClock, hms_millis, jiffies_to_ms},
-    decode::Role,
-    filter::Filter,
-    lifecycle::Event,
-    probes::ProbeOptions,
-    session::{self, Session},
+    host::clock::{WallClock, hms_millis, jiffies_to_ms},
+    kernel::decode::Role,
+    kernel::probes::ProbeOptions,
+    track::filter::Filter,
+    track::lifecycle::Event,
+    track::session::{self, Session},
 };
 
 /// Kernel names of TCP states (include/net/tcp_states.h), as `ss` and the kernel print them.
@@ -243,8 +243,8 @@ fn emit(out: &mut impl Write, r: &Renderer, filter: &Filter, json: bool, events:
 mod tests {
     use super::*;
     use crate::{
-        decode::{Conn, Process},
-        lifecycle::{Reason, Transition, TwEnter, TwExit},
+        kernel::decode::{Conn, Process},
+        track::lifecycle::{Reason, Transition, TwEnter, TwExit},
     };
 
     fn conn() -> Conn {

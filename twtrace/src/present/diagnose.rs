@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Value, json};
 
-use crate::host::{CloseWait, Settings, TwCounters};
+use crate::host::{close_wait::CloseWait, counters::TwCounters, settings::Settings};
 
 /// TIME_WAIT lasts this long (TCP_TIMEWAIT_LEN; not tunable).
 pub const TIME_WAIT_S: f64 = 60.0;

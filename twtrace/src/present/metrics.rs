@@ -14,8 +14,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    aggregate::{Aggregator, By, Key, REASONS},
-    report::Context,
+    present::report::Context,
+    track::aggregate::{Aggregator, By, Key, REASONS},
 };
 
 /// Which keys are exported, per grouping (sticky).
@@ -330,8 +330,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        decode::{Conn, Role},
-        lifecycle::{Event, Reason, TwEnter, TwExit},
+        kernel::decode::{Conn, Role},
+        track::lifecycle::{Event, Reason, TwEnter, TwExit},
     };
 
     #[derive(Debug)]

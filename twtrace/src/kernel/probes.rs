@@ -15,7 +15,7 @@ use twtrace_common::{Config, counter};
 
 use crate::{
     failure::{Code, Failure},
-    preflight::{self, KernelInfo},
+    kernel::preflight::{self, KernelInfo},
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));

@@ -4,14 +4,14 @@
 use std::{collections::HashSet, io, time::Duration};
 
 use crate::{
-    clock::{self, WallClock},
-    decode::{KernelEvent, Role},
     failure::Failure,
-    host::{self, TwCounters},
-    lifecycle::{Event, Lifecycle},
-    probes::{ProbeOptions, Probes},
-    sockdiag::{self, state},
-    source::Source,
+    host::clock::{self, WallClock},
+    host::counters::{self, TwCounters},
+    host::sockdiag::{self, state},
+    kernel::decode::{KernelEvent, Role},
+    kernel::probes::{ProbeOptions, Probes},
+    kernel::source::Source,
+    track::lifecycle::{Event, Lifecycle},
 };
 
 /// Everything that was not seen, and why.
@@ -54,7 +54,7 @@ impl Session {
     /// through sock_diag (after attaching, so that none can end unseen) and come out of the
     /// first `next()` as seeded `Enter` events.
     pub fn start(opts: ProbeOptions, seed: bool) -> Result<Self, Failure> {
-        let counters_at_start = host::tw_counters();
+        let counters_at_start = counters::tw_counters();
         let mut probes = Probes::attach(opts)?;
         let ring = probes.take_ring()?;
         let source = Source::new(ring).map_err(|e| {
@@ -135,7 +135,7 @@ impl Session {
     }
 
     /// Every TIME_WAIT socket alive now that the session knows of.
-    pub fn alive(&self) -> impl Iterator<Item = crate::lifecycle::TwEnter> + '_ {
+    pub fn alive(&self) -> impl Iterator<Item = crate::track::lifecycle::TwEnter> + '_ {
         self.lifecycle.alive()
     }
 

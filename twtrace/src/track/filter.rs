@@ -3,8 +3,8 @@
 use std::{fmt, net::IpAddr, str::FromStr};
 
 use crate::{
-    decode::Conn,
-    lifecycle::{Event, TwEnter},
+    kernel::decode::Conn,
+    track::lifecycle::{Event, TwEnter},
 };
 
 /// An IP network, `ADDR/LEN` or a bare address (a single host).

@@ -17,7 +17,7 @@ use std::{
     path::Path,
 };
 
-use crate::decode::Conn;
+use crate::kernel::decode::Conn;
 
 /// One socket as inet_diag lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]

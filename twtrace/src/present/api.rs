@@ -2,10 +2,10 @@
 //! same strict parsers as the command line. Pure; fuzzed.
 
 use crate::{
-    aggregate::By,
     cli::{parse_cidr, parse_comm, parse_pid, parse_port, parse_positive},
-    filter::Filter,
-    report::Sort,
+    present::report::Sort,
+    track::aggregate::By,
+    track::filter::Filter,
 };
 
 /// Longest query string accepted (longer ones are refused, not truncated).

@@ -83,7 +83,7 @@ pub fn drop_to(account: Account) -> Result<(), Failure> {
         }
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    match crate::preflight::parse_cap_eff(&status) {
+    match crate::kernel::preflight::parse_cap_eff(&status) {
         Some(0) => Ok(()),
         other => Err(Failure::new(
             Code::Privilege,

@@ -6,9 +6,9 @@ use std::str::FromStr;
 use serde_json::{Value, json};
 
 use crate::{
-    aggregate::{Aggregator, By, Group, Key, REASONS},
-    host::CloseWait,
-    session::Loss,
+    host::close_wait::CloseWait,
+    track::aggregate::{Aggregator, By, Group, Key, REASONS},
+    track::session::Loss,
 };
 
 /// What the aggregate does not know: the run and the kernel's own figures.
@@ -330,9 +330,9 @@ pub fn table(
 mod tests {
     use super::*;
     use crate::{
-        decode::{Conn, Process, Role},
-        host::CloseWait,
-        lifecycle::{Event, Reason, TwEnter, TwExit},
+        host::close_wait::CloseWait,
+        kernel::decode::{Conn, Process, Role},
+        track::lifecycle::{Event, Reason, TwEnter, TwExit},
     };
 
     fn agg() -> Aggregator {

@@ -19,8 +19,8 @@ use std::{collections::HashSet, fmt, net::SocketAddr, str::FromStr};
 use foldhash::{HashMap, HashMapExt as _, HashSetExt as _};
 
 use crate::{
-    decode::{Comm, Conn, Process, Role},
-    lifecycle::{Event, Reason, TwEnter, TwExit},
+    kernel::decode::{Comm, Conn, Process, Role},
+    track::lifecycle::{Event, Reason, TwEnter, TwExit},
 };
 
 /// Default number of groups kept per grouping before the smallest are folded into `other`.

@@ -12,7 +12,7 @@ use tokio::{
     time::Interval,
 };
 
-use crate::decode::{KernelEvent, decode};
+use crate::kernel::decode::{KernelEvent, decode};
 
 /// Longest an event waits in the ring when the kernel did not wake us.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);

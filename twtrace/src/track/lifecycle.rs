@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 // are kernel addresses and 4-tuples known at start, not values a remote peer picks.
 use foldhash::HashMap;
 
-use crate::decode::{Conn, KernelEvent, Process, Role};
+use crate::kernel::decode::{Conn, KernelEvent, Process, Role};
 
 /// How long a cancel waits for the event that explains it. The explaining event is produced
 /// within microseconds on the same CPU; this only bounds how late an early death is reported

@@ -12,8 +12,8 @@ use std::{
 use twtrace_common::tp;
 
 use crate::{
-    btf::Btf,
     failure::{Code, Failure},
+    kernel::btf::Btf,
 };
 
 const CAP_DAC_OVERRIDE: u32 = 1;
@@ -160,7 +160,7 @@ fn btf_offsets() -> Result<KernelInfo, Failure> {
     offsets_from(&btf).map_err(|e| missing(e.to_string()))
 }
 
-pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::btf::BtfError> {
+pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::kernel::btf::BtfError> {
     let v6 = btf.has_struct("in6_addr");
     Ok(KernelInfo {
         off_tw_timer: btf.member_offset("inet_timewait_sock", "tw_timer")?,
