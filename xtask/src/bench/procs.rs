@@ -1,0 +1,91 @@
+//! Processes, every wait bounded: short commands run with a time limit, waits that kill the child
+//! after theirs, signals, and a child that is killed when dropped.
+
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::setup;
+
+/// Runs a short command with a time limit; stdout on success.
+pub(super) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let out = reader(child.stdout.take());
+    let err = reader(child.stderr.take());
+    let status = wait_for(&mut child, limit, || {});
+    let out = out.join().unwrap_or_default();
+    let err = err.join().unwrap_or_default();
+    match status {
+        Some(s) if s.success() => Ok(out),
+        Some(s) => Err(format!("{what} failed ({s}): {}", err.trim())),
+        None => Err(format!("{what} did not finish within {limit:?}: killed")),
+    }
+}
+
+pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
+/// Waits for a child up to `limit`, calling `tick` every 50 ms; kills it after the limit
+/// (None).
+pub(super) fn wait_for(
+    child: &mut Child,
+    limit: Duration,
+    mut tick: impl FnMut(),
+) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        tick();
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+pub(super) fn signal(pid: u32, sig: &str) {
+    let _ = run_for(
+        Command::new("kill").args(["-s", sig, &pid.to_string()]),
+        Duration::from_secs(5),
+    );
+}
+
+/// A child that is killed (SIGKILL) and reaped if it is still there when this is dropped.
+pub(super) struct Owned(pub(super) Child);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub(super) fn ip() -> PathBuf {
+    setup::which("ip").unwrap_or_else(|| PathBuf::from("ip"))
+}
