@@ -20,6 +20,9 @@ use std::{
 
 use serde_json::Value;
 
+// What the tests of the deployment files share (they need no root and load nothing).
+pub mod deploy;
+
 /// The directory of the build the test runs from (target/<profile>): the test executable sits
 /// in its `deps/`.
 fn build_dir() -> PathBuf {
