@@ -147,6 +147,19 @@ impl Netns {
         run(&mut self.command(args))
     }
 
+    /// Its inode number: what twtrace reports as `netns` (`ip netns identify` shows the name).
+    pub fn inode(&self) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("named namespace")
+            .ino() as u32
+    }
+
+    /// Sets a sysctl of this namespace (the namespace goes away with its settings).
+    pub fn sysctl(&self, name: &str, value: &str) {
+        self.exec_ok(&["sysctl", "-q", "-w", &format!("{name}={value}")]);
+    }
+
     /// TcpExt counters of this namespace (/proc/net/netstat as its processes see it).
     pub fn tcpext(&self) -> HashMap<String, u64> {
         twtrace::host::counters::parse_netstat(
@@ -385,8 +398,25 @@ pub struct RunResult {
 impl Run {
     /// Starts `twtrace ARGS` and returns once it printed `ready` on stderr (or exited).
     pub fn start(args: &[&str], ready: &str) -> Self {
-        let mut child = Command::new(twtrace_bin())
-            .args(args)
+        Self::start_in(None, args, ready)
+    }
+
+    /// The same, run inside `ns` (`ip netns exec`) when given.
+    pub fn start_in(ns: Option<&Netns>, args: &[&str], ready: &str) -> Self {
+        let bin = twtrace_bin();
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut all = vec![bin.to_str().expect("utf-8 path")];
+                all.extend_from_slice(args);
+                ns.command(&all)
+            }
+            None => {
+                let mut c = Command::new(&bin);
+                c.args(args);
+                c
+            }
+        };
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -499,19 +529,9 @@ pub struct Server {
 impl Server {
     /// Starts a server (in `ns` when given) and waits until it listens.
     pub fn start(ns: Option<&Netns>, listen: &str, extra: &[&str]) -> Self {
-        let churn = churn_bin();
-        let churn = churn.to_str().expect("utf-8 path");
-        let mut args = vec![churn, "server", "--listen", listen];
+        let mut args = vec!["--listen", listen];
         args.extend_from_slice(extra);
-        let mut cmd = match ns {
-            Some(ns) => ns.command(&args),
-            None => {
-                let mut c = Command::new(args[0]);
-                c.args(&args[1..]);
-                c
-            }
-        };
-        let mut child = cmd
+        let mut child = churn(ns, "server", &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -543,23 +563,112 @@ impl Drop for Server {
 pub struct ClientRun {
     pub pid: u32,
     pub local_ports: Vec<u16>,
+    /// Failed connect() calls by errno name (`--tolerate-errors`).
+    pub errors: std::collections::BTreeMap<String, u64>,
+    /// Seconds from the client's start to its first failed connect().
+    pub first_error_s: Option<f64>,
 }
 
-/// Runs a `twt-churn client` to completion (in `ns` when given).
-pub fn client(ns: Option<&Netns>, args: &[&str]) -> ClientRun {
+impl ClientRun {
+    fn from_json(v: &Value, pid: u32) -> Self {
+        assert_eq!(
+            v["pid"], pid,
+            "the client keeps its pid through ip netns exec"
+        );
+        ClientRun {
+            pid,
+            local_ports: v["local_ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .map(|p| p.as_u64().expect("port") as u16)
+                .collect(),
+            errors: v["errors"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            first_error_s: v["first_error_s"].as_f64(),
+        }
+    }
+}
+
+/// The command line of a `twt-churn MODE ARGS` (in `ns` when given).
+fn churn(ns: Option<&Netns>, mode: &str, args: &[&str]) -> Command {
     let churn = churn_bin();
     let churn = churn.to_str().expect("utf-8 path");
-    let mut all = vec![churn, "client"];
+    let mut all = vec![churn, mode];
     all.extend_from_slice(args);
-    let mut cmd = match ns {
+    match ns {
         Some(ns) => ns.command(&all),
         None => {
             let mut c = Command::new(all[0]);
             c.args(&all[1..]);
             c
         }
-    };
-    let child = cmd
+    }
+}
+
+/// A `twt-churn client --leak` that keeps its sockets (CLOSE_WAIT once its server closed)
+/// until dropped.
+pub struct Holder {
+    child: Child,
+    _stdin: ChildStdin,
+    pub run: ClientRun,
+}
+
+impl Holder {
+    pub fn start(ns: Option<&Netns>, args: &[&str]) -> Self {
+        let mut all = args.to_vec();
+        all.push("--leak");
+        let mut child = churn(ns, "client", &all)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn twt-churn client");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("client output");
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let run = ClientRun::from_json(&v, child.id());
+        let stdin = child.stdin.take().expect("stdin");
+        Holder {
+            child,
+            _stdin: stdin,
+            run,
+        }
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `twt-churn namespaces --count N --per-ns M`: N network namespaces made, used (M TIME_WAIT
+/// each) and gone, one after the other.
+pub fn churn_namespaces(count: u32, per_ns: u32) {
+    run(&mut churn(
+        None,
+        "namespaces",
+        &[
+            "--count",
+            &count.to_string(),
+            "--per-ns",
+            &per_ns.to_string(),
+        ],
+    ));
+}
+
+/// Runs a `twt-churn client` to completion (in `ns` when given).
+pub fn client(ns: Option<&Netns>, args: &[&str]) -> ClientRun {
+    let child = churn(ns, "client", args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -572,19 +681,7 @@ pub fn client(ns: Option<&Netns>, args: &[&str]) -> ClientRun {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
-    assert_eq!(
-        v["pid"], pid,
-        "the client keeps its pid through ip netns exec"
-    );
-    ClientRun {
-        pid,
-        local_ports: v["local_ports"]
-            .as_array()
-            .expect("ports")
-            .iter()
-            .map(|p| p.as_u64().expect("port") as u16)
-            .collect(),
-    }
+    ClientRun::from_json(&v, pid)
 }
 
 /// Names of the BPF programs loaded in the kernel now (bpftool), to check nothing is left.

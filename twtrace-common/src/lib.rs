@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a layout below changes; the kernel writes it into every event header.
-pub const EVENT_VERSION: u8 = 1;
+pub const EVENT_VERSION: u8 = 2;
 
 /// `kind` of an event (first byte of every ring buffer record).
 pub mod kind {
@@ -105,8 +105,9 @@ pub struct Header {
     pub ts_ns: u64,
 }
 
-/// A connection's addresses, local side first. IPv4 addresses sit in the first 4 bytes.
-/// Ports in host byte order.
+/// A connection's addresses, local side first, and the network namespace it lives in: the
+/// 4-tuple is only unique within a namespace. IPv4 addresses sit in the first 4 bytes. Ports
+/// in host byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Tuple {
@@ -114,7 +115,9 @@ pub struct Tuple {
     pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
-    pub _pad: u32,
+    /// Inode number of the socket's network namespace (`sock_common.skc_net` -> `net.ns.inum`,
+    /// what `readlink /proc/PID/ns/net` shows); 0 when it could not be read.
+    pub netns: u32,
 }
 
 /// The process responsible for a socket, captured in process context.
@@ -192,6 +195,11 @@ pub struct Config {
     pub off_inet_sport: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_net` (a `possible_net_t`, whose only member is the `struct net *`), and
+    /// `net.ns.inum` (the namespace's inode number). 0: not read (a kernel without network
+    /// namespaces).
+    pub off_skc_net: u32,
+    pub off_net_inum: u32,
     /// Non-zero (`--all-states`): emit every TCP state transition (`kind::STATE`), and record
     /// the caller of connect() and of the passive close too (only the closer matters to
     /// TIME_WAIT; these transitions' successors run in softirq).

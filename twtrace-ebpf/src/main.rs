@@ -24,10 +24,10 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
+            bpf_probe_read_kernel,
         },
     },
     macros::{btf_tracepoint, map, tracepoint},
@@ -81,6 +81,8 @@ static CONFIG: Config = Config {
     off_inet_sport: 0,
     off_skc_v6_daddr: 0,
     off_skc_v6_rcv_saddr: 0,
+    off_skc_net: 0,
+    off_net_inum: 0,
     emit_states: 0,
     _pad: [0; 7],
     wakeup_bytes: 0,
@@ -235,14 +237,57 @@ fn recorded_owner(skaddr: u64, o: &mut Owner) -> (u8, u8) {
     }
 }
 
+/// A kernel value read through `bpf_probe_read_kernel` (any address is tolerated), or `zero`
+/// when the read fails. The destination is initialised before the call: older verifiers (5.10)
+/// refuse a program that may read a stack slot the helper did not fill on its failure path.
+#[inline(always)]
+fn kread<T: Copy>(src: u64, zero: T) -> Option<T> {
+    let mut v = zero;
+    // SAFETY: `v` is a valid, initialised destination of size_of::<T>() bytes; the helper
+    // checks the source address itself.
+    let rc = unsafe {
+        bpf_probe_read_kernel(
+            (&raw mut v).cast(),
+            size_of::<T>() as u32,
+            src as *const core::ffi::c_void,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
 /// The start of a timewait or request socket's `sock_common`.
 #[inline(always)]
 fn read_skc(skc: u64) -> Option<SkcHead> {
-    // SAFETY: bpf_probe_read_kernel tolerates any address.
-    unsafe { bpf_probe_read_kernel(skc as *const SkcHead) }.ok()
+    kread(
+        skc,
+        SkcHead {
+            daddr: [0; 4],
+            rcv_saddr: [0; 4],
+            hash: 0,
+            dport_be: 0,
+            num: 0,
+            family: 0,
+            _pad: 0,
+        },
+    )
 }
 
-/// The 4-tuple of a timewait socket, local side first.
+/// The network namespace of a timewait socket (`skc_net` -> `net.ns.inum`), 0 when unknown.
+/// Read through helpers: the socket is reached from its timer's address, not from a typed
+/// tracepoint argument, so the verifier cannot check direct loads from it.
+#[inline(always)]
+fn skc_netns(skc: u64) -> u32 {
+    let off = config!(off_skc_net);
+    if off == 0 {
+        return 0;
+    }
+    match kread(skc + off as u64, 0u64) {
+        Some(net) if net != 0 => kread(net + config!(off_net_inum) as u64, 0u32).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The 4-tuple of a timewait socket, local side first (its namespace is filled apart).
 #[inline(always)]
 fn skc_tuple(skc: u64, head: &SkcHead, t: &mut Tuple) {
     t.sport = head.num;
@@ -300,12 +345,24 @@ impl Socket {
     /// Read only when needed: it lies beyond `struct sock`, a helper call.
     #[inline(always)]
     fn sport(&self) -> u16 {
-        // SAFETY: bpf_probe_read_kernel tolerates any address; offset from BTF.
-        let sport_be = unsafe {
-            bpf_probe_read_kernel((self.sk + config!(off_inet_sport) as u64) as *const u16)
+        u16::from_be(kread(self.sk + config!(off_inet_sport) as u64, 0u16).unwrap_or(0))
+    }
+
+    /// The socket's network namespace: `sk->__sk_common.skc_net.net->ns.inum`, two direct
+    /// loads (the verifier types the loaded `struct net *` from BTF, so no helper call).
+    #[inline(always)]
+    fn netns(&self) -> u32 {
+        let off = config!(off_skc_net);
+        if off == 0 {
+            return 0;
         }
-        .unwrap_or(0);
-        u16::from_be(sport_be)
+        let net = sk_field::<u64>(self.sk as *const u8, off as usize) as *const u8;
+        if net.is_null() {
+            return 0;
+        }
+        // SAFETY: `net` is the socket's typed `struct net *`; the offset of `ns.inum` comes
+        // from BTF (frozen read-only data, a constant for the verifier).
+        unsafe { core::ptr::read_volatile(net.add(config!(off_net_inum) as usize).cast::<u32>()) }
     }
 
     #[inline(always)]
@@ -319,11 +376,12 @@ impl Socket {
         (self.head.rcv_saddr, self.head.daddr)
     }
 
-    /// The 4-tuple, local side first, with the source port already read.
+    /// The 4-tuple and namespace, local side first, with the source port already read.
     #[inline(always)]
     fn tuple(&self, sport: u16, t: &mut Tuple) {
         skc_tuple(self.sk, &self.head, t);
         t.sport = sport;
+        t.netns = self.netns();
     }
 }
 
@@ -539,10 +597,8 @@ pub fn timer_start(ctx: BtfTracePointContext) -> i32 {
 
 fn on_tw_start(timer: u64) {
     let Some(s) = scratch() else { return };
-    // SAFETY: as in timer_function; enqueue_timer() runs after `expires` is set.
-    let expires: u64 =
-        unsafe { bpf_probe_read_kernel((timer + config!(off_timer_expires) as u64) as *const u64) }
-            .unwrap_or(0);
+    // enqueue_timer() runs after `expires` is set.
+    let expires = kread(timer + config!(off_timer_expires) as u64, 0u64).unwrap_or(0);
     // SAFETY: helper without arguments.
     let timeout = expires.wrapping_sub(unsafe { bpf_jiffies64() });
     bump(counter::TW_TIMER_STARTS);
@@ -626,6 +682,7 @@ fn on_tw_cancel(timer: u64) {
         e.header = header(kind::TW_CANCEL, family, fl | flags::HAS_TUPLE);
         e.timer = timer;
         skc_tuple(tw, &head, &mut e.tuple);
+        e.tuple.netns = skc_netns(tw);
     });
     s.cancel_timer = timer;
     s.cancel_portpair = portpair(&head);
@@ -654,6 +711,7 @@ fn on_tw_expire(timer: u64) {
         e.header = match &head {
             Some(h) => {
                 skc_tuple(tw, h, &mut e.tuple);
+                e.tuple.netns = skc_netns(tw);
                 header(kind::TW_EXPIRE, h.family as u8, flags::HAS_TUPLE)
             }
             None => header(kind::TW_EXPIRE, 0, 0),

@@ -44,6 +44,8 @@ pub enum Command {
 pub struct DoctorArgs {
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub netns: NetnsArgs,
     /// How long to watch the traffic
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -56,6 +58,8 @@ pub struct DoctorArgs {
 pub struct ExecArgs {
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub netns: NetnsArgs,
     /// Fail (exit 3) when the command causes more than N TIME_WAIT sockets
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub max_timewait: Option<u64>,
@@ -92,7 +96,7 @@ pub struct ServeArgs {
 #[derive(Args, Debug, Clone)]
 pub struct GroupArgs {
     /// Group by: service (destination for connections out, port for connections in), peer,
-    /// port or process
+    /// port, process or netns (each group belongs to one network namespace)
     #[arg(long, value_name = "GROUPING", default_value = "service", value_parser = parse_by)]
     pub by: By,
     /// Sort by: tw (TIME_WAIT now), rate (births/s over 10 s) or births
@@ -152,6 +156,16 @@ pub struct FilterArgs {
     /// Only IPv6
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
+    #[command(flatten)]
+    pub netns: NetnsArgs,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct NetnsArgs {
+    /// Only this network namespace: an inode number (as `lsns -t net` shows), a name under
+    /// /run/netns, or pid:PID for a process's (repeatable)
+    #[arg(long = "netns", value_name = "NETNS", value_parser = parse_netns)]
+    pub netns: Vec<u32>,
 }
 
 impl FilterArgs {
@@ -168,6 +182,7 @@ impl FilterArgs {
             } else {
                 None
             },
+            netns: self.netns.netns.clone(),
         }
     }
 }
@@ -258,6 +273,11 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) if p > 0 && s.chars().all(|c| c.is_ascii_digit()) => Ok(p),
         _ => Err(format!("'{s}' is not a TCP port (1 to 65535)")),
     }
+}
+
+/// A network namespace that exists now (see `host::netns::resolve`).
+pub fn parse_netns(s: &str) -> Result<u32, String> {
+    crate::host::netns::resolve(s)
 }
 
 pub fn parse_cidr(s: &str) -> Result<Cidr, String> {

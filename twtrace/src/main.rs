@@ -5,10 +5,17 @@ use std::process::ExitCode;
 use clap::Parser;
 use twtrace::{
     cli::{Cli, Command},
-    failure, views,
+    failure, host, views,
 };
 
 fn main() -> ExitCode {
+    // serve's collector process: the same binary under another name (see host::collect).
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name()
+        == Some(std::ffi::OsStr::new(host::collect::COLLECTOR_NAME))
+    {
+        return host::collect::child_main();
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -4,15 +4,24 @@
 //! ```text
 //! twt-churn server --listen ADDR:PORT [--closer client|server] [--count N] [--name COMM]
 //! twt-churn client --to ADDR:PORT --count N [--closer client|server] [--bind ADDR[:PORT]]
-//!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold] [--linger0]
+//!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold] [--linger0] [--leak]
+//!                  [--tolerate-errors]
+//! twt-churn namespaces --count N [--per-ns M]
 //! ```
 //!
 //! Each exchange is one byte each way. `--closer client`: the client closes after the reply and
 //! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
 //! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
 //! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). `--linger0`
-//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). The client
-//! prints one JSON line: its pid, name, and the local ports it used, in order.
+//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--leak` never
+//! closes its side (with `--closer server`, CLOSE_WAIT in the client): it prints its line,
+//! then keeps the sockets until stdin closes. `--tolerate-errors` goes on after a failed
+//! connect(), counting the failures by errno name. The client prints one JSON line: its pid,
+//! the local ports it used, in order, and its failures (count by errno, and when the first one
+//! came, in seconds from its start).
+//! `namespaces` makes N short-lived network namespaces one after the other, each with M
+//! connections on its loopback (client closes first: M TIME_WAIT), and lets each go as soon as
+//! its traffic is done (the kernel then kills its TIME_WAIT sockets).
 //! The server prints `listening` once bound, and serves until `--count` connections or stdin
 //! closes.
 
@@ -46,6 +55,9 @@ struct Opts {
     linger0: bool,
     rate: Option<f64>,
     name: Option<String>,
+    leak: bool,
+    tolerate_errors: bool,
+    per_ns: u64,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -60,6 +72,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         linger0: false,
         rate: None,
         name: None,
+        leak: false,
+        tolerate_errors: false,
+        per_ns: 2,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -91,6 +106,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--linger0" => o.linger0 = true,
             "--rate" => o.rate = Some(val()?.parse().map_err(|e| format!("--rate: {e}"))?),
             "--name" => o.name = Some(val()?),
+            "--leak" => o.leak = true,
+            "--tolerate-errors" => o.tolerate_errors = true,
+            "--per-ns" => o.per_ns = val()?.parse().map_err(|e| format!("--per-ns: {e}"))?,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -227,6 +245,9 @@ fn client(o: &Opts) -> Result<(), String> {
     let start = Instant::now();
     let mut ports = Vec::with_capacity(o.count as usize);
     let mut keep: Option<TcpStream> = None;
+    let mut leaked = Vec::new();
+    let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut first_error: Option<f64> = None;
     for i in 0..o.count {
         if Instant::now() > deadline {
             return Err(format!("stopped at {i} connections: time limit"));
@@ -239,11 +260,18 @@ fn client(o: &Opts) -> Result<(), String> {
         }
         let mut s = match keep.take() {
             Some(s) => s,
-            None => {
-                let s = connect(&to, o.bind.as_ref()).map_err(|e| format!("connect {to}: {e}"))?;
-                ports.push(s.local_addr().map_err(|e| e.to_string())?.port());
-                s
-            }
+            None => match connect(&to, o.bind.as_ref()) {
+                Ok(s) => {
+                    ports.push(s.local_addr().map_err(|e| e.to_string())?.port());
+                    s
+                }
+                Err(e) if o.tolerate_errors => {
+                    *errors.entry(errno_name(&e)).or_default() += 1;
+                    first_error.get_or_insert(start.elapsed().as_secs_f64());
+                    continue;
+                }
+                Err(e) => return Err(format!("connect {to}: {e}")),
+            },
         };
         if o.hold {
             // Close right away without waiting: the server holds its end in CLOSE_WAIT.
@@ -259,6 +287,11 @@ fn client(o: &Opts) -> Result<(), String> {
             continue;
         }
         exchange(&mut s, o.closer).map_err(|e| format!("exchange {i}: {e}"))?;
+        if o.leak {
+            // The server closed after the exchange; this side never does: CLOSE_WAIT here.
+            leaked.push(s);
+            continue;
+        }
         if o.linger0 {
             use std::os::fd::AsRawFd;
             let lg = libc::linger {
@@ -279,12 +312,118 @@ fn client(o: &Opts) -> Result<(), String> {
     }
     drop(keep);
     let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
+    let errors: Vec<String> = errors.iter().map(|(k, n)| format!("\"{k}\":{n}")).collect();
     println!(
-        "{{\"pid\":{},\"connections\":{},\"local_ports\":[{}]}}",
+        "{{\"pid\":{},\"connections\":{},\"local_ports\":[{}],\"errors\":{{{}}},\"first_error_s\":{}}}",
         std::process::id(),
         ports.len(),
-        ports.join(",")
+        ports.join(","),
+        errors.join(","),
+        first_error.map_or("null".to_owned(), |t| format!("{t:.3}"))
     );
+    std::io::stdout().flush().ok();
+    if o.leak {
+        // Hold the sockets until the test lets go (stdin closes), or MAX_RUN.
+        thread::spawn(|| {
+            thread::sleep(MAX_RUN);
+            std::process::exit(0);
+        });
+        for _ in std::io::stdin().lock().lines() {}
+        drop(leaked);
+    }
+    Ok(())
+}
+
+/// `EADDRNOTAVAIL`, `ECONNREFUSED`, ... for an error from a system call.
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EADDRNOTAVAIL) => "EADDRNOTAVAIL".into(),
+        Some(libc::EADDRINUSE) => "EADDRINUSE".into(),
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
+        Some(n) => format!("errno{n}"),
+        None => "other".into(),
+    }
+}
+
+/// Brings a namespace's loopback up (SIOCSIFFLAGS on `lo`), as `ip link set lo up` does.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: a datagram socket only used for the interface ioctls below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ifreq zeroed, its name set to "lo"; the ioctls read and write it in place.
+    let rc = unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        let mut rc = libc::ioctl(fd, libc::SIOCGIFFLAGS, &raw mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req);
+        }
+        libc::close(fd);
+        rc
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `namespaces`: N network namespaces made, used and let go one after the other, each by a
+/// child process that unshares its network namespace (it is gone when the child exits).
+fn namespaces(o: &Opts) -> Result<(), String> {
+    let mut made = 0u64;
+    for _ in 0..o.count {
+        // SAFETY: fork in a single-threaded process; the child only makes system calls and
+        // exits with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            let code = match one_namespace(o.per_ns) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("twt-churn namespaces: {e}");
+                    1
+                }
+            };
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            return Err(format!("namespace {made} failed (status {status})"));
+        }
+        made += 1;
+    }
+    println!("{{\"namespaces\":{made},\"per_namespace\":{}}}", o.per_ns);
+    Ok(())
+}
+
+fn one_namespace(connections: u64) -> Result<(), String> {
+    // SAFETY: unshare in a single-threaded child.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(format!("unshare: {}", std::io::Error::last_os_error()));
+    }
+    loopback_up().map_err(|e| format!("lo up: {e}"))?;
+    let listener = TcpListener::bind("127.0.0.1:7000").map_err(|e| format!("bind: {e}"))?;
+    let to = listener.local_addr().map_err(|e| e.to_string())?;
+    for _ in 0..connections {
+        let mut c = connect(&to, None).map_err(|e| format!("connect: {e}"))?;
+        let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        c.write_all(b"x").map_err(|e| e.to_string())?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).map_err(|e| e.to_string())?;
+        // The client closes first: its TIME_WAIT stays in this namespace.
+        drop(c);
+        let _ = s.read(&mut b);
+    }
     Ok(())
 }
 
@@ -307,6 +446,7 @@ fn main() -> ExitCode {
     let r = match mode.as_str() {
         "server" => serve(&opts),
         "client" => client(&opts),
+        "namespaces" => namespaces(&opts),
         other => Err(format!("unknown mode {other}")),
     };
     match r {

@@ -4,11 +4,13 @@
 
 use std::{collections::HashMap, fs};
 
+use super::netns::proc_net;
+
 /// TcpExt counters that concern TIME_WAIT (/proc/net/netstat). On Linux 6.x, `TW` counts
 /// timewait sockets *created* (not expired); `TWKilled` those created with a timeout of 4 s or
 /// less; `TWRecycled` local reuse by tcp_tw_reuse; `TCPTimeWaitOverflow` TIME_WAIT skipped
 /// because tcp_max_tw_buckets was full.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TwCounters {
     pub created: u64,
     pub killed: u64,
@@ -59,7 +61,8 @@ pub fn tw_counters_from(netstat: &str) -> TwCounters {
     }
 }
 
-/// `tw` of /proc/net/sockstat: timewait sockets alive now (this network namespace).
+/// `tw` of /proc/net/sockstat: timewait sockets alive now (in the reader's network namespace;
+/// the FIN_WAIT2 substate included).
 pub fn sockstat_tw_from(text: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with("TCP:"))?;
     let f: Vec<&str> = line.split_whitespace().collect();
@@ -67,14 +70,16 @@ pub fn sockstat_tw_from(text: &str) -> Option<u64> {
     f.get(i + 1)?.parse().ok()
 }
 
+/// The calling thread's namespace's TcpExt counters (zero when unreadable).
 pub fn tw_counters() -> TwCounters {
-    fs::read_to_string("/proc/net/netstat")
+    fs::read_to_string(proc_net().join("netstat"))
         .map(|t| tw_counters_from(&t))
         .unwrap_or_default()
 }
 
+/// The calling thread's namespace's sockstat `tw`.
 pub fn sockstat_tw() -> Option<u64> {
-    fs::read_to_string("/proc/net/sockstat")
+    fs::read_to_string(proc_net().join("sockstat"))
         .ok()
         .and_then(|t| sockstat_tw_from(&t))
 }

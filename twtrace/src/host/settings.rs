@@ -4,7 +4,7 @@
 use std::fs;
 
 /// Sysctls that decide how much TIME_WAIT a host can hold and how it is reused.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settings {
     /// net.ipv4.tcp_tw_reuse: 0 off, 1 on, 2 loopback only (the default).
     pub tw_reuse: Option<u32>,
@@ -17,6 +17,9 @@ pub struct Settings {
     pub timestamps: Option<u32>,
     /// Present only on kernels before 4.12 (the setting was removed).
     pub tw_recycle: Option<u32>,
+    /// net.ipv4.tcp_tw_reuse_delay (ms): how old a TIME_WAIT must be before connect() may
+    /// reuse it. Only on kernels that have the setting (6.13+); older ones use one second.
+    pub tw_reuse_delay_ms: Option<u32>,
 }
 
 impl Settings {
@@ -76,6 +79,8 @@ fn sysctl(name: &str) -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
+/// The settings of the calling thread's network namespace (/proc/sys/net answers for the
+/// reader's namespace).
 pub fn settings() -> Settings {
     let num = |n: &str| sysctl(n).and_then(|v| v.parse().ok());
     Settings {
@@ -88,6 +93,7 @@ pub fn settings() -> Settings {
         fin_timeout: num("net.ipv4.tcp_fin_timeout"),
         timestamps: num("net.ipv4.tcp_timestamps"),
         tw_recycle: num("net.ipv4.tcp_tw_recycle"),
+        tw_reuse_delay_ms: num("net.ipv4.tcp_tw_reuse_delay"),
     }
 }
 

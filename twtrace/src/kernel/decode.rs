@@ -113,12 +113,15 @@ pub struct Process {
     pub cgroup_id: u64,
 }
 
+/// What the kernel programs report. `netns` is the inode number of the socket's network
+/// namespace (`readlink /proc/PID/ns/net`), 0 when the kernel could not say.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     State {
         cpu: u32,
         ts_ns: u64,
         conn: Conn,
+        netns: u32,
         old_state: u8,
         new_state: u8,
         owner: Option<Process>,
@@ -130,6 +133,7 @@ pub enum KernelEvent {
         ts_ns: u64,
         timer: u64,
         conn: Conn,
+        netns: u32,
         owner: Option<Process>,
         role: Role,
         timeout_jiffies: u32,
@@ -139,6 +143,7 @@ pub enum KernelEvent {
         ts_ns: u64,
         timer: u64,
         conn: Option<Conn>,
+        netns: u32,
         reuse: bool,
     },
     Expire {
@@ -146,6 +151,7 @@ pub enum KernelEvent {
         ts_ns: u64,
         timer: u64,
         conn: Option<Conn>,
+        netns: u32,
     },
     Rearm {
         cpu: u32,
@@ -284,6 +290,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
             let ev: SockEvent = read_exact(bytes, k)?;
             let h = ev.header;
             let conn = conn(h.family, &ev.tuple)?;
+            let netns = ev.tuple.netns;
             let owner = process(&h, &ev.owner);
             let role = role_of(ev.role);
             Ok(if k == kind::STATE {
@@ -291,6 +298,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     cpu: h.cpu,
                     ts_ns: h.ts_ns,
                     conn,
+                    netns,
                     old_state: ev.old_state,
                     new_state: ev.new_state,
                     owner,
@@ -303,6 +311,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     ts_ns: h.ts_ns,
                     timer: ev.timer,
                     conn,
+                    netns,
                     owner,
                     role,
                     timeout_jiffies: ev.timeout_jiffies,
@@ -311,13 +320,15 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         }
         kind::TW_CANCEL | kind::TW_EXPIRE | kind::TW_REARM | kind::TW_SYN => {
             let ev: TimerEvent = read_exact(bytes, k)?;
-            let (cpu, ts_ns, timer) = (ev.header.cpu, ev.header.ts_ns, ev.timer);
+            let (cpu, ts_ns, timer, netns) =
+                (ev.header.cpu, ev.header.ts_ns, ev.timer, ev.tuple.netns);
             Ok(match k {
                 kind::TW_CANCEL => KernelEvent::Cancel {
                     cpu,
                     ts_ns,
                     timer,
                     conn: timer_conn(&ev)?,
+                    netns,
                     reuse: ev.header.flags & flags::REUSE != 0,
                 },
                 kind::TW_EXPIRE => KernelEvent::Expire {
@@ -325,6 +336,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     ts_ns,
                     timer,
                     conn: timer_conn(&ev)?,
+                    netns,
                 },
                 kind::TW_REARM => KernelEvent::Rearm {
                     cpu,
@@ -398,7 +410,10 @@ mod tests {
                 AF_INET,
                 flags::OWNER_KNOWN | flags::HAS_TUPLE,
             ),
-            tuple: tuple_v4([127, 0, 0, 1], 40000, [127, 0, 0, 2], 80),
+            tuple: Tuple {
+                netns: 4026532281,
+                ..tuple_v4([127, 0, 0, 1], 40000, [127, 0, 0, 2], 80)
+            },
             owner: owner(42, "curl"),
             skaddr: 7,
             timer: 0xffff_8880_0000_1000,
@@ -412,6 +427,7 @@ mod tests {
         assert_eq!(
             got,
             KernelEvent::Birth {
+                netns: 4026532281,
                 cpu: 1,
                 ts_ns: 99,
                 timer: 0xffff_8880_0000_1000,

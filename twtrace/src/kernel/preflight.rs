@@ -40,6 +40,9 @@ pub struct KernelInfo {
     pub off_inet_sport: u32,
     pub off_skc_v6_daddr: u32,
     pub off_skc_v6_rcv_saddr: u32,
+    /// `sock_common.skc_net` and `net.ns.inum` (0, 0 on a kernel without network namespaces).
+    pub off_skc_net: u32,
+    pub off_net_inum: u32,
     pub tracefs: PathBuf,
     /// Set when twtrace mounted tracefs itself.
     pub mounted_tracefs: bool,
@@ -162,7 +165,17 @@ fn btf_offsets() -> Result<KernelInfo, Failure> {
 
 pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::kernel::btf::BtfError> {
     let v6 = btf.has_struct("in6_addr");
+    // Without CONFIG_NET_NS, possible_net_t is empty: every socket is in the one namespace.
+    let (off_skc_net, off_net_inum) = match btf.member_offset("sock_common", "skc_net") {
+        Ok(skc_net) => (
+            skc_net,
+            btf.member_offset("net", "ns")? + btf.member_offset("ns_common", "inum")?,
+        ),
+        Err(_) => (0, 0),
+    };
     Ok(KernelInfo {
+        off_skc_net,
+        off_net_inum,
         off_tw_timer: btf.member_offset("inet_timewait_sock", "tw_timer")?,
         off_rsk_timer: btf.member_offset("request_sock", "rsk_timer")?,
         off_timer_function: btf.member_offset("timer_list", "function")?,

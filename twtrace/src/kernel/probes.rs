@@ -129,6 +129,8 @@ impl Probes {
             off_inet_sport: info.off_inet_sport,
             off_skc_v6_daddr: info.off_skc_v6_daddr,
             off_skc_v6_rcv_saddr: info.off_skc_v6_rcv_saddr,
+            off_skc_net: info.off_skc_net,
+            off_net_inum: info.off_net_inum,
             emit_states: opts.emit_states as u8,
             _pad: [0; 7],
             wakeup_bytes: (opts.ring_size / 16) as u64,

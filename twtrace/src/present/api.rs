@@ -68,6 +68,17 @@ fn push<T>(v: &mut Vec<T>, x: T, name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A network namespace's inode number (the API takes no names: it answers from what twtrace
+/// has seen, without looking anything up).
+fn parse_netns_inode(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a network namespace inode number (as `lsns -t net` shows)"
+        )),
+    }
+}
+
 /// Parses `by=peer&top=10&port=443&peer=10.0.0.0/8&...`. Unknown or repeated-when-single
 /// parameters are refused, each error naming the parameter and the value.
 pub fn parse(query: Option<&str>) -> Result<ReportQuery, String> {
@@ -125,9 +136,14 @@ pub fn parse(query: Option<&str>) -> Result<ReportQuery, String> {
                 parse_comm(&val).map_err(named)?,
                 "comm",
             )?,
+            "netns" => push(
+                &mut q.filter.netns,
+                parse_netns_inode(&val).map_err(named)?,
+                "netns",
+            )?,
             other => {
                 return Err(format!(
-                    "unknown parameter '{other}' (by, sort, top, port, peer, pid, comm, family)"
+                    "unknown parameter '{other}' (by, sort, top, port, peer, pid, comm, family, netns)"
                 ));
             }
         }

@@ -53,8 +53,13 @@ pub struct ServerPort {
     pub births: u64,
 }
 
+/// What was measured in one network namespace (each has its own ports, settings and
+/// counters; findings are judged with that namespace's numbers).
 #[derive(Clone, Debug, Default)]
 pub struct Evidence {
+    /// The namespace (inode, name) when findings must say which one they are about (more than
+    /// one in play); None leaves them unlabelled.
+    pub netns: Option<(u32, String)>,
     pub duration_s: f64,
     pub settings: Settings,
     /// TcpExt deltas over the watch.
@@ -274,7 +279,9 @@ pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
         let start = ev
             .close_wait_start
             .iter()
-            .find(|c| c.pid == end.pid && c.comm == end.comm)
+            .find(|c| {
+                c.pid == end.pid && c.comm == end.comm && c.listener_port == end.listener_port
+            })
             .map_or(0, |c| c.sockets);
         let grew = end.sockets.saturating_sub(start);
         let severity = if grew >= 10 || end.sockets >= 100 {
@@ -287,20 +294,50 @@ pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
         } else {
             format!("{}[{}]", end.comm, end.pid)
         };
-        out.push(Finding {
-            severity,
-            kind: "close_wait",
-            title: format!("{who} holds {} CLOSE_WAIT sockets", end.sockets),
-            evidence: vec![format!(
-                "{} CLOSE_WAIT at the end, {start} at the start ({} grew by {grew} in {:.0} s)",
-                end.sockets, who, ev.duration_s
-            )],
-            data: json!({"pid": end.pid, "comm": end.comm, "sockets": end.sockets, "at_start": start, "grew": grew}),
-            remedy: "Its peers closed these connections and it never called close() on them: a \
-                     leak in the application (an error path that forgets to close, a pool that \
-                     never evicts dead connections). Each holds a socket and a file descriptor \
-                     until the process exits."
-                .into(),
+        let data = json!({
+            "pid": end.pid,
+            "comm": end.comm,
+            "sockets": end.sockets,
+            "at_start": start,
+            "grew": grew,
+            "listener_port": end.listener_port,
+        });
+        let change = format!(
+            "{} at the end, {start} at the start (grew by {grew} in {:.0} s)",
+            end.sockets, ev.duration_s
+        );
+        out.push(match end.listener_port {
+            // Never accepted: the children of a listener whose process stopped calling
+            // accept() (inet_diag lists them with inode 0, on the listener's port).
+            Some(port) => Finding {
+                severity,
+                kind: "close_wait",
+                title: format!("{who} is not accepting connections on port {port}"),
+                evidence: vec![format!(
+                    "{} connections wait in the accept queue of its listener on port {port}, \
+                     closed by their clients before it accepted them (CLOSE_WAIT): {change}",
+                    end.sockets
+                )],
+                data,
+                remedy: "The listener's backlog fills while the process does not call accept(): \
+                         it is blocked, overloaded or no longer serving that port. This is not a \
+                         missing close(): find why it stopped accepting (a stuck accept loop, a \
+                         worker pool that is full), or stop listening on the port it does not \
+                         serve."
+                    .into(),
+            },
+            None => Finding {
+                severity,
+                kind: "close_wait",
+                title: format!("{who} holds {} CLOSE_WAIT sockets", end.sockets),
+                evidence: vec![format!("{who}: {change}")],
+                data,
+                remedy: "Its peers closed these connections and it never called close() on them: \
+                         a leak in the application (an error path that forgets to close, a pool \
+                         that never evicts dead connections). Each holds a socket and a file \
+                         descriptor until the process exits."
+                    .into(),
+            },
         });
     }
 
@@ -345,6 +382,14 @@ pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
         });
     }
 
+    if let Some((inode, name)) = &ev.netns {
+        for f in &mut out {
+            f.title.push_str(&format!(" (netns {name})"));
+            if let Value::Object(m) = &mut f.data {
+                m.insert("netns".into(), json!({"inode": inode, "name": name}));
+            }
+        }
+    }
     out.sort_by_key(|f| std::cmp::Reverse(f.severity));
     out
 }
@@ -429,14 +474,18 @@ mod tests {
         ev.settings.tw_recycle = Some(1);
         ev.resets_on_close = 4;
         ev.close_wait_start = vec![CloseWait {
+            netns: 1,
             pid: 7,
             comm: "leaky".into(),
             sockets: 2,
+            listener_port: None,
         }];
         ev.close_wait_end = vec![CloseWait {
+            netns: 1,
             pid: 7,
             comm: "leaky".into(),
             sockets: 20,
+            listener_port: None,
         }];
         ev.servers.push(ServerPort {
             port: 443,

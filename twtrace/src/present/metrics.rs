@@ -2,9 +2,11 @@
 //! prometheus-client at scrape time from the current state.
 //!
 //! Label cardinality is bounded: per grouping, the first `max_series` keys to appear (largest
-//! first) are exported for good and pinned in the aggregate, so their counters never go back;
-//! everything else is summed into `key="other"` as totals minus the exported keys, which is
-//! monotonic too.
+//! first) are exported and pinned in the aggregate, so their counters never go back, until
+//! their network namespace is gone; everything else is summed into `key="other"` as totals
+//! minus the exported keys, which is monotonic too. Every per-group series carries the inode
+//! number of its network namespace (`netns`); `twtrace_netns_info` names them. The kernel's own
+//! figures are per namespace too, for at most `max_series` namespaces (most TIME_WAIT first).
 
 use std::fmt;
 
@@ -14,15 +16,15 @@ use prometheus_client::{
 };
 
 use crate::{
-    present::report::Context,
+    present::report::{Context, NsContext},
     track::aggregate::{Aggregator, By, Key, REASONS},
 };
 
-/// Which keys are exported, per grouping (sticky).
+/// Which keys are exported, per grouping (sticky while their namespace lives).
 #[derive(Debug, Default)]
 pub struct Exporter {
     pub max_series: usize,
-    exported: [Vec<Key>; 4],
+    exported: [Vec<Key>; By::ALL.len()],
 }
 
 /// Version and kernel for twtrace_build_info.
@@ -30,7 +32,6 @@ pub struct Exporter {
 pub struct BuildInfo {
     pub version: String,
     pub kernel: String,
-    pub max_tw_buckets: Option<u64>,
 }
 
 impl Exporter {
@@ -38,6 +39,14 @@ impl Exporter {
         Self {
             max_series,
             exported: Default::default(),
+        }
+    }
+
+    /// A namespace that is gone: its series end (the aggregate folded its groups into
+    /// `other`, which grows by as much: no counter goes back).
+    pub fn forget_netns(&mut self, netns: u32) {
+        for list in &mut self.exported {
+            list.retain(|k| k.netns != netns);
         }
     }
 
@@ -73,16 +82,33 @@ struct Family<'a, 'e> {
     _p: std::marker::PhantomData<&'a ()>,
 }
 
+/// Labels of one sample.
+type Labels = [(&'static str, String)];
+
+/// `group`, `key` and `netns` of an exported group.
+fn group_labels(by: By, key: &Key) -> Vec<(&'static str, String)> {
+    vec![
+        ("group", by.as_str().into()),
+        ("key", key.to_string()),
+        ("netns", key.netns.to_string()),
+    ]
+}
+
+/// The `other` group of a grouping (it spans namespaces: no `netns`).
+fn other_labels(by: By) -> Vec<(&'static str, String)> {
+    vec![("group", by.as_str().into()), ("key", "other".into())]
+}
+
 impl Family<'_, '_> {
     fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
         &mut self,
-        labels: &[(&str, &str)],
+        labels: &Labels,
         v: V,
     ) -> fmt::Result {
         self.enc.encode_family(&labels.to_vec())?.encode_gauge(&v)
     }
 
-    fn counter(&mut self, labels: &[(&str, &str)], v: u64) -> fmt::Result {
+    fn counter(&mut self, labels: &Labels, v: u64) -> fmt::Result {
         self.enc
             .encode_family(&labels.to_vec())?
             .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
@@ -147,13 +173,10 @@ pub fn encode(
         for key in keys {
             let n = agg.group(by, key).map_or(0, |g| g.in_time_wait);
             sum += n;
-            f.gauge(&[("group", by.as_str()), ("key", &key.to_string())], n)?;
+            f.gauge(&group_labels(by, key), n)?;
         }
         if agg.groups(by).0.len() > keys.len() || agg.folded_groups(by) > 0 {
-            f.gauge(
-                &[("group", by.as_str()), ("key", "other")],
-                t.in_time_wait.saturating_sub(sum),
-            )?;
+            f.gauge(&other_labels(by), t.in_time_wait.saturating_sub(sum))?;
         }
     }
 
@@ -169,12 +192,9 @@ pub fn encode(
         for key in keys {
             let n = agg.group(by, key).map_or(0, |g| g.entered);
             sum += n;
-            f.counter(&[("group", by.as_str()), ("key", &key.to_string())], n)?;
+            f.counter(&group_labels(by, key), n)?;
         }
-        f.counter(
-            &[("group", by.as_str()), ("key", "other")],
-            t.entered.saturating_sub(sum),
-        )?;
+        f.counter(&other_labels(by), t.entered.saturating_sub(sum))?;
     }
 
     let mut f = family(
@@ -190,23 +210,13 @@ pub fn encode(
             for key in keys {
                 let n = agg.group(by, key).map_or(0, |g| g.exits[i]);
                 sum += n;
-                f.counter(
-                    &[
-                        ("group", by.as_str()),
-                        ("key", &key.to_string()),
-                        ("reason", reason.as_str()),
-                    ],
-                    n,
-                )?;
+                let mut labels = group_labels(by, key);
+                labels.push(("reason", reason.as_str().into()));
+                f.counter(&labels, n)?;
             }
-            f.counter(
-                &[
-                    ("group", by.as_str()),
-                    ("key", "other"),
-                    ("reason", reason.as_str()),
-                ],
-                t.exits[i].saturating_sub(sum),
-            )?;
+            let mut labels = other_labels(by);
+            labels.push(("reason", reason.as_str().into()));
+            f.counter(&labels, t.exits[i].saturating_sub(sum))?;
         }
     }
 
@@ -230,25 +240,73 @@ pub fn encode(
         MetricType::Gauge,
     )?;
     for c in ctx.close_wait.iter().take(exporter.max_series) {
-        f.gauge(&[("pid", &c.pid.to_string()), ("comm", &c.comm)], c.sockets)?;
+        f.gauge(
+            &[
+                ("pid", c.pid.to_string()),
+                ("comm", c.comm.clone()),
+                ("netns", c.netns.to_string()),
+                (
+                    "listener_port",
+                    c.listener_port.map(|p| p.to_string()).unwrap_or_default(),
+                ),
+            ],
+            c.sockets,
+        )?;
     }
 
     family(
         enc,
         "twtrace_host_timewait_sockets",
-        "TIME_WAIT sockets now, as twtrace counts them",
+        "TIME_WAIT sockets now, as twtrace counts them, all namespaces",
         MetricType::Gauge,
     )?
     .gauge(&[], t.in_time_wait)?;
-    if let Some(k) = ctx.kernel_time_wait {
-        family(
-            enc,
-            "twtrace_kernel_timewait_sockets",
-            "TIME_WAIT sockets now, as the kernel counts them (/proc/net/sockstat tw)",
-            MetricType::Gauge,
-        )?
-        .gauge(&[], k)?;
+
+    // The namespaces in play, most TIME_WAIT first, at most max_series of them.
+    let mut namespaces: Vec<(&NsContext, u64)> = ctx
+        .namespaces
+        .iter()
+        .map(|n| {
+            let tw = agg
+                .namespaces()
+                .find(|&(i, _)| i == n.netns)
+                .map_or(0, |(_, tw)| tw);
+            (n, tw)
+        })
+        .collect();
+    namespaces.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.netns.cmp(&b.0.netns)));
+    namespaces.truncate(exporter.max_series);
+    let ns_label = |n: &NsContext| vec![("netns", n.netns.to_string())];
+    let mut f = family(
+        enc,
+        "twtrace_netns_info",
+        "Network namespaces twtrace reports on, by inode number, with their best name",
+        MetricType::Gauge,
+    )?;
+    for (n, _) in &namespaces {
+        f.gauge(
+            &[("netns", n.netns.to_string()), ("name", n.name.clone())],
+            1u64,
+        )?;
     }
+    let mut f = family(
+        enc,
+        "twtrace_kernel_timewait_sockets",
+        "TIME_WAIT sockets now, as the kernel counts them (/proc/net/sockstat tw), per namespace",
+        MetricType::Gauge,
+    )?;
+    for (n, _) in &namespaces {
+        if let Some(k) = n.kernel_time_wait {
+            f.gauge(&ns_label(n), k)?;
+        }
+    }
+    family(
+        enc,
+        "twtrace_netns_unreadable",
+        "Network namespaces whose kernel figures and CLOSE_WAIT twtrace cannot read (no privilege to enter them)",
+        MetricType::Gauge,
+    )?
+    .gauge(&[], ctx.unreadable as u64)?;
     family(
         enc,
         "twtrace_host_timewait_entered",
@@ -263,41 +321,57 @@ pub fn encode(
         MetricType::Counter,
     )?;
     for (i, reason) in REASONS.iter().enumerate() {
-        f.counter(&[("reason", reason.as_str())], t.exits[i])?;
+        f.counter(&[("reason", reason.as_str().into())], t.exits[i])?;
     }
-    family(
+    let mut f = family(
         enc,
         "twtrace_timewait_skipped",
-        "TIME_WAIT not created because tcp_max_tw_buckets was full (TcpExt TCPTimeWaitOverflow since start)",
+        "TIME_WAIT not created because tcp_max_tw_buckets was full (TcpExt TCPTimeWaitOverflow since start), per namespace",
         MetricType::Counter,
-    )?
-    .counter(&[], ctx.skipped_overflow)?;
-    if let Some(m) = info.max_tw_buckets {
-        family(
-            enc,
-            "twtrace_timewait_max_buckets",
-            "net.ipv4.tcp_max_tw_buckets",
-            MetricType::Gauge,
-        )?
-        .gauge(&[], m)?;
+    )?;
+    for (n, _) in &namespaces {
+        f.counter(&ns_label(n), n.skipped_overflow)?;
     }
-    if let Some(ports) = ctx.ephemeral_ports {
-        family(
-            enc,
-            "twtrace_ephemeral_ports",
-            "Usable ports in net.ipv4.ip_local_port_range",
-            MetricType::Gauge,
-        )?
-        .gauge(&[], ports)?;
-        let mut f = family(
-            enc,
-            "twtrace_peer_port_usage_ratio",
-            "TIME_WAIT sockets held towards a destination / ephemeral ports",
-            MetricType::Gauge,
-        )?;
-        for key in &exporter.exported[By::Peer as usize] {
+    let mut f = family(
+        enc,
+        "twtrace_timewait_max_buckets",
+        "net.ipv4.tcp_max_tw_buckets, per namespace",
+        MetricType::Gauge,
+    )?;
+    for (n, _) in &namespaces {
+        if let Some(m) = n.max_tw_buckets {
+            f.gauge(&ns_label(n), m)?;
+        }
+    }
+    let mut f = family(
+        enc,
+        "twtrace_ephemeral_ports",
+        "Usable ports in net.ipv4.ip_local_port_range (minus reserved ports), per namespace",
+        MetricType::Gauge,
+    )?;
+    for (n, _) in &namespaces {
+        if let Some(p) = n.ephemeral_ports {
+            f.gauge(&ns_label(n), p)?;
+        }
+    }
+    let mut f = family(
+        enc,
+        "twtrace_peer_port_usage_ratio",
+        "TIME_WAIT sockets held towards a destination / ephemeral ports of its namespace",
+        MetricType::Gauge,
+    )?;
+    for key in &exporter.exported[By::Peer as usize] {
+        let ports = ctx
+            .namespaces
+            .iter()
+            .find(|n| n.netns == key.netns)
+            .and_then(|n| n.ephemeral_ports);
+        if let Some(ports) = ports {
             let n = agg.group(By::Peer, key).map_or(0, |g| g.in_time_wait);
-            f.gauge(&[("key", &key.to_string())], n as f64 / ports.max(1) as f64)?;
+            f.gauge(
+                &[("key", key.to_string()), ("netns", key.netns.to_string())],
+                n as f64 / ports.max(1) as f64,
+            )?;
         }
     }
     let mut f = family(
@@ -306,9 +380,9 @@ pub fn encode(
         "Events twtrace did not see, per cause",
         MetricType::Counter,
     )?;
-    f.counter(&[("cause", "ring_full")], ctx.loss.ring_full)?;
-    f.counter(&[("cause", "recursion")], ctx.loss.recursion_misses)?;
-    f.counter(&[("cause", "malformed")], ctx.loss.malformed)?;
+    f.counter(&[("cause", "ring_full".into())], ctx.loss.ring_full)?;
+    f.counter(&[("cause", "recursion".into())], ctx.loss.recursion_misses)?;
+    f.counter(&[("cause", "malformed".into())], ctx.loss.malformed)?;
     family(
         enc,
         "twtrace_build_info",
@@ -316,7 +390,10 @@ pub fn encode(
         MetricType::Gauge,
     )?
     .gauge(
-        &[("version", &info.version), ("kernel", &info.kernel)],
+        &[
+            ("version", info.version.clone()),
+            ("kernel", info.kernel.clone()),
+        ],
         1u64,
     )?;
     Ok(())
@@ -353,6 +430,8 @@ mod tests {
         out
     }
 
+    const NS: u32 = 4026531840;
+
     #[test]
     fn series_are_bounded_and_other_sums_the_rest() {
         let mut agg = Aggregator::new(100);
@@ -365,6 +444,7 @@ mod tests {
                     remote: peer.parse().unwrap(),
                 };
                 agg.on_event(&Event::Enter(TwEnter {
+                    netns: NS,
                     ts_ns: 0,
                     timer,
                     conn,
@@ -375,6 +455,7 @@ mod tests {
                 }));
                 if timer == 1 {
                     agg.on_event(&Event::Exit(TwExit {
+                        netns: NS,
                         ts_ns: 1,
                         timer,
                         conn: Some(conn),
@@ -388,37 +469,46 @@ mod tests {
             }
         }
         let ctx = Context {
-            ephemeral_ports: Some(100),
-            kernel_time_wait: Some(8),
+            namespaces: vec![NsContext {
+                netns: NS,
+                name: "host".into(),
+                kernel_time_wait: Some(8),
+                ephemeral_ports: Some(100),
+                max_tw_buckets: Some(131072),
+                skipped_overflow: 0,
+            }],
             ..Context::default()
         };
         let info = BuildInfo {
             version: "0.1.0".into(),
             kernel: "6.18".into(),
-            max_tw_buckets: Some(131072),
         };
         let state = Arc::new(Mutex::new((Exporter::new(2), agg, ctx, info)));
         let t = text(&state);
         assert!(
-            t.contains("twtrace_timewait_sockets{group=\"peer\",key=\"10.0.0.2:80\"} 4"),
+            t.contains("twtrace_timewait_sockets{group=\"peer\",key=\"10.0.0.2:80\",netns=\"4026531840\"} 4"),
             "{t}"
         );
-        assert!(t.contains("twtrace_timewait_sockets{group=\"peer\",key=\"10.0.0.3:80\"} 3"));
+        assert!(t.contains(
+            "twtrace_timewait_sockets{group=\"peer\",key=\"10.0.0.3:80\",netns=\"4026531840\"} 3"
+        ));
         assert!(t.contains("twtrace_timewait_sockets{group=\"peer\",key=\"other\"} 1"));
         assert!(!t.contains("10.0.0.4:80\""), "over max_series: {t}");
         assert!(t.contains("twtrace_timewait_entered_total{group=\"peer\",key=\"other\"} 1"));
         assert!(t.contains(
-            "twtrace_timewait_exited_total{group=\"peer\",key=\"10.0.0.2:80\",reason=\"expired\"} 1"
+            "twtrace_timewait_exited_total{group=\"peer\",key=\"10.0.0.2:80\",netns=\"4026531840\",reason=\"expired\"} 1"
         ));
         assert!(t.contains("twtrace_host_timewait_sockets 8"));
-        assert!(t.contains("twtrace_kernel_timewait_sockets 8"));
+        assert!(t.contains("twtrace_kernel_timewait_sockets{netns=\"4026531840\"} 8"));
         assert!(
             t.contains("twtrace_timewait_lifetime_seconds_bucket{le=\"60.5\"} 1"),
             "{t}"
         );
         assert!(t.contains("twtrace_timewait_lifetime_seconds_count 1"));
         assert!(
-            t.contains("twtrace_peer_port_usage_ratio{key=\"10.0.0.2:80\"} 0.04"),
+            t.contains(
+                "twtrace_peer_port_usage_ratio{key=\"10.0.0.2:80\",netns=\"4026531840\"} 0.04"
+            ),
             "{t}"
         );
         assert!(
@@ -431,6 +521,7 @@ mod tests {
             let mut s = state.lock().unwrap();
             for i in 0..10 {
                 s.1.on_event(&Event::Enter(TwEnter {
+                    netns: NS,
                     ts_ns: 0,
                     timer: 100 + i,
                     conn: Conn {
@@ -445,7 +536,7 @@ mod tests {
             }
         }
         let t = text(&state);
-        assert!(t.contains("key=\"10.0.0.3:80\"} 3"));
+        assert!(t.contains("key=\"10.0.0.3:80\",netns=\"4026531840\"} 3"));
         assert!(
             t.contains("twtrace_timewait_sockets{group=\"peer\",key=\"other\"} 11"),
             "{t}"

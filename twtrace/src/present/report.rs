@@ -6,25 +6,75 @@ use std::str::FromStr;
 use serde_json::{Value, json};
 
 use crate::{
-    host::close_wait::CloseWait,
+    host::{cgroup::Unit, close_wait::CloseWait},
     track::aggregate::{Aggregator, By, Group, Key, REASONS},
     track::session::Loss,
 };
 
-/// What the aggregate does not know: the run and the kernel's own figures.
+/// What the aggregate does not know: the run, the namespaces and the kernel's own figures.
 #[derive(Clone, Debug, Default)]
 pub struct Context {
     pub duration_s: f64,
     /// Monotonic second "now", for the rate windows.
     pub now_sec: u64,
     pub loss: Loss,
-    /// TIME_WAIT not created since start because tcp_max_tw_buckets was full (TcpExt).
-    pub skipped_overflow: u64,
-    /// /proc/net/sockstat `tw`: the kernel's count of TIME_WAIT sockets now.
-    pub kernel_time_wait: Option<u64>,
-    pub ephemeral_ports: Option<u32>,
+    /// The network namespaces in play (those twtrace saw TIME_WAIT in and its own, or those
+    /// `--netns` named), with the kernel's figures in each, by inode.
+    pub namespaces: Vec<NsContext>,
+    /// Namespaces that could not be read (no privilege to enter them).
+    pub unreadable: usize,
     /// CLOSE_WAIT sockets per process now (sock_diag), largest first.
     pub close_wait: Vec<CloseWait>,
+}
+
+/// One namespace in play: its name and what its kernel says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NsContext {
+    pub netns: u32,
+    pub name: String,
+    /// /proc/net/sockstat `tw` there: the kernel's count of TIME_WAIT sockets now (None when
+    /// the namespace could not be read).
+    pub kernel_time_wait: Option<u64>,
+    /// TIME_WAIT not created there since start because tcp_max_tw_buckets was full (TcpExt).
+    pub skipped_overflow: u64,
+    /// Usable ports of its ip_local_port_range (minus reserved ports).
+    pub ephemeral_ports: Option<u32>,
+    pub max_tw_buckets: Option<u64>,
+}
+
+impl Context {
+    /// The kernel's TIME_WAIT count over the namespaces in play: the same set twtrace's own
+    /// figure counts (None when none could be read).
+    pub fn kernel_time_wait(&self) -> Option<u64> {
+        self.namespaces
+            .iter()
+            .filter_map(|n| n.kernel_time_wait)
+            .reduce(|a, b| a + b)
+    }
+
+    pub fn skipped_overflow(&self) -> u64 {
+        self.namespaces.iter().map(|n| n.skipped_overflow).sum()
+    }
+
+    /// The usable ephemeral ports when every namespace in play has the same number.
+    pub fn ephemeral_ports(&self) -> Option<u32> {
+        let mut it = self.namespaces.iter().map(|n| n.ephemeral_ports);
+        let first = it.next()??;
+        it.all(|p| p == Some(first)).then_some(first)
+    }
+
+    /// The name to show for a namespace.
+    pub fn netns_name(&self, netns: u32) -> String {
+        self.namespaces
+            .iter()
+            .find(|n| n.netns == netns)
+            .map_or_else(|| netns.to_string(), |n| n.name.clone())
+    }
+
+    /// More than one namespace is in play: the views show which one each row is about.
+    pub fn several_namespaces(&self) -> bool {
+        self.namespaces.len() > 1
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -66,6 +116,9 @@ impl FromStr for Sort {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     pub key: String,
+    /// Its namespace (inode), and its name.
+    pub netns: u32,
+    pub netns_name: String,
     pub entered: u64,
     pub exited: u64,
     pub in_time_wait: u64,
@@ -83,9 +136,11 @@ pub struct Row {
     pub cgroup_id: Option<u64>,
 }
 
-fn row(key: String, g: &Group, ctx: &Context) -> Row {
+fn row(key: String, netns: u32, g: &Group, ctx: &Context) -> Row {
     Row {
         key,
+        netns,
+        netns_name: ctx.netns_name(netns),
         entered: g.entered,
         exited: g.exited,
         in_time_wait: g.in_time_wait,
@@ -126,7 +181,7 @@ pub fn rows(
         .into_iter()
         .filter(|(k, _)| matches(k))
         .map(|(k, g)| {
-            let r = row(k.to_string(), g, ctx);
+            let r = row(k.to_string(), k.netns, g, ctx);
             let primary = match sort {
                 Sort::TimeWait => r.in_time_wait as f64,
                 Sort::Rate => r.rate_10s,
@@ -142,7 +197,7 @@ pub fn rows(
             .then(a.3.key.cmp(&b.3.key))
     });
     let rows = rows.into_iter().take(top).map(|(_, _, _, r)| r).collect();
-    (rows, other.map(|g| row("other".into(), g, ctx)))
+    (rows, other.map(|g| row("other".into(), 0, g, ctx)))
 }
 
 fn exits_json(exits: &[u64; 4]) -> Value {
@@ -153,10 +208,17 @@ fn exits_json(exits: &[u64; 4]) -> Value {
     Value::Object(m)
 }
 
-fn row_json(by: By, r: &Row, unit: Option<String>) -> Value {
+fn row_json(by: By, r: &Row, unit: Option<Unit>) -> Value {
+    let pod = unit.as_ref().and_then(|u| {
+        let w = &u.workload;
+        w.pod_uid
+            .as_ref()
+            .map(|uid| json!({"uid": uid, "qos": w.qos, "container": w.container}))
+    });
     json!({
         "by": by.as_str(),
         "key": r.key,
+        "netns": (r.netns != 0).then(|| json!({"inode": r.netns, "name": r.netns_name})),
         "entered": r.entered,
         "exited": r.exited,
         "in_time_wait": r.in_time_wait,
@@ -165,7 +227,8 @@ fn row_json(by: By, r: &Row, unit: Option<String>) -> Value {
         "lifetime_ms": {"p50": r.p50_ms, "p99": r.p99_ms, "max": r.max_ms},
         "exits": exits_json(&r.exits),
         "processes": r.processes.iter().map(|(pid, comm)| json!({"pid": pid, "comm": comm})).collect::<Vec<_>>(),
-        "unit": unit,
+        "unit": unit.map(|u| u.label),
+        "pod": pod,
     })
 }
 
@@ -180,7 +243,7 @@ pub fn json(
     sort: Sort,
     top: usize,
     ctx: &Context,
-    unit_of: &mut dyn FnMut(u64) -> Option<String>,
+    unit_of: &mut dyn FnMut(u64) -> Option<Unit>,
 ) -> Value {
     let (rows, other) = rows(agg, by, sort, top, ctx, &|_| true);
     let t = agg.totals();
@@ -192,6 +255,26 @@ pub fn json(
         }
     };
     let groups: Vec<Value> = rows.iter().map(|r| row_json(by, r, unit(r))).collect();
+    let tw_in = |netns: u32| {
+        agg.namespaces()
+            .find(|&(n, _)| n == netns)
+            .map_or(0, |(_, tw)| tw)
+    };
+    let namespaces: Vec<Value> = ctx
+        .namespaces
+        .iter()
+        .map(|n| {
+            json!({
+                "netns": n.netns,
+                "name": n.name,
+                "in_time_wait": tw_in(n.netns),
+                "kernel_time_wait": n.kernel_time_wait,
+                "skipped_overflow": n.skipped_overflow,
+                "ephemeral_ports": n.ephemeral_ports,
+                "max_tw_buckets": n.max_tw_buckets,
+            })
+        })
+        .collect();
     json!({
         "duration_s": round2(ctx.duration_s),
         "by": by.as_str(),
@@ -202,10 +285,12 @@ pub fn json(
             "in_time_wait": t.in_time_wait,
             "seeded": t.seeded,
             "lost_events": ctx.loss.total(),
-            "skipped_overflow": ctx.skipped_overflow,
-            "kernel_time_wait": ctx.kernel_time_wait,
-            "ephemeral_ports": ctx.ephemeral_ports,
+            "skipped_overflow": ctx.skipped_overflow(),
+            "kernel_time_wait": ctx.kernel_time_wait(),
+            "ephemeral_ports": ctx.ephemeral_ports(),
         },
+        "namespaces": namespaces,
+        "namespaces_unreadable": ctx.unreadable,
         "exits": exits_json(&t.exits),
         "lost": {
             "ring_full": ctx.loss.ring_full,
@@ -216,7 +301,13 @@ pub fn json(
         "groups_total": agg.groups(by).0.len(),
         "groups_folded": agg.folded_groups(by),
         "other": other.map(|r| row_json(by, &r, None)),
-        "close_wait": ctx.close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
+        "close_wait": ctx.close_wait.iter().map(|c| json!({
+            "pid": c.pid,
+            "comm": c.comm,
+            "sockets": c.sockets,
+            "netns": {"inode": c.netns, "name": ctx.netns_name(c.netns)},
+            "listener_port": c.listener_port,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -249,38 +340,82 @@ pub fn table(
     sort: Sort,
     top: usize,
     ctx: &Context,
-    unit_of: &mut dyn FnMut(u64) -> Option<String>,
+    unit_of: &mut dyn FnMut(u64) -> Option<Unit>,
 ) -> String {
     let (rows, other) = rows(agg, by, sort, top, ctx, &|_| true);
     let t = agg.totals();
     let mut out = String::new();
-    let kernel = ctx
-        .kernel_time_wait
-        .map_or("-".to_owned(), |n| n.to_string());
+    let num = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
     out.push_str(&format!(
         "{:.0}s: {} TIME_WAIT births, {} ends ({} expired, {} reused, {} syn, {} killed)\n",
         ctx.duration_s, t.entered, t.exited, t.exits[0], t.exits[1], t.exits[2], t.exits[3]
     ));
-    out.push_str(&format!(
-        "now: {} in TIME_WAIT ({} from before start), kernel says {}; ephemeral ports {}\n",
+    let now = format!(
+        "now: {} in TIME_WAIT ({} from before start), kernel says {}",
         t.in_time_wait,
         t.seeded,
-        kernel,
-        ctx.ephemeral_ports
-            .map_or("-".to_owned(), |n| n.to_string())
-    ));
-    if ctx.loss.total() > 0 || ctx.skipped_overflow > 0 {
+        num(ctx.kernel_time_wait())
+    );
+    out.push_str(&now);
+    if ctx.several_namespaces() {
+        out.push_str(&format!(" in {} netns:\n", ctx.namespaces.len()));
+        for n in &ctx.namespaces {
+            let twtrace = agg
+                .namespaces()
+                .find(|&(ns, _)| ns == n.netns)
+                .map_or(0, |(_, tw)| tw);
+            out.push_str(&format!(
+                "  {:<16} {:>7} TIME_WAIT, kernel {:>7}; ephemeral ports {}\n",
+                clip(&n.name, 16),
+                twtrace,
+                num(n.kernel_time_wait),
+                num(n.ephemeral_ports.map(u64::from))
+            ));
+        }
+    } else {
+        // 80 columns: the ports go on a line of their own when they would not fit.
+        let ports = format!(
+            "ephemeral ports {}",
+            num(ctx.ephemeral_ports().map(u64::from))
+        );
+        let sep = if now.len() + 2 + ports.len() <= 80 {
+            "; "
+        } else {
+            "\n"
+        };
+        out.push_str(&format!("{sep}{ports}\n"));
+    }
+    if ctx.unreadable > 0 {
+        out.push_str(&format!(
+            "({} network namespaces could not be read: no privilege to enter them)\n",
+            ctx.unreadable
+        ));
+    }
+    if ctx.loss.total() > 0 || ctx.skipped_overflow() > 0 {
         out.push_str(&format!(
             "INCOMPLETE: {} events lost, {} TIME_WAIT skipped (tcp_max_tw_buckets full)\n",
             ctx.loss.total(),
-            ctx.skipped_overflow
+            ctx.skipped_overflow()
         ));
     }
     out.push('\n');
+    // The namespace column only where rows come from more than one.
+    // The namespace column only where rows come from more than one; then the other columns
+    // narrow so that a line still fits 80 columns.
+    let netns_col = rows.iter().any(|r| r.netns != rows[0].netns);
+    let (kw, nw) = if netns_col { (21, 6) } else { (24, 7) };
+    let ns = |name: &str| {
+        if netns_col {
+            format!("{:<10} ", clip(name, 10))
+        } else {
+            String::new()
+        }
+    };
     out.push_str(&format!(
-        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {}\n",
+        "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$} {:>nw$} {:>nw$} {}\n",
         by.as_str().to_uppercase(),
-        "TW NOW",
+        ns("NETNS"),
+        if netns_col { "TW" } else { "TW NOW" },
         "BIRTHS",
         "PER S",
         "ENDS",
@@ -292,9 +427,15 @@ pub fn table(
         }
     ));
     for r in rows.iter().chain(other.iter()) {
+        let key = if by == By::Netns && r.netns != 0 {
+            clip(&r.netns_name, kw)
+        } else {
+            r.key.clone()
+        };
         let line = format!(
-            "{:<24} {:>7} {:>7} {:>7.1} {:>7} {:>7} {}",
-            r.key,
+            "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$.1} {:>nw$} {:>nw$} {}",
+            key,
+            ns(if r.netns == 0 { "" } else { &r.netns_name }),
             r.in_time_wait,
             r.entered,
             r.rate_avg,
@@ -303,7 +444,7 @@ pub fn table(
             if by == By::Process {
                 r.cgroup_id
                     .and_then(&mut *unit_of)
-                    .unwrap_or_else(|| "-".into())
+                    .map_or_else(|| "-".into(), |u| u.label)
             } else {
                 owners(r)
             }
@@ -320,10 +461,32 @@ pub fn table(
     if !ctx.close_wait.is_empty() {
         out.push_str("\nCLOSE_WAIT now (the process never called close()):\n");
         for c in &ctx.close_wait {
-            out.push_str(&format!("  {}[{}]: {}\n", c.comm, c.pid, c.sockets));
+            let place = if ctx.several_namespaces() {
+                format!(" (netns {})", ctx.netns_name(c.netns))
+            } else {
+                String::new()
+            };
+            match c.listener_port {
+                Some(port) => out.push_str(&format!(
+                    "  {}[{}]: {} not accepted on port {port}{place}\n",
+                    c.comm, c.pid, c.sockets
+                )),
+                None => out.push_str(&format!("  {}[{}]: {}{place}\n", c.comm, c.pid, c.sockets)),
+            }
         }
     }
     out
+}
+
+/// At most `width` characters (a longer text keeps its end, which tells names apart).
+pub fn clip(s: &str, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        s.to_owned()
+    } else {
+        let tail: String = s.chars().skip(n - width + 1).collect();
+        format!("~{tail}")
+    }
 }
 
 #[cfg(test)]
@@ -351,6 +514,7 @@ mod tests {
                     remote: peer.parse().unwrap(),
                 };
                 a.on_event(&Event::Enter(TwEnter {
+                    netns: 0,
                     ts_ns: 10 * s,
                     timer,
                     conn,
@@ -366,6 +530,7 @@ mod tests {
                 }));
                 if timer == 1 {
                     a.on_event(&Event::Exit(TwExit {
+                        netns: 0,
                         ts_ns: 70 * s,
                         timer,
                         conn: Some(conn),
@@ -436,15 +601,74 @@ mod tests {
         assert!("size".parse::<Sort>().unwrap_err().contains("'size'"));
     }
 
+    /// With several namespaces, the table says what each one's kernel counts and which
+    /// namespace each row is in, still in 80 columns.
+    #[test]
+    fn table_names_namespaces_when_several() {
+        let mut a = Aggregator::new(100);
+        for (timer, netns) in [(1u64, 4026532281u32), (2, 4026532281), (3, 4026532999)] {
+            a.on_event(&Event::Enter(TwEnter {
+                ts_ns: 10_000_000_000,
+                timer,
+                conn: Conn {
+                    local: format!("127.0.0.1:{}", 40000 + timer).parse().unwrap(),
+                    remote: "127.0.0.1:6379".parse().unwrap(),
+                },
+                netns,
+                owner: None,
+                role: Role::Connected,
+                timeout_jiffies: 0,
+                seeded: false,
+            }));
+        }
+        let ns = |netns, name: &str, tw| NsContext {
+            netns,
+            name: name.into(),
+            kernel_time_wait: Some(tw),
+            skipped_overflow: 0,
+            ephemeral_ports: Some(1000),
+            max_tw_buckets: None,
+        };
+        let c = Context {
+            namespaces: vec![
+                ns(4026532281, "web-7c9f4d-x2x", 2),
+                ns(4026532999, "pod 7c0a1e3b-5d2f-4a6b-9c8d-0e1f2a3b4c5d", 1),
+            ],
+            ..ctx()
+        };
+        let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
+        assert!(t.contains("kernel says 3 in 2 netns:"), "{t}");
+        assert!(
+            t.contains("  web-7c9f4d-x2x         2 TIME_WAIT, kernel       2; ephemeral ports 1000"),
+            "{t}"
+        );
+        // Names too long keep their end (a pod UID's tells pods apart).
+        assert!(t.contains("  ~8d-0e1f2a3b4c5d       1 TIME_WAIT"), "{t}");
+        assert!(t.contains("PEER                  NETNS          TW BIRTHS"), "{t}");
+        assert!(t.contains("127.0.0.1:6379        ~c9f4d-x2x      2      2"), "{t}");
+        assert!(t.contains("127.0.0.1:6379        ~f2a3b4c5d      1      1"), "{t}");
+        for line in t.lines() {
+            assert!(line.len() <= 80, "{line}");
+        }
+        let v = json(&a, By::Netns, Sort::TimeWait, 10, &c, &mut |_| None);
+        assert_eq!(v["groups"][0]["key"], "4026532281");
+        assert_eq!(v["groups"][0]["netns"]["name"], "web-7c9f4d-x2x");
+        assert_eq!(v["namespaces"][1]["in_time_wait"], 1);
+        assert_eq!(v["totals"]["kernel_time_wait"], 3);
+        assert_eq!(v["totals"]["ephemeral_ports"], 1000);
+    }
+
     #[test]
     fn table_fits_80_columns_and_flags_loss() {
         let a = agg();
         let mut c = ctx();
         c.loss.ring_full = 3;
         c.close_wait = vec![CloseWait {
+            netns: 0,
             pid: 7,
             comm: "leaky".into(),
             sockets: 12,
+            listener_port: None,
         }];
         let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
         assert!(t.contains("INCOMPLETE: 3 events lost"), "{t}");

@@ -1,8 +1,10 @@
-//! TIME_WAIT lifecycles -> who makes them: per port, peer, process and service, with rates,
-//! lifetimes and reasons. Pure: fed `lifecycle::Event`s and times, unit-tested with events built
-//! in code.
+//! TIME_WAIT lifecycles -> who makes them: per port, peer, process, service and network
+//! namespace, with rates, lifetimes and reasons. Pure: fed `lifecycle::Event`s and times,
+//! unit-tested with events built in code.
 //!
-//! All four groupings are kept at once, so a view can switch between them without losing
+//! Every group belongs to one network namespace: ports, peers and services are only meaningful
+//! within one (each has its own ephemeral ports and settings), so `10.0.0.2:6379` seen from two
+//! pods is two groups. All five groupings are kept at once, so a view can switch between them without losing
 //! history. Each grouping keeps at most `cap` groups: once a second (and at once when twice the
 //! cap is reached) the smallest are folded into one `other` group. A TIME_WAIT socket remembers
 //! the slot of each of its groups; a folded slot keeps only a reference count, so the socket's
@@ -28,10 +30,10 @@ pub const DEFAULT_CAP: usize = 2000;
 /// Bytes of one group at most, all included (key, counters, rate ring, histogram, owners, its
 /// entry in the key map).
 pub const GROUP_BYTES: usize = 1536;
-/// Bytes per live TIME_WAIT socket at most: its entry in the live map (timer address and four
+/// Bytes per live TIME_WAIT socket at most: its entry in the live map (timer address and five
 /// slot references, at the hash map's worst load) and, in the worst case where each socket has
-/// a folded group of its own in every grouping, four 12-byte slots.
-pub const LIVE_TW_BYTES: usize = 112;
+/// a folded group of its own in every grouping, five 12-byte slots.
+pub const LIVE_TW_BYTES: usize = 136;
 /// Owners remembered per group (the most recent distinct ones).
 const OWNERS_PER_GROUP: usize = 8;
 
@@ -41,10 +43,15 @@ pub enum By {
     Peer,
     Process,
     Service,
+    /// The network namespace itself.
+    Netns,
 }
 
+/// How many groupings there are (`By::ALL.len()`).
+const GROUPINGS: usize = 5;
+
 impl By {
-    pub const ALL: [By; 4] = [By::Service, By::Peer, By::Port, By::Process];
+    pub const ALL: [By; GROUPINGS] = [By::Service, By::Peer, By::Port, By::Process, By::Netns];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,6 +59,7 @@ impl By {
             By::Peer => "peer",
             By::Process => "process",
             By::Service => "service",
+            By::Netns => "netns",
         }
     }
 
@@ -74,22 +82,39 @@ impl FromStr for By {
             "peer" => Ok(By::Peer),
             "process" => Ok(By::Process),
             "service" => Ok(By::Service),
+            "netns" => Ok(By::Netns),
             _ => Err(format!(
-                "'{s}' is not a grouping (port, peer, process or service)"
+                "'{s}' is not a grouping (service, peer, port, process or netns)"
             )),
         }
     }
 }
 
-/// A group's identity.
+/// A group's identity: what it is, in which network namespace.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Key {
+pub struct Key {
+    /// Inode number of the network namespace (0: unknown).
+    pub netns: u32,
+    pub id: Id,
+}
+
+/// What a group is, within its namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Id {
     /// Local port (`port`), or a listening port the host accepted on (`service`).
     Port(u16),
     /// Remote address and port (`peer`), or a destination the host connected to (`service`).
     Peer(SocketAddr),
     /// Owner process; pid 0 when unknown (`comm` then says why).
     Process { pid: u32, comm: Comm },
+    /// The namespace as a whole (`netns`).
+    Netns,
+}
+
+impl Key {
+    pub fn new(netns: u32, id: Id) -> Self {
+        Key { netns, id }
+    }
 }
 
 /// Owner shown for TIME_WAIT sockets that existed before twtrace started.
@@ -97,13 +122,16 @@ pub const BEFORE_START: &str = "(before start)";
 /// Owner shown when no process was recorded (the socket was opened and closed unseen).
 pub const UNKNOWN_OWNER: &str = "(unknown)";
 
+/// The key as `twtrace report` shows it: `8080`, `10.0.0.2:6379`, `nginx[1234]`, and for a
+/// namespace its inode number (the namespace of the other groupings is shown apart).
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Key::Port(p) => write!(f, "{p}"),
-            Key::Peer(a) => write!(f, "{a}"),
-            Key::Process { pid: 0, comm } => f.write_str(comm.as_str()),
-            Key::Process { pid, comm } => write!(f, "{comm}[{pid}]"),
+        match &self.id {
+            Id::Port(p) => write!(f, "{p}"),
+            Id::Peer(a) => write!(f, "{a}"),
+            Id::Process { pid: 0, comm } => f.write_str(comm.as_str()),
+            Id::Process { pid, comm } => write!(f, "{comm}[{pid}]"),
+            Id::Netns => write!(f, "{}", self.netns),
         }
     }
 }
@@ -485,25 +513,47 @@ impl Table {
             std::cmp::Reverse((tw, entered))
         });
         for &(_, _, s) in &ranked[self.cap..] {
-            let Some(entry) = self.groups[s as usize].take() else {
-                continue;
-            };
-            self.map.remove(&entry.0);
-            self.other.absorb(&entry.1);
-            self.folded_groups += 1;
-            let tw = entry.1.in_time_wait;
-            self.refs[s as usize] = tw.min(u32::MAX as u64 - 1) as u32;
-            if tw == 0 {
-                self.free.push(s);
-            }
-            // Boxes, live groups and spares, never exceed 2 * cap (a new group takes a spare).
-            if self.spare.len() < self.cap {
-                let mut entry = entry;
-                entry.1.reset();
-                self.spare.push(entry);
-            }
+            self.fold(s);
         }
         self.map.shrink_to(self.cap * 2);
+    }
+
+    /// Folds every group of a namespace (pinned ones too: the namespace is gone).
+    fn fold_netns(&mut self, netns: u32) {
+        let slots: Vec<u32> = self
+            .map
+            .iter()
+            .filter(|(k, _)| k.netns == netns)
+            .map(|(_, &s)| s)
+            .collect();
+        for s in slots {
+            if let Some(entry) = self.groups[s as usize].as_ref() {
+                self.pinned.remove(&entry.0);
+            }
+            self.fold(s);
+        }
+    }
+
+    /// Folds the live group at slot `s` into `other`; its slot keeps the references of the
+    /// TIME_WAIT sockets still counted in it.
+    fn fold(&mut self, s: u32) {
+        let Some(entry) = self.groups[s as usize].take() else {
+            return;
+        };
+        self.map.remove(&entry.0);
+        self.other.absorb(&entry.1);
+        self.folded_groups += 1;
+        let tw = entry.1.in_time_wait;
+        self.refs[s as usize] = tw.min(u32::MAX as u64 - 1) as u32;
+        if tw == 0 {
+            self.free.push(s);
+        }
+        // Boxes, live groups and spares, never exceed 2 * cap (a new group takes a spare).
+        if self.spare.len() < self.cap {
+            let mut entry = entry;
+            entry.1.reset();
+            self.spare.push(entry);
+        }
     }
 
     fn groups(&self) -> impl Iterator<Item = (&Key, &Group)> {
@@ -584,15 +634,19 @@ impl Totals {
 
 #[derive(Debug)]
 pub struct Aggregator {
-    tables: [Table; 4],
+    tables: [Table; GROUPINGS],
     /// Live TIME_WAIT sockets born since start, by timer address: their slot in each table.
-    live: HashMap<u64, [u32; 4]>,
-    /// Seeded at start (sock_diag): no timer address known; the 4-tuple is unique while alive.
-    seeded: HashMap<Conn, [u32; 4]>,
+    live: HashMap<u64, [u32; GROUPINGS]>,
+    /// Seeded at start (sock_diag): no timer address known; the namespace and 4-tuple are unique
+    /// while alive.
+    seeded: HashMap<(u32, Conn), [u32; GROUPINGS]>,
     totals: Totals,
-    /// Local ports with a listener: tells accepted from connected when the kernel programs did
-    /// not see the connection open (sockets born before start).
-    listening: HashSet<u16>,
+    /// TIME_WAIT sockets alive now per network namespace, exact whatever the folding: the set
+    /// of namespaces twtrace has seen, which the kernel's own figures are summed over.
+    namespaces: HashMap<u32, u64>,
+    /// (namespace, local port) with a listener: tells accepted from connected when the kernel
+    /// programs did not see the connection open (sockets born before start).
+    listening: HashSet<(u32, u16)>,
     cap: usize,
 }
 
@@ -603,10 +657,11 @@ fn sec_of(ts_ns: u64) -> u64 {
 impl Aggregator {
     pub fn new(cap: usize) -> Self {
         Self {
-            tables: [cap; 4].map(Table::new),
+            tables: [cap; GROUPINGS].map(Table::new),
             live: HashMap::new(),
             seeded: HashMap::new(),
             totals: Totals::default(),
+            namespaces: HashMap::new(),
             listening: HashSet::new(),
             cap,
         }
@@ -616,37 +671,46 @@ impl Aggregator {
         self.cap
     }
 
-    pub fn set_listening_ports(&mut self, ports: HashSet<u16>) {
+    /// (namespace, port) pairs with a listening socket.
+    pub fn set_listening_ports(&mut self, ports: HashSet<(u32, u16)>) {
         self.listening = ports;
     }
 
-    fn role_of(&self, role: Role, conn: &Conn) -> Role {
+    fn role_of(&self, role: Role, netns: u32, conn: &Conn) -> Role {
         match role {
-            Role::Unknown if self.listening.contains(&conn.local.port()) => Role::Accepted,
+            Role::Unknown if self.listening.contains(&(netns, conn.local.port())) => Role::Accepted,
             Role::Unknown => Role::Connected,
             known => known,
         }
     }
 
-    fn key(&self, by: By, conn: &Conn, owner: Option<&Process>, role: Role, seeded: bool) -> Key {
-        match by {
-            By::Port => Key::Port(conn.local.port()),
-            By::Peer => Key::Peer(conn.remote),
-            By::Process => match owner {
-                Some(p) => Key::Process {
+    fn key(&self, by: By, e: &TwEnter) -> Key {
+        let (conn, netns) = (&e.conn, e.netns);
+        let id = match by {
+            By::Port => Id::Port(conn.local.port()),
+            By::Peer => Id::Peer(conn.remote),
+            By::Process => match &e.owner {
+                Some(p) => Id::Process {
                     pid: p.pid,
                     comm: p.comm,
                 },
-                None => Key::Process {
+                None => Id::Process {
                     pid: 0,
-                    comm: if seeded { BEFORE_START } else { UNKNOWN_OWNER }.into(),
+                    comm: if e.seeded {
+                        BEFORE_START
+                    } else {
+                        UNKNOWN_OWNER
+                    }
+                    .into(),
                 },
             },
-            By::Service => match self.role_of(role, conn) {
-                Role::Accepted => Key::Port(conn.local.port()),
-                _ => Key::Peer(conn.remote),
+            By::Service => match self.role_of(e.role, netns, conn) {
+                Role::Accepted => Id::Port(conn.local.port()),
+                _ => Id::Peer(conn.remote),
             },
-        }
+            By::Netns => Id::Netns,
+        };
+        Key { netns, id }
     }
 
     pub fn on_event(&mut self, ev: &Event) {
@@ -670,7 +734,7 @@ impl Aggregator {
     /// `counted`: a birth seen during this aggregate (entered, rates); else only "now".
     fn insert(&mut self, e: &TwEnter, counted: bool) {
         if e.seeded {
-            if self.seeded.contains_key(&e.conn) {
+            if self.seeded.contains_key(&(e.netns, e.conn)) {
                 return;
             }
         } else {
@@ -679,30 +743,32 @@ impl Aggregator {
             }
             // Born between attach and the seeding dump: the birth replaces the seed.
             if !self.seeded.is_empty()
-                && let Some(slots) = self.seeded.remove(&e.conn)
+                && let Some(slots) = self.seeded.remove(&(e.netns, e.conn))
             {
                 for by in By::ALL {
                     self.tables[by.index()].forget(slots[by.index()]);
                 }
                 self.totals.in_time_wait -= 1;
                 self.totals.seeded -= 1;
+                self.leave_netns(e.netns);
             }
         }
         let sec = sec_of(e.ts_ns);
-        let mut slots = [0u32; 4];
+        let mut slots = [0u32; GROUPINGS];
         for by in By::ALL {
-            let key = self.key(by, &e.conn, e.owner.as_ref(), e.role, e.seeded);
+            let key = self.key(by, e);
             let t = &mut self.tables[by.index()];
             let s = t.slot_for(key);
             t.enter(s, sec, e.owner.as_ref(), counted);
             slots[by.index()] = s;
         }
         if e.seeded {
-            self.seeded.insert(e.conn, slots);
+            self.seeded.insert((e.netns, e.conn), slots);
             self.totals.seeded += 1;
         } else {
             self.live.insert(e.timer, slots);
         }
+        *self.namespaces.entry(e.netns).or_default() += 1;
         self.totals.in_time_wait += 1;
         if counted {
             self.totals.entered += 1;
@@ -716,7 +782,7 @@ impl Aggregator {
             self.totals.record_lifetime(ns / 1_000_000);
         }
         let slots = match (x.seeded, x.conn) {
-            (true, Some(c)) => self.seeded.remove(&c),
+            (true, Some(c)) => self.seeded.remove(&(x.netns, c)),
             _ => self.live.remove(&x.timer),
         };
         let Some(slots) = slots else {
@@ -724,12 +790,36 @@ impl Aggregator {
             return;
         };
         self.totals.in_time_wait -= 1;
+        self.leave_netns(x.netns);
         if x.seeded {
             self.totals.seeded -= 1;
         }
         let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
         for by in By::ALL {
             self.tables[by.index()].exit(slots[by.index()], x.reason, lifetime_ms);
+        }
+    }
+
+    fn leave_netns(&mut self, netns: u32) {
+        if let Some(n) = self.namespaces.get_mut(&netns) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// The network namespaces seen (a TIME_WAIT born or seeded there, and not forgotten), with
+    /// the TIME_WAIT sockets alive in each now.
+    pub fn namespaces(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.namespaces.iter().map(|(&ns, &n)| (ns, n))
+    }
+
+    /// A namespace that no longer exists: its groups are folded into `other` in every grouping
+    /// (their counts stay in the totals and in `other`, so exported counters never go back) and
+    /// it leaves the set of namespaces. Its TIME_WAIT sockets were killed with it (the kernel
+    /// purges them when the namespace is dismantled); any still counted are kept until their end.
+    pub fn forget_netns(&mut self, netns: u32) {
+        self.namespaces.remove(&netns);
+        for t in &mut self.tables {
+            t.fold_netns(netns);
         }
     }
 
@@ -781,8 +871,9 @@ impl Aggregator {
     /// Heap bytes held, approximately (for the memory bound's test and the benchmark).
     pub fn approx_bytes(&self) -> usize {
         self.tables.iter().map(Table::approx_bytes).sum::<usize>()
-            + self.live.capacity() * (8 + 16 + 1)
-            + self.seeded.capacity() * (size_of::<Conn>() + 16 + 1)
+            + self.live.capacity() * (8 + 4 * GROUPINGS + 1)
+            + self.seeded.capacity() * (4 + size_of::<Conn>() + 4 * GROUPINGS + 1)
+            + self.namespaces.capacity() * (4 + 8 + 1)
     }
 }
 
@@ -812,6 +903,7 @@ mod tests {
 
     fn enter(timer: u64, ts: u64, c: Conn, o: Option<Process>, role: Role) -> Event {
         Event::Enter(TwEnter {
+            netns: 0,
             ts_ns: ts,
             timer,
             conn: c,
@@ -824,6 +916,7 @@ mod tests {
 
     fn exit(timer: u64, ts: u64, c: Conn, reason: Reason, life_ms: u64) -> Event {
         Event::Exit(TwExit {
+            netns: 0,
             ts_ns: ts,
             timer,
             conn: Some(c),
@@ -1079,14 +1172,74 @@ mod tests {
         );
     }
 
+    /// The same destination seen from two namespaces is two groups; the netns grouping and the
+    /// per-namespace counts follow each; a namespace that is gone folds into `other` without
+    /// changing any total.
+    #[test]
+    fn each_namespace_has_groups_of_its_own() {
+        let (pod_a, pod_b) = (4026532281u32, 4026532282u32);
+        let mut a = Aggregator::new(100);
+        let in_ns = |timer, netns, port: u16| {
+            Event::Enter(TwEnter {
+                ts_ns: S,
+                timer,
+                conn: conn(&format!("127.0.0.1:{port}"), "127.0.0.1:6379"),
+                netns,
+                owner: owner(10, "api"),
+                role: Role::Connected,
+                timeout_jiffies: 15000,
+                seeded: false,
+            })
+        };
+        a.on_event(&in_ns(1, pod_a, 40000));
+        a.on_event(&in_ns(2, pod_a, 40001));
+        // The very same 4-tuple, in another namespace.
+        a.on_event(&in_ns(3, pod_b, 40000));
+        let peer = |netns| Key::new(netns, Id::Peer("127.0.0.1:6379".parse().unwrap()));
+        assert_eq!(a.group(By::Peer, &peer(pod_a)).unwrap().in_time_wait, 2);
+        assert_eq!(a.group(By::Peer, &peer(pod_b)).unwrap().in_time_wait, 1);
+        assert_eq!(a.groups(By::Port).0.len(), 3, "port 40000 twice, one per namespace");
+        let ns = |n| Key::new(n, Id::Netns);
+        assert_eq!(a.group(By::Netns, &ns(pod_a)).unwrap().entered, 2);
+        assert_eq!(ns(pod_b).to_string(), "4026532282");
+        let mut per_ns: Vec<(u32, u64)> = a.namespaces().collect();
+        per_ns.sort();
+        assert_eq!(per_ns, vec![(pod_a, 2), (pod_b, 1)]);
+
+        // pod_b goes: its socket was killed with it; its groups fold into `other`.
+        a.on_event(&Event::Exit(TwExit {
+            ts_ns: 2 * S,
+            timer: 3,
+            conn: Some(conn("127.0.0.1:40000", "127.0.0.1:6379")),
+            netns: pod_b,
+            owner: None,
+            role: Role::Connected,
+            reason: Reason::Killed,
+            lifetime_ns: Some(S),
+            seeded: false,
+        }));
+        let totals = a.totals().clone();
+        a.forget_netns(pod_b);
+        assert!(a.group(By::Peer, &peer(pod_b)).is_none());
+        assert_eq!(a.groups(By::Peer).1.unwrap().entered, 1, "folded into other");
+        assert_eq!(a.groups(By::Peer).1.unwrap().exits_by(Reason::Killed), 1);
+        assert_eq!(*a.totals(), totals);
+        assert_eq!(a.namespaces().collect::<Vec<_>>(), vec![(pod_a, 2)]);
+        // A pinned (exported) group of a gone namespace is folded too.
+        assert!(a.pin(By::Peer, &peer(pod_a)));
+        a.forget_netns(pod_a);
+        assert!(a.group(By::Peer, &peer(pod_a)).is_none());
+    }
+
     #[test]
     fn seeded_sockets_count_now_not_as_births() {
         let mut a = Aggregator::new(10);
-        a.set_listening_ports([8080].into_iter().collect());
+        a.set_listening_ports([(0, 8080)].into_iter().collect());
         let c_in = conn("127.0.0.1:8080", "127.0.0.1:50000");
         let c_out = conn("127.0.0.1:50001", "127.0.0.1:5432");
         for c in [c_in, c_out] {
             a.on_event(&Event::Enter(TwEnter {
+                netns: 0,
                 ts_ns: 0,
                 timer: 0,
                 conn: c,
@@ -1102,6 +1255,7 @@ mod tests {
         assert_eq!(find(&a, By::Service, "127.0.0.1:5432").in_time_wait, 1);
         assert_eq!(find(&a, By::Process, BEFORE_START).in_time_wait, 2);
         a.on_event(&Event::Exit(TwExit {
+            netns: 0,
             ts_ns: 5,
             timer: 77,
             conn: Some(c_in),
@@ -1123,22 +1277,34 @@ mod tests {
     #[test]
     fn pinned_groups_are_never_folded() {
         let mut a = Aggregator::new(2);
-        let small = Key::Peer("10.0.1.1:80".parse().unwrap());
+        let small = Key::new(0, Id::Peer("10.0.1.1:80".parse().unwrap()));
         assert!(a.pin(By::Peer, &small));
         births_by_peer_number(&mut a, 2..=5);
         a.tick();
         assert!(a.group(By::Peer, &small).is_some(), "pinned, though empty");
         assert!(
-            a.group(By::Peer, &Key::Peer("10.0.1.5:80".parse().unwrap()))
-                .is_some()
+            a.group(
+                By::Peer,
+                &Key::new(0, Id::Peer("10.0.1.5:80".parse().unwrap()))
+            )
+            .is_some()
         );
         assert!(
-            a.group(By::Peer, &Key::Peer("10.0.1.2:80".parse().unwrap()))
-                .is_none()
+            a.group(
+                By::Peer,
+                &Key::new(0, Id::Peer("10.0.1.2:80".parse().unwrap()))
+            )
+            .is_none()
         );
         // The cap bounds the pins too.
-        assert!(a.pin(By::Peer, &Key::Peer("10.0.1.4:80".parse().unwrap())));
-        assert!(!a.pin(By::Peer, &Key::Peer("10.0.1.3:80".parse().unwrap())));
+        assert!(a.pin(
+            By::Peer,
+            &Key::new(0, Id::Peer("10.0.1.4:80".parse().unwrap()))
+        ));
+        assert!(!a.pin(
+            By::Peer,
+            &Key::new(0, Id::Peer("10.0.1.3:80".parse().unwrap()))
+        ));
     }
 
     #[test]

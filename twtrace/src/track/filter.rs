@@ -129,6 +129,8 @@ pub struct Filter {
     pub comms: Vec<String>,
     /// Some(4) or Some(6) to keep one family.
     pub family: Option<u8>,
+    /// Network namespaces (inode numbers), any of them.
+    pub netns: Vec<u32>,
 }
 
 impl Filter {
@@ -147,8 +149,13 @@ impl Filter {
             && (self.comms.is_empty() || comm.is_some_and(|c| self.comms.iter().any(|x| x == c)))
     }
 
+    pub fn matches_netns(&self, netns: u32) -> bool {
+        self.netns.is_empty() || self.netns.contains(&netns)
+    }
+
     pub fn matches_enter(&self, e: &TwEnter) -> bool {
-        self.matches_conn(&e.conn)
+        self.matches_netns(e.netns)
+            && self.matches_conn(&e.conn)
             && self.matches_owner(
                 e.owner.as_ref().map(|o| o.pid),
                 e.owner.as_ref().map(|o| o.comm.as_str()),
@@ -161,7 +168,9 @@ impl Filter {
             Some(c) => self.matches_conn(c),
             None => self.ports.is_empty() && self.peers.is_empty() && self.family.is_none(),
         };
-        conn_ok && self.matches_owner(owner.map(|o| o.pid), owner.map(|o| o.comm.as_str()))
+        conn_ok
+            && self.matches_netns(ev.netns())
+            && self.matches_owner(owner.map(|o| o.pid), owner.map(|o| o.comm.as_str()))
     }
 }
 
@@ -233,5 +242,36 @@ mod tests {
         assert!(!f.matches_owner(None, None), "unknown owner is not pid 5");
         f.comms = vec!["curl".into()];
         assert!(!f.matches_owner(Some(5), Some("wget")));
+    }
+
+    #[test]
+    fn netns_keeps_the_events_of_those_namespaces() {
+        let enter = |netns| {
+            Event::Enter(TwEnter {
+                ts_ns: 0,
+                timer: 1,
+                conn: Conn {
+                    local: "127.0.0.1:40000".parse().unwrap(),
+                    remote: "127.0.0.1:80".parse().unwrap(),
+                },
+                netns,
+                owner: None,
+                role: crate::kernel::decode::Role::Connected,
+                timeout_jiffies: 0,
+                seeded: false,
+            })
+        };
+        let f = Filter {
+            netns: vec![4026532281, 4026532290],
+            ..Filter::default()
+        };
+        assert!(f.matches(&enter(4026532281)));
+        assert!(f.matches(&enter(4026532290)));
+        assert!(!f.matches(&enter(4026531840)));
+        let Event::Enter(e) = enter(4026531840) else {
+            unreachable!()
+        };
+        assert!(!f.matches_enter(&e));
+        assert!(Filter::default().matches(&enter(0)), "no --netns: every namespace");
     }
 }

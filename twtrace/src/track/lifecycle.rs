@@ -53,6 +53,8 @@ pub struct TwEnter {
     pub ts_ns: u64,
     pub timer: u64,
     pub conn: Conn,
+    /// Inode number of the network namespace (0: unknown).
+    pub netns: u32,
     pub owner: Option<Process>,
     pub role: Role,
     pub timeout_jiffies: u32,
@@ -66,6 +68,7 @@ pub struct TwExit {
     pub timer: u64,
     /// None only when the kernel could not read the 4-tuple of a socket born before start.
     pub conn: Option<Conn>,
+    pub netns: u32,
     pub owner: Option<Process>,
     pub role: Role,
     pub reason: Reason,
@@ -79,6 +82,7 @@ pub struct TwExit {
 pub struct Transition {
     pub ts_ns: u64,
     pub conn: Conn,
+    pub netns: u32,
     pub old_state: u8,
     pub new_state: u8,
     pub owner: Option<Process>,
@@ -111,6 +115,15 @@ impl Event {
         }
     }
 
+    /// Inode number of the event's network namespace (0: unknown).
+    pub fn netns(&self) -> u32 {
+        match self {
+            Event::Enter(e) => e.netns,
+            Event::Exit(e) => e.netns,
+            Event::State(e) => e.netns,
+        }
+    }
+
     pub fn owner(&self) -> Option<&Process> {
         match self {
             Event::Enter(e) => e.owner.as_ref(),
@@ -134,6 +147,7 @@ impl Event {
 struct Live {
     birth_ts: u64,
     conn: PackedConn,
+    netns: u32,
     /// Index in `Owners`, or `NO_OWNER`.
     owner: u32,
     role: Role,
@@ -144,6 +158,8 @@ struct Live {
 }
 
 const NO_OWNER: u32 = u32::MAX;
+
+const _: () = assert!(size_of::<Live>() <= 64);
 
 /// The TIME_WAIT sockets alive, by timer address: records in a slab, and an index of 16-byte
 /// slots. Every birth inserts at a random kernel address; a small index keeps that insert
@@ -309,6 +325,7 @@ struct PendingCancel {
     ts_ns: u64,
     reuse: bool,
     conn: Option<Conn>,
+    netns: u32,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -329,7 +346,8 @@ pub struct Lifecycle {
     owners: Owners,
     /// Indexed by CPU: at most one unexplained cancel per CPU.
     pending: Vec<Option<PendingCancel>>,
-    seeds: HashMap<Conn, Seed>,
+    /// By namespace and 4-tuple: the same 4-tuple can live in several namespaces.
+    seeds: HashMap<(u32, Conn), Seed>,
     stats: LifecycleStats,
 }
 
@@ -350,15 +368,17 @@ impl Lifecycle {
             ts_ns: l.birth_ts,
             timer,
             conn: l.conn.into(),
+            netns: l.netns,
             owner: self.owners.get(l.owner),
             role: l.role,
             timeout_jiffies: 0,
             seeded: false,
         });
-        let seeded = self.seeds.iter().map(|(&conn, s)| TwEnter {
+        let seeded = self.seeds.iter().map(|(&(netns, conn), s)| TwEnter {
             ts_ns: 0,
             timer: 0,
             conn,
+            netns,
             owner: None,
             role: s.role,
             timeout_jiffies: 0,
@@ -378,17 +398,23 @@ impl Lifecycle {
     pub fn seed(
         &mut self,
         conn: Conn,
+        netns: u32,
         role: Role,
         now_ns: u64,
         remaining_ms: u64,
         out: &mut Vec<Event>,
     ) {
         let packed = PackedConn::from(conn);
-        if self.seeds.contains_key(&conn) || self.live.iter().any(|(_, l)| l.conn == packed) {
+        if self.seeds.contains_key(&(netns, conn))
+            || self
+                .live
+                .iter()
+                .any(|(_, l)| l.conn == packed && l.netns == netns)
+        {
             return;
         }
         self.seeds.insert(
-            conn,
+            (netns, conn),
             Seed {
                 role,
                 deadline_ns: now_ns + remaining_ms * 1_000_000,
@@ -398,6 +424,7 @@ impl Lifecycle {
             ts_ns: now_ns,
             timer: 0,
             conn,
+            netns,
             owner: None,
             role,
             timeout_jiffies: 0,
@@ -413,7 +440,7 @@ impl Lifecycle {
         if let Some(p) = self.pending[cpu].take() {
             match &ev {
                 KernelEvent::Expire { timer, ts_ns, .. } if *timer == p.timer => {
-                    self.end(p.timer, Reason::Expired, *ts_ns, p.conn, out);
+                    self.end(p.timer, Reason::Expired, *ts_ns, p.conn, p.netns, out);
                     return;
                 }
                 KernelEvent::Rearm { timer, .. } if *timer == p.timer => {
@@ -425,7 +452,7 @@ impl Lifecycle {
                     return;
                 }
                 KernelEvent::SynTakeover { timer, .. } if *timer == p.timer => {
-                    self.end(p.timer, Reason::Syn, p.ts_ns, p.conn, out);
+                    self.end(p.timer, Reason::Syn, p.ts_ns, p.conn, p.netns, out);
                     return;
                 }
                 _ => self.end_early(p, out),
@@ -436,6 +463,7 @@ impl Lifecycle {
                 timer,
                 ts_ns,
                 conn,
+                netns,
                 reuse,
                 ..
             } => {
@@ -444,17 +472,23 @@ impl Lifecycle {
                     ts_ns,
                     reuse,
                     conn,
+                    netns,
                 });
             }
             // An expiry without its cancel (the cancel was lost): still an expiry.
             KernelEvent::Expire {
-                timer, ts_ns, conn, ..
-            } => self.end(timer, Reason::Expired, ts_ns, conn, out),
+                timer,
+                ts_ns,
+                conn,
+                netns,
+                ..
+            } => self.end(timer, Reason::Expired, ts_ns, conn, netns, out),
             KernelEvent::Rearm { .. } | KernelEvent::SynTakeover { .. } => {}
             KernelEvent::Birth {
                 ts_ns,
                 timer,
                 conn,
+                netns,
                 owner,
                 role,
                 timeout_jiffies,
@@ -464,6 +498,7 @@ impl Lifecycle {
                     ts_ns,
                     timer,
                     conn,
+                    netns,
                     owner,
                     role,
                     timeout_jiffies,
@@ -474,6 +509,7 @@ impl Lifecycle {
             KernelEvent::State {
                 ts_ns,
                 conn,
+                netns,
                 old_state,
                 new_state,
                 owner,
@@ -483,6 +519,7 @@ impl Lifecycle {
             } => out.push(Event::State(Transition {
                 ts_ns,
                 conn,
+                netns,
                 old_state,
                 new_state,
                 owner,
@@ -496,7 +533,7 @@ impl Lifecycle {
         // Born between attach and the seeding dump: the birth replaces the seed (the
         // aggregator does the same by 4-tuple).
         if !self.seeds.is_empty() {
-            self.seeds.remove(&enter.conn);
+            self.seeds.remove(&(enter.netns, enter.conn));
         }
         // Timewait sockets are freed and their memory reused at once. A cancel of this timer
         // still waiting on another CPU is the death of the previous socket at this address.
@@ -513,6 +550,7 @@ impl Lifecycle {
         let born = Live {
             birth_ts: enter.ts_ns,
             conn: enter.conn.into(),
+            netns: enter.netns,
             owner: self.owners.intern(enter.owner),
             role: enter.role,
             last_cancel_ts: 0,
@@ -537,6 +575,7 @@ impl Lifecycle {
                 ts_ns: ts,
                 timer: enter.timer,
                 conn: Some(old.conn.into()),
+                netns: old.netns,
                 owner: self.owners.release(old.owner),
                 role: old.role,
                 reason,
@@ -553,7 +592,7 @@ impl Lifecycle {
         } else {
             Reason::Killed
         };
-        self.end(p.timer, reason, p.ts_ns, p.conn, out);
+        self.end(p.timer, reason, p.ts_ns, p.conn, p.netns, out);
     }
 
     fn end(
@@ -562,6 +601,7 @@ impl Lifecycle {
         reason: Reason,
         ts_ns: u64,
         conn: Option<Conn>,
+        netns: u32,
         out: &mut Vec<Event>,
     ) {
         let exit = match self.live.remove(timer) {
@@ -569,6 +609,7 @@ impl Lifecycle {
                 ts_ns,
                 timer,
                 conn: Some(live.conn.into()),
+                netns: live.netns,
                 owner: self.owners.release(live.owner),
                 role: live.role,
                 reason,
@@ -576,11 +617,12 @@ impl Lifecycle {
                 seeded: false,
             },
             None => {
-                let seed = conn.and_then(|c| self.seeds.remove(&c));
+                let seed = conn.and_then(|c| self.seeds.remove(&(netns, c)));
                 TwExit {
                     ts_ns,
                     timer,
                     conn,
+                    netns,
                     owner: None,
                     role: seed.map_or(Role::Unknown, |s| s.role),
                     reason,
@@ -600,20 +642,21 @@ impl Lifecycle {
         if self.seeds.is_empty() {
             return;
         }
-        let overdue: Vec<Conn> = self
+        let overdue: Vec<(u32, Conn)> = self
             .seeds
             .iter()
             .filter(|(_, s)| now_ns > s.deadline_ns.saturating_add(SEED_GRACE_NS))
-            .map(|(c, _)| *c)
+            .map(|(k, _)| *k)
             .collect();
-        for conn in overdue {
-            let seed = self.seeds.remove(&conn).expect("listed");
+        for (netns, conn) in overdue {
+            let seed = self.seeds.remove(&(netns, conn)).expect("listed");
             self.stats.exits += 1;
             self.stats.overdue_seeds += 1;
             out.push(Event::Exit(TwExit {
                 ts_ns: seed.deadline_ns,
                 timer: 0,
                 conn: Some(conn),
+                netns,
                 owner: None,
                 role: seed.role,
                 reason: Reason::Expired,
@@ -663,6 +706,7 @@ mod tests {
 
     fn birth(cpu: u32, ts: u64, timer: u64, port: u16) -> KernelEvent {
         KernelEvent::Birth {
+            netns: 0,
             cpu,
             ts_ns: ts,
             timer,
@@ -675,6 +719,7 @@ mod tests {
 
     fn cancel(cpu: u32, ts: u64, timer: u64, reuse: bool) -> KernelEvent {
         KernelEvent::Cancel {
+            netns: 0,
             cpu,
             ts_ns: ts,
             timer,
@@ -706,6 +751,7 @@ mod tests {
         let live = |ts: u64, port: u16| Live {
             birth_ts: ts,
             conn: conn(port).into(),
+            netns: 0,
             owner: NO_OWNER,
             role: Role::Connected,
             last_cancel_ts: 0,
@@ -734,6 +780,7 @@ mod tests {
             birth(0, 1_000, 7, 1),
             cancel(1, 60_000_001_000, 7, false),
             KernelEvent::Expire {
+                netns: 0,
                 cpu: 1,
                 ts_ns: 60_000_002_000,
                 timer: 7,
@@ -867,6 +914,7 @@ mod tests {
     fn ends_of_sockets_born_before_start_have_no_lifetime() {
         let c = conn(5);
         let (out, _) = run(vec![KernelEvent::Expire {
+            netns: 0,
             cpu: 0,
             ts_ns: 9,
             timer: 3,
@@ -882,18 +930,45 @@ mod tests {
         }
     }
 
+    /// The same 4-tuple seeded in two namespaces is two sockets; an end names its namespace.
+    #[test]
+    fn seeds_are_per_namespace() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        lc.seed(conn(1), 7, Role::Connected, 0, 60_000, &mut out);
+        lc.seed(conn(1), 8, Role::Connected, 0, 60_000, &mut out);
+        assert_eq!(out.len(), 2);
+        out.clear();
+        let mut cancel = cancel(0, 9, 77, false);
+        if let KernelEvent::Cancel {
+            netns, conn: c, ..
+        } = &mut cancel
+        {
+            *netns = 8;
+            *c = Some(conn(1));
+        }
+        lc.feed(cancel, &mut out);
+        lc.flush(&mut out);
+        assert!(
+            matches!(&out[..], [Event::Exit(x)] if x.seeded && x.netns == 8),
+            "{out:?}"
+        );
+        assert_eq!(lc.alive().map(|e| e.netns).collect::<Vec<_>>(), vec![7]);
+    }
+
     #[test]
     fn seeds_end_by_4_tuple_or_by_their_deadline() {
         let mut lc = Lifecycle::new();
         let mut out = Vec::new();
-        lc.seed(conn(1), Role::Accepted, 1_000, 30_000, &mut out);
-        lc.seed(conn(2), Role::Connected, 1_000, 10_000, &mut out);
-        lc.seed(conn(2), Role::Connected, 1_000, 10_000, &mut out);
+        lc.seed(conn(1), 0, Role::Accepted, 1_000, 30_000, &mut out);
+        lc.seed(conn(2), 0, Role::Connected, 1_000, 10_000, &mut out);
+        lc.seed(conn(2), 0, Role::Connected, 1_000, 10_000, &mut out);
         assert_eq!(out.len(), 2, "a 4-tuple is seeded once");
         assert!(matches!(&out[0], Event::Enter(e) if e.seeded && e.owner.is_none()));
         out.clear();
         lc.feed(
             KernelEvent::Expire {
+                netns: 0,
                 cpu: 0,
                 ts_ns: 2_000,
                 timer: 99,
@@ -923,7 +998,7 @@ mod tests {
     fn a_birth_replaces_the_seed_of_the_same_4_tuple() {
         let mut lc = Lifecycle::new();
         let mut out = Vec::new();
-        lc.seed(conn(1), Role::Connected, 0, 60_000, &mut out);
+        lc.seed(conn(1), 0, Role::Connected, 0, 60_000, &mut out);
         lc.feed(birth(0, 5, 7, 1), &mut out);
         lc.feed(cancel(0, 9, 7, false), &mut out);
         lc.flush(&mut out);

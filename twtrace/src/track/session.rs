@@ -6,8 +6,9 @@ use std::{collections::HashSet, io, time::Duration};
 use crate::{
     failure::Failure,
     host::clock::{self, WallClock},
-    host::counters::{self, TwCounters},
-    host::sockdiag::{self, state},
+    host::collect::{Collector, Host, Request},
+    host::netns::{self, Netns, Unreadable},
+    host::sockdiag::{self, DiagSocket, state},
     kernel::decode::{KernelEvent, Role},
     kernel::probes::{ProbeOptions, Probes},
     kernel::source::Source,
@@ -35,11 +36,15 @@ pub struct Session {
     pub probes: Probes,
     source: Source,
     lifecycle: Lifecycle,
-    /// Local ports with a listener at start (sock_diag): tells accepted from connected for
-    /// sockets whose opening was not seen.
-    pub listening: HashSet<u16>,
-    /// The kernel's TIME_WAIT counters at start (TcpExt), for "since start" figures.
-    pub counters_at_start: TwCounters,
+    /// (namespace, local port) with a listener at start (sock_diag): tells accepted from
+    /// connected for sockets whose opening was not seen.
+    pub listening: HashSet<(u32, u16)>,
+    /// What is known of the host's namespaces and their kernel figures (the first reading of
+    /// each is its baseline for "since start" figures).
+    pub host: Host,
+    /// Gathers the host's figures in this process (None once serve hands that to its
+    /// collector process).
+    pub collector: Option<Collector>,
     /// Events produced before the first batch (the seeded sockets).
     carry: Vec<Event>,
     pub wall: WallClock,
@@ -54,7 +59,10 @@ impl Session {
     /// through sock_diag (after attaching, so that none can end unseen) and come out of the
     /// first `next()` as seeded `Enter` events.
     pub fn start(opts: ProbeOptions, seed: bool) -> Result<Self, Failure> {
-        let counters_at_start = counters::tw_counters();
+        // Every namespace's counters before attaching: their baseline.
+        let mut collector = Collector::new();
+        let mut host = Host::default();
+        host.apply(collector.handle(&Request::default()));
         let mut probes = Probes::attach(opts)?;
         let ring = probes.take_ring()?;
         let source = Source::new(ring).map_err(|e| {
@@ -69,7 +77,8 @@ impl Session {
             source,
             lifecycle: Lifecycle::new(),
             listening: HashSet::new(),
-            counters_at_start,
+            host,
+            collector: Some(collector),
             carry: Vec::new(),
             wall: WallClock::now(),
             hz,
@@ -87,19 +96,59 @@ impl Session {
         Ok(session)
     }
 
+    /// Lists the TIME_WAIT sockets and listeners of every namespace. An error in this
+    /// process's own namespace is one (sock_diag unusable); another namespace that cannot be
+    /// read is left out (said once by the views, from `host.denied`).
     fn seed(&mut self) -> io::Result<()> {
-        self.listening = sockdiag::listening_ports()?;
+        let own = netns::own();
+        let targets: Vec<Netns> = self.host.namespaces.values().cloned().collect();
+        let tables = netns::in_each(
+            &targets,
+            |_| -> io::Result<(Vec<DiagSocket>, Vec<DiagSocket>)> {
+                Ok((
+                    sockdiag::dump(&[state::LISTEN])?,
+                    sockdiag::dump(&[state::TIME_WAIT])?,
+                ))
+            },
+        );
         let now = clock::monotonic_ns();
-        for s in sockdiag::dump(&[state::TIME_WAIT])? {
-            let role = if self.listening.contains(&s.conn.local.port()) {
-                Role::Accepted
-            } else {
-                Role::Connected
+        let mut tables: Vec<(u32, Result<io::Result<_>, Unreadable>)> =
+            tables.into_iter().collect();
+        tables.sort_by_key(|(inode, _)| *inode);
+        for (inode, r) in tables {
+            let (listen, time_wait) = match r {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) if Some(inode) == own => return Err(e),
+                _ => continue,
             };
-            self.lifecycle
-                .seed(s.conn, role, now, s.expires_ms as u64, &mut self.carry);
+            self.listening
+                .extend(listen.iter().map(|s| (inode, s.conn.local.port())));
+            for s in time_wait {
+                let role = if self.listening.contains(&(inode, s.conn.local.port())) {
+                    Role::Accepted
+                } else {
+                    Role::Connected
+                };
+                self.lifecycle.seed(
+                    s.conn,
+                    inode,
+                    role,
+                    now,
+                    s.expires_ms as u64,
+                    &mut self.carry,
+                );
+            }
         }
         Ok(())
+    }
+
+    /// Gathers host figures in this process (see `host::collect`); returns the namespaces that
+    /// are gone since the last time.
+    pub fn gather(&mut self, req: &Request) -> Vec<u32> {
+        match self.collector.as_mut() {
+            Some(c) => self.host.apply(c.handle(req)),
+            None => Vec::new(),
+        }
     }
 
     /// Waits for the next batch from the kernel; returns the lifecycle events it resolved.

@@ -1,9 +1,10 @@
-//! `twtrace doctor`: reads the settings and counters that govern TIME_WAIT, watches the
-//! traffic for a while, and says what is wrong and what to change. Exit code 1 when a finding
-//! is serious, so that scripts can use it.
+//! `twtrace doctor`: reads the settings and counters that govern TIME_WAIT in every network
+//! namespace, watches the traffic for a while, and says what is wrong and what to change, each
+//! namespace judged by its own numbers. Exit code 1 when a finding is serious, so that scripts
+//! can use it.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write,
     net::{IpAddr, SocketAddr},
 };
@@ -13,25 +14,29 @@ use serde_json::json;
 use crate::{
     cli::DoctorArgs,
     failure::ExitWith,
-    host,
-    host::sockdiag::{self, state},
+    host::{
+        close_wait::CloseWait,
+        collect::Request,
+        netns::{self, Netns},
+        sockdiag::{self, DiagSocket, state},
+    },
     kernel::decode::Role,
-    present::diagnose::{self, Destination, Evidence, ServerPort},
+    present::diagnose::{self, Destination, Evidence, Finding, ServerPort},
     track::lifecycle::Event,
     track::session::{self, Session},
 };
 
-/// Births seen while watching, by what they tell about ports.
+/// Births seen while watching, by what they tell about ports, per namespace.
 #[derive(Default)]
 struct Births {
-    /// Outgoing: (source address, destination).
-    outgoing: HashMap<(IpAddr, SocketAddr), u64>,
-    /// Accepted: the listening port.
-    accepted: HashMap<u16, u64>,
+    /// Outgoing: (namespace, source address, destination).
+    outgoing: HashMap<(u32, IpAddr, SocketAddr), u64>,
+    /// Accepted: (namespace, listening port).
+    accepted: HashMap<(u32, u16), u64>,
 }
 
 impl Births {
-    fn feed(&mut self, ev: &Event, listening: &HashSet<u16>) {
+    fn feed(&mut self, ev: &Event, listening: &HashSet<(u32, u16)>) {
         let Event::Enter(e) = ev else { return };
         if e.seeded {
             return;
@@ -39,70 +44,80 @@ impl Births {
         let accepted = match e.role {
             Role::Accepted => true,
             Role::Connected => false,
-            Role::Unknown => listening.contains(&e.conn.local.port()),
+            Role::Unknown => listening.contains(&(e.netns, e.conn.local.port())),
         };
         if accepted {
-            *self.accepted.entry(e.conn.local.port()).or_default() += 1;
+            *self
+                .accepted
+                .entry((e.netns, e.conn.local.port()))
+                .or_default() += 1;
         } else {
             *self
                 .outgoing
-                .entry((e.conn.local.ip(), e.conn.remote))
+                .entry((e.netns, e.conn.local.ip(), e.conn.remote))
                 .or_default() += 1;
         }
     }
+
+    /// Namespaces where something was born.
+    fn namespaces(&self) -> impl Iterator<Item = u32> + '_ {
+        self.outgoing
+            .keys()
+            .map(|k| k.0)
+            .chain(self.accepted.keys().map(|k| k.0))
+    }
 }
 
-/// Every socket holding a port now (sock_diag), joined with the births.
+/// Every socket holding a port in one namespace now (sock_diag), joined with its births.
 fn evidence_from_sockets(
+    netns: u32,
+    sockets: &[DiagSocket],
     births: &Births,
-    listening: &HashSet<u16>,
+    listening: &HashSet<(u32, u16)>,
 ) -> (Vec<Destination>, Vec<ServerPort>) {
-    let all: Vec<u8> = (1..=11).filter(|&s| s != state::LISTEN).collect();
-    let sockets = sockdiag::dump(&all).unwrap_or_default();
-    let mut dests: HashMap<(IpAddr, SocketAddr), Destination> = HashMap::new();
-    let mut servers: HashMap<u16, ServerPort> = HashMap::new();
-    let dest = |m: &mut HashMap<(IpAddr, SocketAddr), Destination>, k: (IpAddr, SocketAddr)| {
-        m.entry(k)
-            .or_insert_with(|| Destination {
-                source: k.0,
-                remote: k.1,
-                held: 0,
-                in_time_wait: 0,
-                births: 0,
-            })
-            .clone()
+    let mut dests: BTreeMap<(IpAddr, SocketAddr), Destination> = BTreeMap::new();
+    let mut servers: BTreeMap<u16, ServerPort> = BTreeMap::new();
+    let dest = |m: &mut BTreeMap<(IpAddr, SocketAddr), Destination>, k: (IpAddr, SocketAddr)| {
+        m.entry(k).or_insert_with(|| Destination {
+            source: k.0,
+            remote: k.1,
+            held: 0,
+            in_time_wait: 0,
+            births: 0,
+        });
     };
-    for s in &sockets {
-        let tw = s.state == state::TIME_WAIT;
-        if listening.contains(&s.conn.local.port()) {
-            let e = servers.entry(s.conn.local.port()).or_insert(ServerPort {
-                port: s.conn.local.port(),
-                in_time_wait: 0,
-                births: 0,
-            });
-            e.in_time_wait += tw as u64;
+    let server = |m: &mut BTreeMap<u16, ServerPort>, port: u16| {
+        m.entry(port).or_insert(ServerPort {
+            port,
+            in_time_wait: 0,
+            births: 0,
+        });
+    };
+    for s in sockets {
+        let tw = (s.state == state::TIME_WAIT) as u64;
+        let port = s.conn.local.port();
+        if listening.contains(&(netns, port)) {
+            server(&mut servers, port);
+            servers.get_mut(&port).expect("made").in_time_wait += tw;
         } else {
             let k = (s.conn.local.ip(), s.conn.remote);
-            let mut d = dest(&mut dests, k);
+            dest(&mut dests, k);
+            let d = dests.get_mut(&k).expect("made");
             d.held += 1;
-            d.in_time_wait += tw as u64;
-            dests.insert(k, d);
+            d.in_time_wait += tw;
         }
     }
-    for (&k, &n) in &births.outgoing {
-        let mut d = dest(&mut dests, k);
-        d.births = n;
-        dests.insert(k, d);
+    for (&(ns, source, remote), &n) in &births.outgoing {
+        if ns == netns {
+            dest(&mut dests, (source, remote));
+            dests.get_mut(&(source, remote)).expect("made").births = n;
+        }
     }
-    for (&port, &n) in &births.accepted {
-        servers
-            .entry(port)
-            .or_insert(ServerPort {
-                port,
-                in_time_wait: 0,
-                births: 0,
-            })
-            .births = n;
+    for (&(ns, port), &n) in &births.accepted {
+        if ns == netns {
+            server(&mut servers, port);
+            servers.get_mut(&port).expect("made").births = n;
+        }
     }
     (
         dests.into_values().collect(),
@@ -130,72 +145,140 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
-    let counters_start = host::counters::tw_counters();
-    let close_wait_start = host::close_wait::close_wait_by_process();
-    let mut session = Session::start(args.probe.options(), false)?;
-    let listening = sockdiag::listening_ports().unwrap_or_default();
+    let only = args.netns.netns.clone();
+    // Seeded: the listeners of every namespace (accepted from connected), and the baseline of
+    // every namespace's counters.
+    let mut session = Session::start(args.probe.options(), true)?;
+    session.gather(&Request {
+        figures: Some(Vec::new()),
+        close_wait: Some(only.clone()),
+    });
+    if let Some(line) = session.host.tell_once() {
+        eprintln!("twtrace: {line}");
+    }
+    let close_wait_start = session.host.close_wait.clone();
+    let listening = session.listening.clone();
     eprintln!(
         "twtrace: watching for {}s; Ctrl-C to stop early",
         args.duration.as_secs_f64()
     );
     let started = std::time::Instant::now();
     let mut births = Births::default();
+    let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
     let stop = session::stop_signal(Some(args.duration));
     tokio::pin!(stop);
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
             r = session.next() => {
-                for ev in r? {
+                for ev in r?.iter().filter(|e| wanted(e)) {
                     births.feed(ev, &listening);
                 }
             }
         }
     }
-    for ev in session.finish() {
+    for ev in session.finish().iter().filter(|e| wanted(e)) {
         births.feed(ev, &listening);
     }
     let duration_s = started.elapsed().as_secs_f64();
-    let counters = host::counters::tw_counters().since(&counters_start);
-    let (destinations, servers) = evidence_from_sockets(&births, &listening);
-    let evidence = Evidence {
-        duration_s,
-        settings: host::settings::settings(),
-        counters,
-        resets_on_close: counters.abort_on_data,
-        sockstat_tw: host::counters::sockstat_tw(),
-        destinations,
-        servers,
-        close_wait_start,
-        close_wait_end: host::close_wait::close_wait_by_process(),
-    };
-    let findings = diagnose::diagnose(&evidence);
+
+    // Every namespace (or those asked for): its figures, CLOSE_WAIT and sockets now.
+    let targets: Vec<Netns> = session
+        .host
+        .namespaces
+        .values()
+        .filter(|n| only.is_empty() || only.contains(&n.inode))
+        .cloned()
+        .collect();
+    session.gather(&Request {
+        figures: Some(targets.iter().map(|n| n.inode).collect()),
+        close_wait: Some(only.clone()),
+    });
+    let all: Vec<u8> = (1..=11).filter(|&s| s != state::LISTEN).collect();
+    let tables = netns::in_each(&targets, |_| sockdiag::dump(&all).unwrap_or_default());
+    let own = netns::own();
+    let host = &session.host;
+    let born_in: HashSet<u32> = births.namespaces().collect();
+    let mut judged = Vec::new();
+    for ns in &targets {
+        let Some(figures) = host.ledger.latest(ns.inode) else {
+            continue;
+        };
+        let sockets = match tables.get(&ns.inode) {
+            Some(Ok(s)) => s.as_slice(),
+            _ => &[],
+        };
+        let of_ns = |list: &[CloseWait]| -> Vec<CloseWait> {
+            list.iter()
+                .filter(|c| c.netns == ns.inode)
+                .cloned()
+                .collect()
+        };
+        let close_wait_end = of_ns(&host.close_wait);
+        // Quiet namespaces are not judged (a host has one per container): only those with
+        // traffic, TIME_WAIT or CLOSE_WAIT, and twtrace's own.
+        let in_play = Some(ns.inode) == own
+            || born_in.contains(&ns.inode)
+            || figures.sockstat_tw.is_some_and(|n| n > 0)
+            || !close_wait_end.is_empty();
+        if !in_play {
+            continue;
+        }
+        let (destinations, servers) = evidence_from_sockets(ns.inode, sockets, &births, &listening);
+        let counters = host.ledger.since_start(ns.inode).unwrap_or_default();
+        judged.push((
+            ns,
+            Evidence {
+                netns: Some((ns.inode, ns.label())),
+                duration_s,
+                settings: figures.settings.clone(),
+                counters,
+                resets_on_close: counters.abort_on_data,
+                sockstat_tw: figures.sockstat_tw,
+                destinations,
+                servers,
+                close_wait_start: of_ns(&close_wait_start),
+                close_wait_end,
+            },
+        ));
+    }
+    // Namespaces are named in the findings only when more than one is judged.
+    if let [(_, e)] = judged.as_mut_slice() {
+        e.netns = None;
+    }
+    let mut findings: Vec<Finding> = judged
+        .iter()
+        .flat_map(|(_, e)| diagnose::diagnose(e))
+        .collect();
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     let loss = session.loss();
     let serious = findings.iter().filter(|f| f.severity.serious()).count();
     let mut out = std::io::stdout().lock();
     if args.json {
-        let s = &evidence.settings;
+        let namespaces: Vec<_> = judged
+            .iter()
+            .map(|(n, e)| {
+                let s = &e.settings;
+                json!({
+                    "netns": n.inode,
+                    "name": n.label(),
+                    "settings": settings_json(s),
+                    "counters": {
+                        "tw_created": e.counters.created,
+                        "tw_killed": e.counters.killed,
+                        "tw_recycled": e.counters.recycled,
+                        "tw_overflow": e.counters.overflow,
+                        "abort_on_data": e.counters.abort_on_data,
+                        "time_wait_now": e.sockstat_tw,
+                    },
+                })
+            })
+            .collect();
         let doc = json!({
             "duration_s": (duration_s * 10.0).round() / 10.0,
             "serious": serious,
-            "settings": {
-                "tcp_tw_reuse": s.tw_reuse,
-                "tcp_max_tw_buckets": s.max_tw_buckets,
-                "ip_local_port_range": s.port_range.map(|(a, b)| vec![a, b]),
-                "ip_local_reserved_ports": s.reserved_ports.iter().map(|&(a, b)| vec![a, b]).collect::<Vec<_>>(),
-                "ephemeral_ports": s.ephemeral_ports(),
-                "tcp_fin_timeout": s.fin_timeout,
-                "tcp_timestamps": s.timestamps,
-                "tcp_tw_recycle": s.tw_recycle,
-            },
-            "counters": {
-                "tw_created": counters.created,
-                "tw_killed": counters.killed,
-                "tw_recycled": counters.recycled,
-                "tw_overflow": counters.overflow,
-                "abort_on_data": counters.abort_on_data,
-                "time_wait_now": evidence.sockstat_tw,
-            },
+            "namespaces": namespaces,
+            "namespaces_unreadable": host.denied.iter().filter(|d| d.no_privilege).count(),
             "lost_events": loss.total(),
             "findings": findings.iter().map(|f| json!({
                 "severity": f.severity.as_str(),
@@ -210,7 +293,8 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     } else {
         writeln!(
             out,
-            "twtrace doctor: watched {duration_s:.0} s; {} finding(s), {serious} serious",
+            "twtrace doctor: watched {duration_s:.0} s in {} network namespace(s); {} finding(s), {serious} serious",
+            judged.len(),
             findings.len()
         )?;
         if loss.total() > 0 {
@@ -241,6 +325,20 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         return Err(ExitWith(1).into());
     }
     Ok(())
+}
+
+fn settings_json(s: &crate::host::settings::Settings) -> serde_json::Value {
+    json!({
+        "tcp_tw_reuse": s.tw_reuse,
+        "tcp_tw_reuse_delay_ms": s.tw_reuse_delay_ms,
+        "tcp_max_tw_buckets": s.max_tw_buckets,
+        "ip_local_port_range": s.port_range.map(|(a, b)| vec![a, b]),
+        "ip_local_reserved_ports": s.reserved_ports.iter().map(|&(a, b)| vec![a, b]).collect::<Vec<_>>(),
+        "ephemeral_ports": s.ephemeral_ports(),
+        "tcp_fin_timeout": s.fin_timeout,
+        "tcp_timestamps": s.timestamps,
+        "tcp_tw_recycle": s.tw_recycle,
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::{
     cli::ExecArgs,
     failure::{Code, ExitWith, Failure},
-    host,
+    host::collect::Request,
     kernel::probes::ProbeOptions,
     track::lifecycle::Event,
     track::session::{self, Session},
@@ -137,23 +137,30 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     let child_pid = child.id();
     let mut charge = Charge::default();
     let mut known: HashSet<u32> = HashSet::new();
-    let stop = session::stop_signal(None);
-    tokio::pin!(stop);
+    let only = args.netns.netns.clone();
+    let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
+    // SIGINT, SIGTERM and SIGHUP are passed on to the command, each time one arrives; only its
+    // exit ends the run (a command that ignores them keeps twtrace waiting, as env(1) would).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let forward = |sig: i32| {
+        if let Some(pid) = child_pid {
+            // SAFETY: signalling our own child, which is not reaped before `wait` returns.
+            unsafe { libc::kill(pid as i32, sig) };
+        }
+    };
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            r = &mut stop => {
-                r?;
-                // Passed on to the command; its exit ends the run.
-                if let Some(pid) = child_pid {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                }
-            }
+            Some(()) = int.recv() => forward(libc::SIGINT),
+            Some(()) = term.recv() => forward(libc::SIGTERM),
+            Some(()) = hup.recv() => forward(libc::SIGHUP),
             r = session.next() => {
                 // Copied out: telling members apart asks the session's probes.
                 let events = r?.to_vec();
-                for ev in &events {
+                for ev in events.iter().filter(|e| wanted(e)) {
                     charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
                 }
             }
@@ -164,17 +171,21 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
         let left = drain_until.saturating_duration_since(Instant::now());
         if let Ok(r) = tokio::time::timeout(left, session.next()).await {
             let events = r?.to_vec();
-            for ev in &events {
+            for ev in events.iter().filter(|e| wanted(e)) {
                 charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
             }
         }
     }
     let events: Vec<Event> = session.finish().to_vec();
-    for ev in &events {
+    for ev in events.iter().filter(|e| wanted(e)) {
         charge.feed(ev, &mut |pid| owned(&session.probes, &mut known, me, pid));
     }
-    // CLOSE_WAIT still held by processes of the tree.
-    let mut close_wait = host::close_wait::close_wait_by_process();
+    // CLOSE_WAIT still held by processes of the tree, in whichever namespace.
+    session.gather(&Request {
+        figures: Some(Vec::new()),
+        close_wait: Some(only.clone()),
+    });
+    let mut close_wait = session.host.close_wait.clone();
     close_wait.retain(|c| session.probes.is_tracked(c.pid));
     let over = exceeded(&charge, args.max_timewait, args.max_rate);
     let loss = session.loss();
@@ -272,6 +283,7 @@ mod tests {
 
     fn enter(timer: u64, ts_ns: u64, pid: u32, port: u16) -> Event {
         Event::Enter(TwEnter {
+            netns: 0,
             ts_ns,
             timer,
             conn: Conn {
@@ -304,6 +316,7 @@ mod tests {
         assert_eq!(c.by_peer[&"127.0.0.1:8080".parse().unwrap()], 6);
         c.feed(
             &Event::Exit(TwExit {
+                netns: 0,
                 ts_ns: 3,
                 timer: 5,
                 conn: None,

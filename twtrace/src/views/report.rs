@@ -7,31 +7,67 @@ use std::{
 
 use crate::{
     cli::ReportArgs,
-    host,
-    host::cgroup::CgroupNames,
     host::clock,
-    present::report::{self, Context},
+    host::{cgroup::CgroupNames, collect::Request, netns},
+    present::report::{self, Context, NsContext},
     track::aggregate::Aggregator,
     track::session::{self, Session},
 };
 
-/// Everything a report needs besides the aggregate, read now. The CLOSE_WAIT owners walk
-/// /proc, so a caller refreshing often can leave them out.
-pub fn context(session: &Session, started: Instant, close_wait: bool) -> Context {
+/// The namespaces a view reports on: those `--netns` named, else every namespace the aggregate
+/// saw TIME_WAIT in, and twtrace's own.
+pub fn in_play(agg: &Aggregator, netns_filter: &[u32]) -> Vec<u32> {
+    let mut v: Vec<u32> = if netns_filter.is_empty() {
+        agg.namespaces()
+            .map(|(n, _)| n)
+            .chain(netns::own())
+            .collect()
+    } else {
+        netns_filter.to_vec()
+    };
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// What to ask the host for: the kernel figures of the namespaces in play and, when
+/// `close_wait`, the CLOSE_WAIT holders (of the `--netns` namespaces, or of all).
+pub fn request(agg: &Aggregator, netns_filter: &[u32], close_wait: bool) -> Request {
+    Request {
+        figures: Some(in_play(agg, netns_filter)),
+        close_wait: close_wait.then(|| netns_filter.to_vec()),
+    }
+}
+
+/// Everything a report needs besides the aggregate, from what the session last gathered.
+pub fn context(
+    session: &Session,
+    agg: &Aggregator,
+    netns_filter: &[u32],
+    started: Instant,
+) -> Context {
+    let host = &session.host;
+    let namespaces = in_play(agg, netns_filter)
+        .into_iter()
+        .map(|netns| {
+            let f = host.ledger.latest(netns);
+            NsContext {
+                netns,
+                name: host.label(netns),
+                kernel_time_wait: f.and_then(|f| f.sockstat_tw),
+                skipped_overflow: host.ledger.since_start(netns).map_or(0, |c| c.overflow),
+                ephemeral_ports: f.and_then(|f| f.settings.ephemeral_ports()),
+                max_tw_buckets: f.and_then(|f| f.settings.max_tw_buckets),
+            }
+        })
+        .collect();
     Context {
         duration_s: started.elapsed().as_secs_f64(),
         now_sec: clock::monotonic_ns() / 1_000_000_000,
         loss: session.loss(),
-        skipped_overflow: host::counters::tw_counters()
-            .since(&session.counters_at_start)
-            .overflow,
-        kernel_time_wait: host::counters::sockstat_tw(),
-        ephemeral_ports: host::settings::settings().ephemeral_ports(),
-        close_wait: if close_wait {
-            host::close_wait::close_wait_by_process()
-        } else {
-            Vec::new()
-        },
+        namespaces,
+        unreadable: host.denied.iter().filter(|d| d.no_privilege).count(),
+        close_wait: host.close_wait.clone(),
     }
 }
 
@@ -79,10 +115,15 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     if progress {
         eprint!("\r{:79}\r", "");
     }
-    let ctx = context(&session, started, true);
+    let netns_filter = filter.netns.clone();
+    session.gather(&request(&agg, &netns_filter, true));
+    if let Some(line) = session.host.tell_once() {
+        eprintln!("twtrace: {line}");
+    }
+    let ctx = context(&session, &agg, &netns_filter, started);
     let mut names = CgroupNames::new();
     let (by, sort, top) = (args.group.by, args.group.sort, args.top);
-    let mut unit = |id| names.label(id);
+    let mut unit = |id| names.unit(id);
     let text = if args.json {
         format!("{}\n", report::json(&agg, by, sort, top, &ctx, &mut unit))
     } else {

@@ -1,7 +1,9 @@
 //! `twtrace serve`: a daemon. Prometheus metrics on `GET /metrics`, the report's JSON on
 //! `GET /api/v1/report`, `GET /healthz`; anything else 404 (or 405 for another method). It
-//! attaches as root, binds its socket, then drops to an unprivileged user with no capabilities
-//! and keeps only its open descriptors. SIGTERM or SIGINT ends it with exit code 0.
+//! attaches as root, binds its socket, starts its collector process (which keeps only what
+//! reading every network namespace needs: see `host::collect`), then drops to an unprivileged
+//! user with no capabilities and keeps only its open descriptors. SIGTERM or SIGINT ends it
+//! with exit code 0.
 //!
 //! A report request with filters gets a view of its own: an aggregate that adopts the TIME_WAIT
 //! sockets alive at that moment (so "now" is right at once) and counts births from then on,
@@ -27,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     cli::ServeArgs,
     failure::{Code, Failure},
-    host,
     host::cgroup::CgroupNames,
+    host::collect::{self, Reply, Request},
     host::privileges,
     present::api,
     present::metrics::{self, BuildInfo, Exporter},
@@ -37,7 +39,7 @@ use crate::{
     track::filter::Filter,
     track::lifecycle::Event,
     track::session::{self, Session},
-    views::report::context,
+    views::report::{context, request},
 };
 
 /// Filtered report views kept at once.
@@ -162,7 +164,7 @@ async fn report_handler(State(app): State<App>, RawQuery(query): RawQuery) -> Re
         q.sort,
         q.top,
         &ctx,
-        &mut |id| units.label(id),
+        &mut |id| units.unit(id),
     ))
     .into_response()
 }
@@ -188,7 +190,7 @@ fn router(shared: Shared, new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>)
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_filter();
     let account = privileges::lookup(&args.user)?;
-    let session = Session::start(args.probe.options(), true)?;
+    let mut session = Session::start(args.probe.options(), true)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| {
@@ -197,8 +199,36 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 format!("cannot listen on {}: {e}", args.listen),
             )
         })?;
+    // Started while this process still holds its privileges; it keeps only the three it needs.
+    let collector = collect::Client::spawn().map_err(|e| {
+        Failure::new(
+            Code::Error,
+            format!("cannot start the collector process ({e})"),
+        )
+    })?;
+    session.collector = None;
     privileges::drop_to(account)?;
-    serve(args, filter, session, listener).await
+    serve(args, filter, session, listener, collector).await
+}
+
+/// Runs the collector's requests one at a time, beside the main loop (which must keep reading
+/// the ring buffer while a scan of many namespaces takes its time).
+fn collector_task(
+    mut client: collect::Client,
+) -> (
+    mpsc::Sender<Request>,
+    mpsc::Receiver<std::io::Result<Reply>>,
+) {
+    let (req_tx, mut req_rx) = mpsc::channel::<Request>(1);
+    let (rep_tx, rep_rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Some(req) = req_rx.recv().await {
+            if rep_tx.send(client.ask(&req).await).await.is_err() {
+                break;
+            }
+        }
+    });
+    (req_tx, rep_rx)
 }
 
 async fn serve(
@@ -206,10 +236,16 @@ async fn serve(
     filter: Filter,
     mut session: Session,
     listener: tokio::net::TcpListener,
+    collector: collect::Client,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let netns_filter = filter.netns.clone();
     let mut main = Aggregator::new(args.group.max_groups);
     main.set_listening_ports(session.listening.clone());
+    if let Some(line) = session.host.tell_once() {
+        eprintln!("twtrace: {line}");
+    }
+    let ctx = context(&session, &main, &netns_filter, started);
     let shared: Shared = Arc::new(Mutex::new(ServeState {
         main: View {
             filter,
@@ -219,15 +255,17 @@ async fn serve(
         },
         views: Vec::new(),
         exporter: Exporter::new(args.max_series),
-        ctx: context(&session, started, true),
+        ctx,
         info: BuildInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             kernel: session.probes.info.release.clone(),
-            max_tw_buckets: host::settings::settings().max_tw_buckets,
         },
         max_groups: args.group.max_groups,
         units: CgroupNames::new(),
     }));
+    let (ask, mut replies) = collector_task(collector);
+    let mut asked = false;
+    let mut collector_failed = false;
     let (view_tx, mut view_rx) = mpsc::channel(8);
     let (quit_tx, quit_rx) = oneshot::channel::<()>();
     let app = router(shared.clone(), view_tx);
@@ -277,21 +315,53 @@ async fn serve(
                 let events = r?;
                 lock(&shared).feed(events);
             }
+            Some(reply) = replies.recv() => {
+                asked = false;
+                match reply {
+                    Ok(reply) => {
+                        session.host.apply(reply);
+                        if let Some(line) = session.host.tell_once() {
+                            eprintln!("twtrace: {line}");
+                        }
+                        let mut s = lock(&shared);
+                        let s = &mut *s;
+                        let seen: Vec<(u32, u64)> = s.main.agg.namespaces().collect();
+                        for netns in session.host.gone(seen.into_iter()) {
+                            s.main.agg.forget_netns(netns);
+                            s.exporter.forget_netns(netns);
+                            for v in &mut s.views {
+                                v.agg.forget_netns(netns);
+                            }
+                        }
+                        s.ctx = context(&session, &s.main.agg, &netns_filter, started);
+                    }
+                    Err(e) if !collector_failed => {
+                        collector_failed = true;
+                        eprintln!(
+                            "twtrace: the collector stopped answering ({e}): the kernel's \
+                             per-namespace figures and CLOSE_WAIT are no longer updated"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
             _ = second.tick() => {
-                let scan = last_close_wait.elapsed() >= Duration::from_secs(5);
-                if scan {
-                    last_close_wait = Instant::now();
-                }
-                let mut ctx = context(&session, started, scan);
                 let mut s = lock(&shared);
-                if !scan {
-                    ctx.close_wait = std::mem::take(&mut s.ctx.close_wait);
-                }
-                s.ctx = ctx;
                 s.main.agg.tick();
                 for v in &mut s.views {
                     v.agg.tick();
                 }
+                // Figures once a second; CLOSE_WAIT (a walk of /proc and of each namespace's
+                // connection table) every 5 s. One request at a time.
+                if !asked && !collector_failed {
+                    let scan = last_close_wait.elapsed() >= Duration::from_secs(5);
+                    if scan {
+                        last_close_wait = Instant::now();
+                    }
+                    asked = ask.try_send(request(&s.main.agg, &netns_filter, scan)).is_ok();
+                }
+                let ctx = context(&session, &s.main.agg, &netns_filter, started);
+                s.ctx = ctx;
             }
         }
     }

@@ -20,11 +20,10 @@ use tokio::sync::mpsc;
 use crate::{
     cli::TopArgs,
     failure::{Code, Failure},
-    host,
     present::report::{self, Context, Sort},
     track::aggregate::{Aggregator, By},
     track::session::{self, Session},
-    views::report::context,
+    views::report::{context, request},
 };
 
 /// What the user chose on screen.
@@ -95,7 +94,6 @@ impl Screen {
 /// Host figures shown in the header, refreshed every second.
 #[derive(Clone, Debug, Default)]
 pub struct Header {
-    pub max_tw_buckets: Option<u64>,
     pub births_per_s: f64,
 }
 
@@ -124,7 +122,7 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
         title,
     );
     let kernel_tw = ctx
-        .kernel_time_wait
+        .kernel_time_wait()
         .map_or("-".to_owned(), |n| n.to_string());
     f.render_widget(
         Paragraph::new(format!(
@@ -138,13 +136,22 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
         totals,
     );
     let opt = |v: Option<u64>| v.map_or("-".to_owned(), |n| n.to_string());
+    // Per namespace these may differ: shown when they agree ("-" otherwise; report has them
+    // per namespace).
+    let buckets = {
+        let mut it = ctx.namespaces.iter().map(|n| n.max_tw_buckets);
+        it.next()
+            .flatten()
+            .filter(|&first| it.all(|b| b == Some(first)))
+    };
     f.render_widget(
         Paragraph::new(format!(
-            "ephemeral ports {}  max_tw_buckets {}  skipped {}  CLOSE_WAIT {}",
-            opt(ctx.ephemeral_ports.map(u64::from)),
-            opt(head.max_tw_buckets),
-            ctx.skipped_overflow,
-            ctx.close_wait.iter().map(|c| c.sockets).sum::<u64>()
+            "ephemeral ports {}  max_tw_buckets {}  skipped {}  CLOSE_WAIT {}  netns {}",
+            opt(ctx.ephemeral_ports().map(u64::from)),
+            opt(buckets),
+            ctx.skipped_overflow(),
+            ctx.close_wait.iter().map(|c| c.sockets).sum::<u64>(),
+            ctx.namespaces.len()
         )),
         kernel,
     );
@@ -161,17 +168,31 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
         .iter()
         .chain(other.iter().filter(|_| needle.is_empty()))
         .map(|r| {
+            let owner = r
+                .processes
+                .first()
+                .map(|(pid, comm)| format!("{comm}[{pid}]"))
+                .unwrap_or_default();
+            // The namespace of each row when several are in play (its name alone for
+            // --by netns, where it is the key).
+            let (key, owner) = if screen.by == By::Netns && r.netns != 0 {
+                (r.netns_name.clone(), owner)
+            } else if ctx.several_namespaces() && r.netns != 0 {
+                (
+                    r.key.clone(),
+                    format!("{} {owner}", report::clip(&r.netns_name, 12)),
+                )
+            } else {
+                (r.key.clone(), owner)
+            };
             TableRow::new(vec![
-                r.key.clone(),
+                key,
                 r.in_time_wait.to_string(),
                 format!("{:.1}", r.rate_10s),
                 r.entered.to_string(),
                 r.exited.to_string(),
                 report::fmt_ms(r.p50_ms),
-                r.processes
-                    .first()
-                    .map(|(pid, comm)| format!("{comm}[{pid}]"))
-                    .unwrap_or_default(),
+                owner,
             ])
         })
         .collect();
@@ -195,7 +216,11 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
                 "BORN".into(),
                 "ENDED".into(),
                 "P50".into(),
-                "OWNER".into(),
+                if ctx.several_namespaces() {
+                    "NETNS OWNER".into()
+                } else {
+                    "OWNER".into()
+                },
             ])
             .style(Style::default().add_modifier(Modifier::REVERSED)),
         ),
@@ -226,6 +251,9 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     }
     let filter = args.filter.to_filter();
     let mut session = Session::start(args.probe.options(), true)?;
+    if let Some(line) = session.host.tell_once() {
+        eprintln!("twtrace: {line}");
+    }
     let mut agg = Aggregator::new(args.group.max_groups);
     agg.set_listening_ports(session.listening.clone());
     let mut screen = Screen {
@@ -251,11 +279,9 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init()?;
     let _guard = TerminalGuard;
     let started = Instant::now();
-    let mut ctx = context(&session, started, true);
-    let mut head = Header {
-        max_tw_buckets: host::settings::settings().max_tw_buckets,
-        births_per_s: 0.0,
-    };
+    session.gather(&request(&agg, &filter.netns, true));
+    let mut ctx = context(&session, &agg, &filter.netns, started);
+    let mut head = Header { births_per_s: 0.0 };
     let mut last_entered = 0;
     let mut last_close_wait = Instant::now();
     let mut second = tokio::time::interval(Duration::from_secs(1));
@@ -277,13 +303,18 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
             }
             _ = second.tick() => {
                 agg.tick();
-                let close_wait = std::mem::take(&mut ctx.close_wait);
-                ctx = Context { close_wait, ..context(&session, started, false) };
-                // Finding CLOSE_WAIT owners walks /proc: every 5 s is enough.
-                if last_close_wait.elapsed() >= Duration::from_secs(5) {
-                    ctx.close_wait = host::close_wait::close_wait_by_process();
+                // Finding CLOSE_WAIT owners walks /proc and each namespace's connection
+                // table: every 5 s is enough.
+                let scan = last_close_wait.elapsed() >= Duration::from_secs(5);
+                if scan {
                     last_close_wait = Instant::now();
                 }
+                session.gather(&request(&agg, &filter.netns, scan));
+                let seen: Vec<(u32, u64)> = agg.namespaces().collect();
+                for gone in session.host.gone(seen.into_iter()) {
+                    agg.forget_netns(gone);
+                }
+                ctx = context(&session, &agg, &filter.netns, started);
                 let t = agg.totals();
                 head.births_per_s = (t.entered - last_entered) as f64;
                 last_entered = t.entered;
@@ -314,6 +345,7 @@ mod tests {
         let mut a = Aggregator::new(100);
         for i in 0..30u64 {
             a.on_event(&Event::Enter(TwEnter {
+                netns: 0,
                 ts_ns: 5_000_000_000,
                 timer: i + 1,
                 conn: Conn {
@@ -339,8 +371,14 @@ mod tests {
         let ctx = Context {
             duration_s: 5.0,
             now_sec: 6,
-            kernel_time_wait: Some(31),
-            ephemeral_ports: Some(28232),
+            namespaces: vec![crate::present::report::NsContext {
+                netns: 0,
+                name: "host".into(),
+                kernel_time_wait: Some(31),
+                ephemeral_ports: Some(28232),
+                max_tw_buckets: Some(131072),
+                skipped_overflow: 0,
+            }],
             ..Context::default()
         };
         t.draw(|f| draw(f, a, &ctx, &Header::default(), s)).unwrap();

@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     cli::WatchArgs,
     host::clock::{WallClock, hms_millis, jiffies_to_ms},
+    host::netns::{self, Registry},
     kernel::decode::Role,
     kernel::probes::ProbeOptions,
     track::filter::Filter,
@@ -41,6 +42,10 @@ pub struct Renderer {
     pub wall: WallClock,
     /// CONFIG_HZ, to show the kernel's timeout; None leaves it out.
     pub hz: Option<u32>,
+    /// When the host has several network namespaces: the one to leave unnamed (twtrace's own),
+    /// and the names of the others; each text line from another namespace ends with
+    /// `netns=NAME`. None: one namespace, nothing to say.
+    pub netns: Option<(u32, Registry)>,
 }
 
 fn role_short(role: Role) -> &'static str {
@@ -59,7 +64,7 @@ impl Renderer {
     pub const HEADER: &'static str =
         "TIME         EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL";
 
-    pub fn text(&self, ev: &Event) -> String {
+    pub fn text(&mut self, ev: &Event) -> String {
         let (name, detail) = match ev {
             Event::Enter(e) => (
                 "ENTER",
@@ -87,8 +92,14 @@ impl Renderer {
             Some(c) => format!("{} > {}", c.local, c.remote),
             None => "? > ?".to_owned(),
         };
+        let place = match &mut self.netns {
+            Some((own, names)) if ev.netns() != *own && ev.netns() != 0 => {
+                format!(" netns={}", names.label(ev.netns()))
+            }
+            _ => String::new(),
+        };
         format!(
-            "{} {:<5} {:>7} {:<15} {} ({}) {}",
+            "{} {:<5} {:>7} {:<15} {} ({}) {}{place}",
             hms_millis(self.wall.epoch_ns(ev.ts_ns())),
             name,
             pid,
@@ -139,6 +150,7 @@ impl Renderer {
             tid: owner.map(|p| p.tid),
             comm: owner.map(|p| p.comm.as_str()),
             cgroup_id: owner.map(|p| p.cgroup_id),
+            netns: Some(ev.netns()).filter(|&n| n != 0),
             detail,
         }
     }
@@ -160,6 +172,8 @@ pub struct JsonLine<'a> {
     tid: Option<u32>,
     comm: Option<&'a str>,
     cgroup_id: Option<u64>,
+    /// Inode number of the network namespace (null when the kernel could not say).
+    netns: Option<u32>,
     #[serde(flatten)]
     detail: Detail,
 }
@@ -189,9 +203,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
         },
         false,
     )?;
-    let renderer = Renderer {
+    let several = session.host.namespaces.len() > 1;
+    let mut renderer = Renderer {
         wall: session.wall,
         hz: session.hz,
+        netns: netns::own()
+            .filter(|_| several && !args.json)
+            .map(|own| (own, Registry::new())),
     };
     let mut out = io::BufWriter::new(io::stdout().lock());
     if !args.json {
@@ -207,14 +225,14 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             r = &mut stop => { r?; break; }
             r = session.next() => r?,
         };
-        if !emit(&mut out, &renderer, &filter, args.json, events) {
+        if !emit(&mut out, &mut renderer, &filter, args.json, events) {
             open = false;
             break;
         }
     }
     if open {
         let events = session.finish();
-        emit(&mut out, &renderer, &filter, args.json, events);
+        emit(&mut out, &mut renderer, &filter, args.json, events);
     }
     let loss = session.loss();
     session.write_stats(args.probe.stats_json.as_deref())?;
@@ -224,7 +242,13 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
 }
 
 /// Writes the events that pass the filter; false once stdout is closed (a pipe reader left).
-fn emit(out: &mut impl Write, r: &Renderer, filter: &Filter, json: bool, events: &[Event]) -> bool {
+fn emit(
+    out: &mut impl Write,
+    r: &mut Renderer,
+    filter: &Filter,
+    json: bool,
+    events: &[Event],
+) -> bool {
     let mut write = || -> io::Result<()> {
         for ev in events.iter().filter(|e| filter.matches(e)) {
             if json {
@@ -267,6 +291,7 @@ mod tests {
         Renderer {
             wall: WallClock::with_offset(1_000_000_000 * 3600),
             hz,
+            netns: None,
         }
     }
 
@@ -274,6 +299,7 @@ mod tests {
     fn json_keys_of_each_event() {
         let r = renderer(Some(250));
         let enter = Event::Enter(TwEnter {
+            netns: 0,
             ts_ns: 5,
             timer: 1,
             conn: conn(),
@@ -296,6 +322,7 @@ mod tests {
         assert_eq!(v["timeout_ms"], 60000);
 
         let exit = Event::Exit(TwExit {
+            netns: 0,
             ts_ns: 6,
             timer: 1,
             conn: Some(conn()),
@@ -312,6 +339,7 @@ mod tests {
         assert!(v["pid"].is_null() && v["comm"].is_null());
 
         let state = Event::State(Transition {
+            netns: 0,
             ts_ns: 7,
             conn: conn(),
             old_state: 5,
@@ -327,8 +355,9 @@ mod tests {
 
     #[test]
     fn text_lines_fit_and_say_why() {
-        let r = renderer(None);
+        let mut r = renderer(None);
         let exit = Event::Exit(TwExit {
+            netns: 0,
             ts_ns: 0,
             timer: 1,
             conn: Some(Conn {
@@ -349,6 +378,7 @@ mod tests {
         );
         assert!(Renderer::HEADER.len() <= 80);
         let unknown = Event::Exit(TwExit {
+            netns: 0,
             lifetime_ns: None,
             owner: None,
             conn: None,
@@ -375,6 +405,7 @@ mod tests {
             }
         }
         let ev = Event::State(Transition {
+            netns: 0,
             ts_ns: 0,
             conn: conn(),
             old_state: 1,
@@ -385,7 +416,7 @@ mod tests {
         });
         assert!(!emit(
             &mut Closed,
-            &renderer(None),
+            &mut renderer(None),
             &Filter::default(),
             true,
             &[ev]

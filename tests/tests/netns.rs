@@ -1,0 +1,449 @@
+//! Every network namespace seen whole: twtrace runs in one namespace, the traffic lives in
+//! others (as on a container host, where twtrace runs in the node's namespace and each pod has
+//! its own), and every figure is checked against the kernel's own accounting of the namespace
+//! it is about: its sockstat, its sysctls, `ss` run inside it.
+
+use std::{collections::BTreeSet, thread, time::Duration, time::Instant};
+
+use serde_json::Value;
+use twtrace_tests::*;
+
+fn json(r: &RunResult) -> Value {
+    serde_json::from_str(&r.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", r.stdout, r.stderr))
+}
+
+/// The entry of `list` (an array of objects) whose `key` is `value`.
+fn entry<'a>(list: &'a Value, key: &str, value: impl Into<Value>) -> &'a Value {
+    let value = value.into();
+    list.as_array()
+        .and_then(|a| a.iter().find(|e| e[key] == value))
+        .unwrap_or_else(|| panic!("no entry with {key} = {value} in {list}"))
+}
+
+fn findings<'a>(doc: &'a Value, kind: &str) -> Vec<&'a Value> {
+    doc["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["kind"] == kind)
+        .collect()
+}
+
+/// 50 TIME_WAIT in a namespace, twtrace in the host's: "kernel says" counts the same set of
+/// namespaces as twtrace's own figure, and each namespace's figures are the kernel's there.
+/// (Field case 25: twtrace said 50 and the kernel 0, reading only its own namespace.)
+#[test]
+fn kernel_figures_cover_the_namespaces_twtrace_counts() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("tw50");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let rep = Run::start(&["report", "--json", "--duration", "4s"], "collecting");
+    let tab = Run::start(&["report", "--duration", "4s"], "collecting");
+    let run = client(Some(&ns), &["--to", &addr, "--count", "50"]);
+    assert_eq!(run.local_ports.len(), 50);
+    let doc = json(&rep.finish(Duration::from_secs(30)));
+    let table = tab.finish(Duration::from_secs(30)).stdout;
+    assert_eq!(ns.sockstat_tw(), 50, "the namespace's own count");
+
+    let ours = entry(&doc["namespaces"], "netns", ns.inode());
+    assert_eq!(ours["name"], ns.name.as_str(), "named after /run/netns");
+    assert_eq!(ours["in_time_wait"], 50);
+    assert_eq!(ours["kernel_time_wait"], 50);
+    assert_eq!(ours["ephemeral_ports"], 28232);
+    // The totals are the sums over the same namespaces.
+    let sum = |k: &str| -> u64 {
+        doc["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n[k].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(doc["totals"]["in_time_wait"], sum("in_time_wait"), "{doc}");
+    assert_eq!(doc["totals"]["kernel_time_wait"], sum("kernel_time_wait"));
+    let g = entry(&doc["groups"], "key", addr.as_str());
+    assert_eq!(g["netns"]["inode"], ns.inode());
+    assert_eq!(g["in_time_wait"], 50);
+    assert_eq!(g["entered"], 50);
+    assert_eq!(g["processes"][0]["pid"], run.pid);
+    // The table has a line per namespace: the test's says 50 and 50.
+    let line = table
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with(&ns.name[..ns.name.len().min(16)])
+        })
+        .unwrap_or_else(|| panic!("no line for {} in:\n{table}", ns.name));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(words[1..5], ["50", "TIME_WAIT,", "kernel", "50;"], "{line}");
+}
+
+/// A client in a namespace holds 200 CLOSE_WAIT (its server closed, it never does): report and
+/// doctor, in the host's namespace, name its pid, its name, 200, and its namespace, as `ss`
+/// inside the namespace does. (Field case 26.)
+#[test]
+fn close_wait_in_another_namespace_names_its_holder() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("cw");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &["--closer", "server"]);
+    let doctor = Run::start(&["doctor", "--json", "--duration", "4s"], "watching");
+    let report = Run::start(&["report", "--json", "--duration", "4s"], "collecting");
+    let holder = Holder::start(
+        Some(&ns),
+        &["--to", &addr, "--count", "200", "--closer", "server"],
+    );
+    let pid = holder.run.pid;
+    let d = doctor.finish(Duration::from_secs(30));
+    let r = json(&report.finish(Duration::from_secs(30)));
+    let ss = ns.exec_ok(&["ss", "-Htanp", "state", "close-wait"]);
+    let held = ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .count();
+    assert_eq!(held, 200, "ss in the namespace: {ss}");
+
+    let cw = entry(&r["close_wait"], "pid", pid);
+    assert_eq!(cw["comm"], "twt-churn");
+    assert_eq!(cw["sockets"], 200);
+    assert_eq!(cw["netns"]["inode"], ns.inode());
+    assert_eq!(cw["netns"]["name"], ns.name.as_str());
+    assert!(cw["listener_port"].is_null());
+
+    let doc = json(&d);
+    let f: Vec<&Value> = findings(&doc, "close_wait")
+        .into_iter()
+        .filter(|f| f["data"]["pid"] == pid)
+        .collect();
+    assert_eq!(f.len(), 1, "{doc}");
+    assert_eq!(f[0]["data"]["sockets"], 200);
+    assert_eq!(f[0]["data"]["grew"], 200);
+    assert_eq!(f[0]["data"]["netns"]["inode"], ns.inode());
+    assert_eq!(f[0]["severity"], "warning");
+    assert!(
+        f[0]["title"].as_str().unwrap().contains(&format!(
+            "twt-churn[{pid}] holds 200 CLOSE_WAIT sockets (netns {})",
+            ns.name
+        )),
+        "{}",
+        f[0]["title"]
+    );
+    assert_eq!(d.status.code(), Some(1));
+}
+
+/// A namespace whose port range is narrower than the host's, a client running out of ports
+/// there: doctor, in the host's namespace, judges it with that namespace's range and tcp_tw_reuse,
+/// and the failure it predicts comes when connect() starts failing (within 20 %).
+#[test]
+fn doctor_judges_a_namespace_by_its_own_port_range_and_predicts_the_failure() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("ports");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40299");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let doctor = Run::start(&["doctor", "--json", "--duration", "5s"], "watching");
+    let started = Instant::now();
+    let (d, watched_s, run) = thread::scope(|s| {
+        let churn = s.spawn(|| {
+            let args = [
+                "--to",
+                &addr,
+                "--count",
+                "560",
+                "--rate",
+                "40",
+                "--tolerate-errors",
+            ];
+            client(Some(&ns), &args)
+        });
+        let d = doctor.finish(Duration::from_secs(30));
+        let watched_s = started.elapsed().as_secs_f64();
+        (d, watched_s, churn.join().expect("client"))
+    });
+    assert_eq!(d.status.code(), Some(1), "{}", d.stderr);
+    let doc = json(&d);
+    let f: Vec<&Value> = findings(&doc, "port_exhaustion")
+        .into_iter()
+        .filter(|f| f["data"]["netns"]["inode"] == ns.inode())
+        .collect();
+    assert_eq!(f.len(), 1, "{doc}");
+    let data = &f[0]["data"];
+    assert_eq!(f[0]["severity"], "critical");
+    assert_eq!(
+        data["usable_ports"], 300,
+        "the namespace's range, not the host's"
+    );
+    assert_eq!(data["tw_reuse_applies"], false);
+    assert_eq!(data["destination"], addr.as_str());
+    // Every connection made while it watched is still in TIME_WAIT, with those made between
+    // the end of the watch and the socket dump.
+    assert!(data["in_time_wait"].as_u64() >= data["births"].as_u64());
+    assert!(data["held"].as_u64() >= data["in_time_wait"].as_u64());
+    // What happened: 300 connections, then EADDRNOTAVAIL for the rest.
+    assert_eq!(run.local_ports.len(), 300);
+    assert_eq!(run.errors.get("EADDRNOTAVAIL"), Some(&260));
+    let actual = run.first_error_s.expect("connect() failed");
+    let predicted = watched_s + data["time_left_s"].as_f64().expect("a time left");
+    assert!(
+        (predicted - actual).abs() <= 0.2 * actual,
+        "predicted failure at {predicted:.1} s, first EADDRNOTAVAIL at {actual:.1} s"
+    );
+}
+
+/// twtrace inside namespace A, whose range is 1,000 ports, while a client churns at 60/s in
+/// namespace B: B's traffic is judged with B's range (and found harmless), and nothing is said
+/// about A's range.
+#[test]
+fn doctor_in_one_namespace_judges_the_others_by_their_own_settings() {
+    require_root();
+    // doctor judges every namespace: no other test's traffic may run meanwhile.
+    let _g = exclusive();
+    let a = Netns::new("a");
+    a.sysctl("net.ipv4.ip_local_port_range", "40000 40999");
+    let b = Netns::new("b");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&b), &addr, &[]);
+    let doctor = Run::start_in(
+        Some(&a),
+        &["doctor", "--json", "--duration", "5s"],
+        "watching",
+    );
+    let run = client(Some(&b), &["--to", &addr, "--count", "240", "--rate", "60"]);
+    assert_eq!(run.local_ports.len(), 240);
+    let d = doctor.finish(Duration::from_secs(30));
+    let doc = json(&d);
+    assert_eq!(d.status.code(), Some(0), "nothing serious: {doc}");
+    let f = findings(&doc, "port_exhaustion");
+    let ours: Vec<&&Value> = f
+        .iter()
+        .filter(|f| f["data"]["destination"] == addr.as_str())
+        .collect();
+    assert_eq!(ours.len(), 1, "{doc}");
+    assert_eq!(ours[0]["severity"], "info");
+    assert_eq!(ours[0]["data"]["usable_ports"], 28232, "B's range");
+    assert_eq!(ours[0]["data"]["netns"]["inode"], b.inode());
+    assert_eq!(ours[0]["data"]["births"], 240);
+    for f in doc["findings"].as_array().unwrap() {
+        assert_ne!(
+            f["data"]["netns"]["inode"],
+            a.inode(),
+            "nothing about A: {f}"
+        );
+        assert_ne!(
+            f["data"]["usable_ports"], 1000,
+            "A's range judges nothing: {f}"
+        );
+    }
+}
+
+/// `--netns` keeps one namespace's traffic (by name, inode or pid:PID); a name that names
+/// nothing is refused with one line and exit code 2.
+#[test]
+fn netns_filter_keeps_one_namespace_and_refuses_unknown_names() {
+    require_root();
+    let _g = shared();
+    let (x, y) = (Netns::new("x"), Netns::new("y"));
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let (_sx, _sy) = (
+        Server::start(Some(&x), &addr, &[]),
+        Server::start(Some(&y), &addr, &[]),
+    );
+    let by_name = Run::start(
+        &["report", "--json", "--duration", "3s", "--netns", &x.name],
+        "collecting",
+    );
+    let by_inode = Run::start(
+        &[
+            "report",
+            "--json",
+            "--duration",
+            "3s",
+            "--netns",
+            &y.inode().to_string(),
+            "--by",
+            "netns",
+        ],
+        "collecting",
+    );
+    client(Some(&x), &["--to", &addr, "--count", "7"]);
+    client(Some(&y), &["--to", &addr, "--count", "11"]);
+    let dx = json(&by_name.finish(Duration::from_secs(30)));
+    let dy = json(&by_inode.finish(Duration::from_secs(30)));
+    assert_eq!(dx["totals"]["entered"], 7, "{dx}");
+    assert_eq!(dx["namespaces"].as_array().unwrap().len(), 1);
+    assert_eq!(dx["namespaces"][0]["netns"], x.inode());
+    assert_eq!(dx["namespaces"][0]["kernel_time_wait"], 7);
+    assert_eq!(dy["totals"]["entered"], 11, "{dy}");
+    assert_eq!(dy["groups"].as_array().unwrap().len(), 1);
+    assert_eq!(dy["groups"][0]["key"], y.inode().to_string());
+    assert_eq!(dy["groups"][0]["netns"]["name"], y.name.as_str());
+
+    let out = std::process::Command::new(twtrace_bin())
+        .args(["report", "--netns", "no-such-namespace"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'no-such-namespace' names no network namespace"),
+        "{err}"
+    );
+    // One line says what is wrong (clap adds its usual pointer to --help).
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+}
+
+fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn netns_labels(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let i = l.find("netns=\"")? + 7;
+            Some(l[i..i + l[i..].find('"')?].to_owned())
+        })
+        .collect()
+}
+
+/// Scrapes until `done` holds of the text, every half second, for 10 s at most; the last text.
+fn scrape_until(scrape: &dyn Fn() -> String, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape();
+        if done(&text) || Instant::now() > deadline {
+            return text;
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn vm_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// serve labels every group with its namespace, exports each namespace's kernel figures (equal
+/// to its sockstat), and drops a namespace's series once it is gone; 500 short-lived
+/// namespaces, made and gone while it runs, end as `killed` and leave no series and no memory
+/// behind.
+#[test]
+fn serve_follows_namespaces_as_they_come_and_go() {
+    require_root();
+    let _g = shared();
+    let listen = format!("127.0.0.1:{}", unique_port());
+    let serve = Run::start(&["serve", "--listen", &listen], "serving");
+    let scrape = || {
+        let (status, body) = http_get(&listen, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let ns = Netns::new("served");
+    let inode = ns.inode().to_string();
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server::start(Some(&ns), &addr, &[]);
+    client(Some(&ns), &["--to", &addr, "--count", "23"]);
+    // Figures are gathered once a second.
+    thread::sleep(Duration::from_millis(2500));
+    let text = scrape();
+    let g =
+        format!("twtrace_timewait_sockets{{group=\"netns\",key=\"{inode}\",netns=\"{inode}\"}}");
+    assert_eq!(metric(&text, &g), Some(23.0), "{text}");
+    assert_eq!(
+        metric(
+            &text,
+            &format!("twtrace_kernel_timewait_sockets{{netns=\"{inode}\"}}")
+        ),
+        Some(ns.sockstat_tw() as f64)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!(
+                "twtrace_netns_info{{netns=\"{inode}\",name=\"{}\"}}",
+                ns.name
+            )
+        ),
+        Some(1.0)
+    );
+    let peer =
+        format!("twtrace_timewait_sockets{{group=\"peer\",key=\"{addr}\",netns=\"{inode}\"}}");
+    assert_eq!(metric(&text, &peer), Some(23.0));
+    // Host-wide counters also count whatever else the host does meanwhile: exact counts come
+    // from a watch of the test's own port.
+    let killed =
+        |t: &str| metric(t, "twtrace_host_timewait_exited_total{reason=\"killed\"}").unwrap();
+    let killed_before = killed(&text);
+
+    // The namespace goes: its 23 TIME_WAIT are killed, its series end (once discovery has
+    // missed it for host::collect::GONE_AFTER).
+    let watch = Watch::start(&["--port", &port.to_string()]);
+    drop(server);
+    drop(ns);
+    let text = scrape_until(&scrape, |t| !netns_labels(t).contains(&inode));
+    assert!(!netns_labels(&text).contains(&inode), "{text}");
+    assert!(killed(&text) - killed_before >= 23.0);
+    let w = watch.stop();
+    assert_eq!(
+        w.of_kind("tw_exit")
+            .filter(|e| e["reason"] == "killed")
+            .count(),
+        23
+    );
+
+    // 500 namespaces made, used (2 TIME_WAIT each, towards 127.0.0.1:7000) and gone.
+    let rss_before = vm_rss_kb(serve.pid());
+    let watch = Watch::start(&["--port", "7000"]);
+    churn_namespaces(500, 2);
+    let live = || sh("ip netns list | wc -l").trim().parse::<usize>().unwrap();
+    let text = scrape_until(&scrape, |t| netns_labels(t).len() <= live() + 2);
+    let w = watch.stop();
+    assert_eq!(w.of_kind("tw_enter").count(), 1000);
+    assert_eq!(
+        w.of_kind("tw_exit")
+            .filter(|e| e["reason"] == "killed")
+            .count(),
+        1000
+    );
+    let namespaces: BTreeSet<u64> = w
+        .of_kind("tw_enter")
+        .map(|e| e["netns"].as_u64().expect("netns"))
+        .collect();
+    assert!(
+        namespaces.len() > 1,
+        "each in its own namespace: {namespaces:?}"
+    );
+    assert!(killed(&text) - killed_before >= 1023.0);
+    let labels = netns_labels(&text);
+    assert!(
+        labels.len() <= live() + 2,
+        "series of gone namespaces remain: {labels:?}"
+    );
+    let grown_kb = vm_rss_kb(serve.pid()).saturating_sub(rss_before);
+    assert!(
+        grown_kb < 8 * 1024,
+        "serve grew {grown_kb} kB over 500 namespaces"
+    );
+}
