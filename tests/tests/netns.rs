@@ -447,3 +447,93 @@ fn serve_follows_namespaces_as_they_come_and_go() {
         "serve grew {grown_kb} kB over 500 namespaces"
     );
 }
+
+/// Removes the cgroup directories (innermost first) when dropped.
+struct Cgroups(Vec<std::path::PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A process in a cgroup shaped like the kubelet's (systemd driver, Burstable QoS) and in a
+/// network namespace of its own: report names its pod (UID and QoS class) and its container
+/// from the cgroup path alone, and names the namespace after the pod.
+#[test]
+fn pods_are_named_from_kubelet_cgroup_paths() {
+    require_root();
+    let _g = shared();
+    let root = twtrace::host::cgroup::cgroup2_mount().expect("a cgroup2 mount");
+    let uid = format!("7c0a1e3b-5d2f-4a6b-9c8d-{:012x}", std::process::id());
+    let id = format!("3f2a9c1b7d0e{}", "a".repeat(52));
+    let mut dirs = Vec::new();
+    let mut dir = root.clone();
+    for part in [
+        "kubepods.slice".to_owned(),
+        "kubepods-burstable.slice".to_owned(),
+        format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")),
+        format!("cri-containerd-{id}.scope"),
+    ] {
+        dir.push(part);
+        if !dir.exists() {
+            std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            dirs.push(dir.clone());
+        }
+    }
+    let _cleanup = Cgroups(dirs);
+    let churn = churn_bin();
+    let churn = churn.to_str().unwrap();
+    let port = unique_port();
+    let report = Run::start(
+        &["report", "--json", "--duration", "4s", "--by", "process"],
+        "collecting",
+    );
+    let by_netns = Run::start(
+        &["report", "--json", "--duration", "4s", "--by", "netns"],
+        "collecting",
+    );
+    // The shell moves itself into the container's cgroup, then a new network namespace keeps
+    // the server (serving while its stdin is open), the client and a sleeper (which keeps the
+    // namespace alive for the reports).
+    let script = format!(
+        "echo $$ > {procs} && exec unshare -n sh -c 'ip link set lo up && \
+         (sleep 8 | {churn} server --listen 127.0.0.1:{port} & sleep 0.5; \
+          {churn} client --to 127.0.0.1:{port} --count 9 --name podclient; sleep 8)'",
+        procs = dir.join("cgroup.procs").display()
+    );
+    use std::os::unix::process::CommandExt;
+    let mut pod = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let r = json(&report.finish(Duration::from_secs(30)));
+    let n = json(&by_netns.finish(Duration::from_secs(30)));
+    // SAFETY: kills the process group the pod's shell leads (its server and sleeper too).
+    unsafe { libc::kill(-(pod.id() as i32), libc::SIGKILL) };
+    let _ = pod.wait();
+    let row = r["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"].as_str().unwrap().starts_with("podclient["))
+        .unwrap_or_else(|| panic!("no podclient row: {r}"));
+    assert_eq!(row["entered"], 9);
+    assert_eq!(row["unit"], "container 3f2a9c1b7d0e");
+    assert_eq!(row["pod"]["uid"], uid.as_str());
+    assert_eq!(row["pod"]["qos"], "burstable");
+    assert_eq!(row["pod"]["container"], "3f2a9c1b7d0e");
+    let pod_ns = format!("pod {uid}");
+    let g = n["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["netns"]["name"] == pod_ns.as_str())
+        .unwrap_or_else(|| panic!("no namespace named {pod_ns}: {n}"));
+    assert_eq!(g["entered"], 9);
+    assert_eq!(g["in_time_wait"], 9);
+}

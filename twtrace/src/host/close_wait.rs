@@ -33,11 +33,16 @@ pub struct CloseWait {
 
 /// What one namespace's table says: its CLOSE_WAIT sockets, and its listeners (for the sockets
 /// still in an accept queue).
-fn read_here() -> std::io::Result<(Vec<DiagSocket>, Vec<DiagSocket>)> {
-    Ok((
-        sockdiag::dump(&[state::CLOSE_WAIT])?,
-        sockdiag::dump(&[state::LISTEN])?,
-    ))
+struct Table {
+    close_wait: Vec<DiagSocket>,
+    listeners: Vec<DiagSocket>,
+}
+
+fn read_here() -> std::io::Result<Table> {
+    Ok(Table {
+        close_wait: sockdiag::dump(&[state::CLOSE_WAIT])?,
+        listeners: sockdiag::dump(&[state::LISTEN])?,
+    })
 }
 
 /// CLOSE_WAIT sockets per process now, in every namespace of `targets`, largest first, and the
@@ -61,9 +66,16 @@ pub fn by_process(targets: &[Netns]) -> (Vec<CloseWait>, Vec<(u32, Unreadable)>)
 }
 
 /// Joins each namespace's sockets with their holders, found through /proc.
-fn join_holders(tables: &[(u32, (Vec<DiagSocket>, Vec<DiagSocket>))]) -> Vec<CloseWait> {
+fn join_holders(tables: &[(u32, Table)]) -> Vec<CloseWait> {
     let mut inodes: HashSet<u32> = HashSet::new();
-    for (_, (close_wait, listeners)) in tables {
+    for (
+        _,
+        Table {
+            close_wait,
+            listeners,
+        },
+    ) in tables
+    {
         inodes.extend(close_wait.iter().map(|s| s.inode).filter(|&i| i != 0));
         // Listeners matter only where a socket waits in an accept queue.
         if close_wait.iter().any(|s| s.inode == 0) {
@@ -75,12 +87,16 @@ fn join_holders(tables: &[(u32, (Vec<DiagSocket>, Vec<DiagSocket>))]) -> Vec<Clo
 }
 
 /// Counts per (namespace, holder, listener port). Pure.
-fn group(
-    tables: &[(u32, (Vec<DiagSocket>, Vec<DiagSocket>))],
-    owners: &HashMap<u32, (u32, String)>,
-) -> Vec<CloseWait> {
+fn group(tables: &[(u32, Table)], owners: &HashMap<u32, (u32, String)>) -> Vec<CloseWait> {
     let mut counts: HashMap<(u32, u32, String, Option<u16>), u64> = HashMap::new();
-    for (netns, (close_wait, listeners)) in tables {
+    for (
+        netns,
+        Table {
+            close_wait,
+            listeners,
+        },
+    ) in tables
+    {
         for s in close_wait {
             let key = if s.inode == 0 {
                 // A child still in the accept queue has the listener's local port.
@@ -148,20 +164,23 @@ mod tests {
         let tables = vec![
             (
                 a,
-                (
-                    vec![
+                Table {
+                    close_wait: vec![
                         cw("10.0.0.1:8080", 0),
                         cw("10.0.0.1:8080", 0),
                         cw("10.0.0.1:40000", 11),
                         cw("10.0.0.1:40001", 12),
                     ],
-                    vec![sock("0.0.0.0:8080", "0.0.0.0:0", state::LISTEN, 50)],
-                ),
+                    listeners: vec![sock("0.0.0.0:8080", "0.0.0.0:0", state::LISTEN, 50)],
+                },
             ),
             // The same holder pid cannot be in two namespaces, but the same 4-tuple can.
             (
                 b,
-                (vec![cw("10.0.0.1:40000", 13), cw("10.0.0.1:9", 0)], vec![]),
+                Table {
+                    close_wait: vec![cw("10.0.0.1:40000", 13), cw("10.0.0.1:9", 0)],
+                    listeners: vec![],
+                },
             ),
         ];
         let owners: HashMap<u32, (u32, String)> = [

@@ -422,7 +422,11 @@ mod tests {
             namespaces: vec![ns(1), ns(4)],
             ..Reply::default()
         });
-        assert_eq!(host.gone(seen(&[1, 3, 4, 2])), vec![3], "4 is back, 2 just left");
+        assert_eq!(
+            host.gone(seen(&[1, 3, 4, 2])),
+            vec![3],
+            "4 is back, 2 just left"
+        );
         assert!(host.absent_since.contains_key(&2));
         assert!(!host.absent_since.contains_key(&4));
         // Unseen but with TIME_WAIT alive: not gone (its processes are out of sight).
@@ -443,7 +447,10 @@ mod tests {
             ..Reply::default()
         });
         let line = host.tell_once().expect("said");
-        assert!(line.starts_with("cannot read 1 of 3 network namespaces"), "{line}");
+        assert!(
+            line.starts_with("cannot read 1 of 3 network namespaces"),
+            "{line}"
+        );
         assert!(line.contains("CAP_SYS_ADMIN"), "{line}");
         assert_eq!(host.tell_once(), None);
     }

@@ -639,14 +639,25 @@ mod tests {
         let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
         assert!(t.contains("kernel says 3 in 2 netns:"), "{t}");
         assert!(
-            t.contains("  web-7c9f4d-x2x         2 TIME_WAIT, kernel       2; ephemeral ports 1000"),
+            t.contains(
+                "  web-7c9f4d-x2x         2 TIME_WAIT, kernel       2; ephemeral ports 1000"
+            ),
             "{t}"
         );
         // Names too long keep their end (a pod UID's tells pods apart).
         assert!(t.contains("  ~8d-0e1f2a3b4c5d       1 TIME_WAIT"), "{t}");
-        assert!(t.contains("PEER                  NETNS          TW BIRTHS"), "{t}");
-        assert!(t.contains("127.0.0.1:6379        ~c9f4d-x2x      2      2"), "{t}");
-        assert!(t.contains("127.0.0.1:6379        ~f2a3b4c5d      1      1"), "{t}");
+        assert!(
+            t.contains("PEER                  NETNS          TW BIRTHS"),
+            "{t}"
+        );
+        assert!(
+            t.contains("127.0.0.1:6379        ~c9f4d-x2x      2      2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("127.0.0.1:6379        ~f2a3b4c5d      1      1"),
+            "{t}"
+        );
         for line in t.lines() {
             assert!(line.len() <= 80, "{line}");
         }

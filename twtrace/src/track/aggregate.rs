@@ -1142,7 +1142,7 @@ mod tests {
             N as u64,
             "nothing lost by folding"
         );
-        let bound = 4 * 2 * CAP * GROUP_BYTES + N as usize * LIVE_TW_BYTES;
+        let bound = By::ALL.len() * 2 * CAP * GROUP_BYTES + N as usize * LIVE_TW_BYTES;
         eprintln!(
             "aggregator holds {} bytes for {N} sockets (bound {bound})",
             a.approx_bytes()
@@ -1198,7 +1198,11 @@ mod tests {
         let peer = |netns| Key::new(netns, Id::Peer("127.0.0.1:6379".parse().unwrap()));
         assert_eq!(a.group(By::Peer, &peer(pod_a)).unwrap().in_time_wait, 2);
         assert_eq!(a.group(By::Peer, &peer(pod_b)).unwrap().in_time_wait, 1);
-        assert_eq!(a.groups(By::Port).0.len(), 3, "port 40000 twice, one per namespace");
+        assert_eq!(
+            a.groups(By::Port).0.len(),
+            3,
+            "port 40000 twice, one per namespace"
+        );
         let ns = |n| Key::new(n, Id::Netns);
         assert_eq!(a.group(By::Netns, &ns(pod_a)).unwrap().entered, 2);
         assert_eq!(ns(pod_b).to_string(), "4026532282");
@@ -1221,7 +1225,11 @@ mod tests {
         let totals = a.totals().clone();
         a.forget_netns(pod_b);
         assert!(a.group(By::Peer, &peer(pod_b)).is_none());
-        assert_eq!(a.groups(By::Peer).1.unwrap().entered, 1, "folded into other");
+        assert_eq!(
+            a.groups(By::Peer).1.unwrap().entered,
+            1,
+            "folded into other"
+        );
         assert_eq!(a.groups(By::Peer).1.unwrap().exits_by(Reason::Killed), 1);
         assert_eq!(*a.totals(), totals);
         assert_eq!(a.namespaces().collect::<Vec<_>>(), vec![(pod_a, 2)]);

@@ -272,6 +272,9 @@ mod tests {
             unreachable!()
         };
         assert!(!f.matches_enter(&e));
-        assert!(Filter::default().matches(&enter(0)), "no --netns: every namespace");
+        assert!(
+            Filter::default().matches(&enter(0)),
+            "no --netns: every namespace"
+        );
     }
 }

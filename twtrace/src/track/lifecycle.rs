@@ -940,10 +940,7 @@ mod tests {
         assert_eq!(out.len(), 2);
         out.clear();
         let mut cancel = cancel(0, 9, 77, false);
-        if let KernelEvent::Cancel {
-            netns, conn: c, ..
-        } = &mut cancel
-        {
+        if let KernelEvent::Cancel { netns, conn: c, .. } = &mut cancel {
             *netns = 8;
             *c = Some(conn(1));
         }
