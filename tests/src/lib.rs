@@ -22,6 +22,8 @@ use serde_json::Value;
 
 // What the tests of the deployment files share (they need no root and load nothing).
 pub mod deploy;
+// twtrace's man pages and shell completions, generated from its clap definitions.
+pub mod docs;
 
 /// The directory of the build the test runs from (target/<profile>): the test executable sits
 /// in its `deps/`.
