@@ -26,6 +26,8 @@ pub mod deploy;
 pub mod docs;
 // What `cargo +stable xtask dist` built, for the install tests.
 pub mod dist;
+// A real Prometheus scraping twtrace serve.
+pub mod prometheus;
 
 /// The directory of the build the test runs from (target/<profile>): the test executable sits
 /// in its `deps/`.
