@@ -18,7 +18,7 @@
 //! xtask setup` installs them). Nothing here needs root or the network.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -125,4 +125,138 @@ pub fn rules() -> Vec<Rule> {
         }
     }
     out
+}
+
+/// docs/metrics.md: metric name -> its labels. Histograms also have _bucket (with `le`),
+/// _sum and _count.
+pub fn documented_metrics() -> BTreeMap<String, BTreeSet<String>> {
+    let doc = read(&root().join("docs/metrics.md"));
+    let mut out = BTreeMap::new();
+    for line in doc.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // | `name` | type | labels | meaning |
+        if cells.len() < 5 {
+            continue;
+        }
+        let Some(name) = cells[1]
+            .strip_prefix('`')
+            .and_then(|c| c.strip_suffix('`'))
+            .filter(|n| n.starts_with("twtrace_"))
+        else {
+            continue;
+        };
+        let labels: BTreeSet<String> = cells[3]
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if cells[2] == "histogram" {
+            let mut bucket = labels.clone();
+            bucket.insert("le".into());
+            out.insert(format!("{name}_bucket"), bucket);
+            out.insert(format!("{name}_sum"), labels.clone());
+            out.insert(format!("{name}_count"), labels.clone());
+        }
+        out.insert(name.to_owned(), labels);
+    }
+    assert!(
+        out.len() >= 10,
+        "docs/metrics.md: the metrics table did not parse ({} metrics)",
+        out.len()
+    );
+    out
+}
+
+pub fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// `twtrace_*` names in a text, each with the label names of a `{...}` right behind it.
+pub fn metric_uses(text: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("twtrace_") {
+        let before = rest[..i].chars().next_back();
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !is_ident(c)).unwrap_or(tail.len());
+        let name = &tail[..end];
+        rest = &tail[end..];
+        if before.is_some_and(is_ident) {
+            continue;
+        }
+        let mut labels = Vec::new();
+        if let Some(inner) = rest.strip_prefix('{') {
+            let close = inner.find('}').expect("unclosed {");
+            for matcher in inner[..close].split(',') {
+                let label: String = matcher
+                    .trim()
+                    .chars()
+                    .take_while(|c| is_ident(*c))
+                    .collect();
+                if !label.is_empty() {
+                    labels.push(label);
+                }
+            }
+        }
+        out.push((name.to_owned(), labels));
+    }
+    out
+}
+
+/// deploy/grafana/twtrace.json.
+pub fn dashboard() -> serde_json::Value {
+    let path = deploy().join("grafana/twtrace.json");
+    serde_json::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every panel of the dashboard, rows and the panels of collapsed rows included, in order.
+pub fn dashboard_panels(dashboard: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = Vec::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        out.push(p);
+        out.extend(p["panels"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+/// Every query of the dashboard: (where, PromQL) for each panel target, in panel order.
+pub fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    dashboard_panels(dashboard)
+        .into_iter()
+        .flat_map(|p| {
+            p["targets"].as_array().into_iter().flatten().map(move |t| {
+                let title = p["title"].as_str().unwrap_or("?");
+                let place = format!("panel \"{title}\" {}", t["refId"].as_str().unwrap_or("?"));
+                (place, t["expr"].as_str().unwrap_or_default().to_owned())
+            })
+        })
+        .collect()
+}
+
+/// The dashboard's query variables: (name, `label_values(SELECTOR, LABEL)` query).
+pub fn dashboard_variables(dashboard: &serde_json::Value) -> Vec<(String, String)> {
+    dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let name = v["name"].as_str().expect("name").to_owned();
+            let query = v["query"]["query"].as_str().or(v["query"].as_str());
+            (name, query.expect("a query").to_owned())
+        })
+        .collect()
+}
+
+/// `label_values(SELECTOR, LABEL)` -> (SELECTOR, LABEL).
+pub fn label_values(query: &str) -> (String, String) {
+    let inner = query
+        .strip_prefix("label_values(")
+        .and_then(|q| q.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("not label_values(...): {query}"));
+    let (selector, label) = inner
+        .rsplit_once(',')
+        .expect("label_values(selector, label)");
+    (selector.trim().to_owned(), label.trim().to_owned())
 }

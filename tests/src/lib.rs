@@ -22,6 +22,12 @@ use serde_json::Value;
 
 // What the tests of the deployment files share (they need no root and load nothing).
 pub mod deploy;
+// twtrace's man pages and shell completions, generated from its clap definitions.
+pub mod docs;
+// What `cargo +stable xtask dist` built, for the install tests.
+pub mod dist;
+// A real Prometheus scraping twtrace serve.
+pub mod prometheus;
 
 /// The directory of the build the test runs from (target/<profile>): the test executable sits
 /// in its `deps/`.
@@ -78,6 +84,38 @@ pub fn unique_port() -> u16 {
             _ => return port,
         }
     }
+}
+
+/// A directory of the test's own (`$TMPDIR/twt-TAG-PID`), removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("twt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A field of /proc/PID/status (`Uid`, `CapEff`, ...), trimmed; empty when absent. `pid` may
+/// be `"self"`.
+pub fn proc_status(pid: impl std::fmt::Display, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"))
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_owned())
+        })
+        .unwrap_or_default()
 }
 
 pub fn run(cmd: &mut Command) -> String {
@@ -404,7 +442,7 @@ impl Run {
     /// The same, run inside `ns` (`ip netns exec`) when given.
     pub fn start_in(ns: Option<&Netns>, args: &[&str], ready: &str) -> Self {
         let bin = twtrace_bin();
-        let mut cmd = match ns {
+        let cmd = match ns {
             Some(ns) => {
                 let mut all = vec![bin.to_str().expect("utf-8 path")];
                 all.extend_from_slice(args);
@@ -416,11 +454,17 @@ impl Run {
                 c
             }
         };
+        Self::spawn(cmd, ready)
+    }
+
+    /// Starts `cmd` (a twtrace however it is reached: a chroot, a container) and returns once
+    /// it printed `ready` on stderr (or exited), 20 s at most.
+    pub fn spawn(mut cmd: Command, ready: &str) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn twtrace");
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
         let stderr = std::sync::Arc::new(Mutex::new(String::new()));
         let buf = stderr.clone();
         let mut err = child.stderr.take().expect("stderr");

@@ -5,13 +5,11 @@
 //! A missing tool fails the test and names the Debian package that brings it (`cargo +stable
 //! xtask setup` installs them). Nothing here needs root or the network.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
-    process::Command,
-};
+use std::{collections::BTreeSet, path::PathBuf, process::Command};
 
-use twtrace_tests::deploy::{combined, deploy, output, read, root, rules, tool};
+use twtrace_tests::deploy::{
+    combined, deploy, documented_metrics, is_ident, metric_uses, output, read, rules, tool,
+};
 
 fn promtool() -> PathBuf {
     tool("promtool", "prometheus")
@@ -135,83 +133,6 @@ fn prometheus_alerts_are_complete_and_tested() {
             "alerts_test.yml never checks that {name} stays silent"
         );
     }
-}
-
-/// docs/metrics.md: metric name -> its labels. Histograms also have _bucket (with `le`),
-/// _sum and _count.
-fn documented_metrics() -> BTreeMap<String, BTreeSet<String>> {
-    let doc = read(&root().join("docs/metrics.md"));
-    let mut out = BTreeMap::new();
-    for line in doc.lines() {
-        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
-        // | `name` | type | labels | meaning |
-        if cells.len() < 5 {
-            continue;
-        }
-        let Some(name) = cells[1]
-            .strip_prefix('`')
-            .and_then(|c| c.strip_suffix('`'))
-            .filter(|n| n.starts_with("twtrace_"))
-        else {
-            continue;
-        };
-        let labels: BTreeSet<String> = cells[3]
-            .split(',')
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if cells[2] == "histogram" {
-            let mut bucket = labels.clone();
-            bucket.insert("le".into());
-            out.insert(format!("{name}_bucket"), bucket);
-            out.insert(format!("{name}_sum"), labels.clone());
-            out.insert(format!("{name}_count"), labels.clone());
-        }
-        out.insert(name.to_owned(), labels);
-    }
-    assert!(
-        out.len() >= 10,
-        "docs/metrics.md: the metrics table did not parse ({} metrics)",
-        out.len()
-    );
-    out
-}
-
-fn is_ident(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_'
-}
-
-/// `twtrace_*` names in a text, each with the label names of a `{...}` right behind it.
-fn metric_uses(text: &str) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("twtrace_") {
-        let before = rest[..i].chars().next_back();
-        let tail = &rest[i..];
-        let end = tail.find(|c: char| !is_ident(c)).unwrap_or(tail.len());
-        let name = &tail[..end];
-        rest = &tail[end..];
-        if before.is_some_and(is_ident) {
-            continue;
-        }
-        let mut labels = Vec::new();
-        if let Some(inner) = rest.strip_prefix('{') {
-            let close = inner.find('}').expect("unclosed {");
-            for matcher in inner[..close].split(',') {
-                let label: String = matcher
-                    .trim()
-                    .chars()
-                    .take_while(|c| is_ident(*c))
-                    .collect();
-                if !label.is_empty() {
-                    labels.push(label);
-                }
-            }
-        }
-        out.push((name.to_owned(), labels));
-    }
-    out
 }
 
 /// The rules use the metrics contract of docs/metrics.md, names and labels, exactly: a

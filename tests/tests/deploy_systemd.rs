@@ -5,35 +5,12 @@
 //! A missing tool fails the test and names the Debian package that brings it (`cargo +stable
 //! xtask setup` installs them). Nothing here needs root or the network.
 
-use std::{
-    collections::BTreeSet,
-    fs,
-    io::Write,
-    path::{Path, PathBuf},
-    process::Command,
+use std::{collections::BTreeSet, fs, io::Write, path::Path, process::Command};
+
+use twtrace_tests::{
+    TempDir,
+    deploy::{CAPS, TRACEFS, UNIT_BINARY, combined, deploy, expected_caps, output, read, tool},
 };
-
-use twtrace_tests::deploy::{
-    CAPS, TRACEFS, UNIT_BINARY, combined, deploy, expected_caps, output, read, tool,
-};
-
-/// A directory of this test's own, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("twtrace-deploy-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `[Section] key=value` pairs of a unit file, in order (keys repeat).
 fn unit_entries(unit: &str) -> Vec<(String, String, String)> {

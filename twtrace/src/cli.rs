@@ -10,10 +10,22 @@ use crate::{
     track::filter::{Cidr, Filter},
 };
 
+/// What `twtrace --version` prints after the name: the crate version, the git commit it was
+/// built from and the start of the SHA-256 of the embedded kernel object (both from build.rs),
+/// so that a bug report names exactly what ran.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TWTRACE_GIT_COMMIT"),
+    ", ebpf ",
+    env!("TWTRACE_EBPF_SHA256"),
+    ")"
+);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "twtrace",
-    version,
+    version = VERSION,
     about = "Shows, live, where a Linux host's TCP TIME_WAIT sockets come from",
     after_help = "Exit codes: 0 ok, 1 error, 2 bad usage, 3 budget exceeded (exec), \
                   4 missing privilege, 5 kernel lacks a feature, 6 tracefs unavailable, \

@@ -5,6 +5,7 @@
 //! takes, and drives the pinned toolchain for everything else.
 
 mod bench;
+mod dist;
 mod fuzz;
 mod setup;
 mod soak;
@@ -27,7 +28,11 @@ usage: cargo +stable xtask <command>
   run [--release] -- ARGS
                         build and run twtrace ARGS (as root, through sudo when needed)
   test [-- ARGS]        run every test: unit tests, then the integration tests that load the
-                        real programs into this kernel (needs root)
+                        real programs into this kernel, and the install tests of what dist
+                        builds (needs root)
+  dist                  what ships, in target/packages: a static binary, a tarball, a .deb and an
+                        OCI image (see DEVELOPERS.md)
+  docs                  regenerate the man pages and shell completions in deploy/ from the CLI
   fuzz [--seconds N] [TARGET...]
                         run the cargo-fuzz targets, N s each (default 30, all targets)
   bench [--quick]       twtrace's overhead next to the classic tools, A/B interleaved (root)
@@ -41,6 +46,9 @@ fn main() -> ExitCode {
         Some("build") => setup::ensure(setup::Need::Build).and_then(|_| build(release(&args))),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("dist") => dist::run(&args[1..]),
+        Some("docs") => setup::ensure(setup::Need::Build)
+            .and_then(|_| dist::generate_docs(&root().join("deploy"), true)),
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
@@ -200,6 +208,8 @@ fn test(args: &[String]) -> Result<(), String> {
         "--package",
         "twtrace-tests",
     ]))?;
+    // What ships, for the install tests (the .deb in a clean Debian root, the image in podman).
+    let dist = dist::build()?;
     let extra: Vec<&str> = match args.iter().position(|a| a == "--") {
         Some(i) => args[i + 1..].iter().map(String::as_str).collect(),
         None => Vec::new(),
@@ -209,6 +219,8 @@ fn test(args: &[String]) -> Result<(), String> {
         cmd.arg("--").args(&extra);
     }
     cmd.env("TWTRACE_BIN", root().join("target/debug/twtrace"));
+    cmd.env("TWTRACE_DIST", &dist.dir);
+    cmd.env("TWTRACE_DEBIAN_ROOT", setup::debian_root());
     cmd.stdout(Stdio::piped());
     let mut child = cmd
         .spawn()

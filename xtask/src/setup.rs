@@ -11,14 +11,27 @@ use std::{
 use crate::{status, TOOLCHAIN};
 
 /// What the caller is about to do.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// Build twtrace (toolchain, LLVM 22, bpf-linker).
     Build,
     /// Also run it (tracefs mounted).
     Run,
-    /// Also test it (ip, ss, bpftool, setpriv, tmux).
+    /// Build what ships (`dist`): the musl target, dpkg-deb, buildah.
+    Dist,
+    /// Everything the tests need: Run and Dist, the tools the tests drive (ip, ss, bpftool,
+    /// ..., lintian, mmdebstrap, podman) and a clean Debian root for the .deb test.
     Test,
+}
+
+impl Need {
+    fn runs(self) -> bool {
+        matches!(self, Need::Run | Need::Test)
+    }
+
+    fn dists(self) -> bool {
+        matches!(self, Need::Dist | Need::Test)
+    }
 }
 
 const COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
@@ -36,8 +49,39 @@ const TEST_TOOLS: [(&str, &str); 7] = [
     ("systemd-analyze", "systemd"),
 ];
 
-/// Debian packages the tests use that bring no command (Python modules), checked with dpkg.
-const TEST_PACKAGES: [&str; 2] = ["python3-yaml", "python3-kubernetes"];
+/// Debian packages the tests use that bring no command (Python modules, the keyring
+/// mmdebstrap checks Debian's archive with), checked with dpkg.
+const TEST_PACKAGES: [&str; 3] = [
+    "python3-yaml",
+    "python3-kubernetes",
+    "debian-archive-keyring",
+];
+
+/// What `dist` runs besides cargo (tar, gzip, sha256sum and md5sum are essential packages).
+const DIST_TOOLS: [(&str, &str); 2] = [("dpkg-deb", "dpkg"), ("buildah", "buildah")];
+
+/// What the install tests drive: Debian's package checker, the tool that makes the clean
+/// Debian root the .deb is installed into, and the container engine that runs the image (with
+/// runc, for hosts whose cgroups are in hybrid mode, which podman's default crun refuses).
+const INSTALL_TEST_TOOLS: [(&str, &str); 4] = [
+    ("lintian", "lintian"),
+    ("mmdebstrap", "mmdebstrap"),
+    ("podman", "podman"),
+    ("runc", "runc"),
+];
+
+/// The Debian release of the clean root the .deb test installs into, and where it comes from
+/// (given explicitly: on Ubuntu mmdebstrap would otherwise use the host's archive).
+const DEBIAN_SUITE: &str = "bookworm";
+const DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The clean Debian root (a tarball made by mmdebstrap once, then reused: the test unpacks a
+/// fresh copy each run). `xtask test` passes it to the tests as `TWTRACE_DEBIAN_ROOT`.
+pub fn debian_root() -> PathBuf {
+    crate::root().join(format!(
+        "target/dist-cache/debian-{DEBIAN_SUITE}-minbase.tar"
+    ))
+}
 
 fn dpkg_installed(pkg: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
@@ -85,8 +129,17 @@ pub fn ensure(need: Need) -> Result<(), String> {
         }
         install_bpf_linker()?;
     }
-    if need >= Need::Test {
-        for (cmd, pkg) in TEST_TOOLS {
+    if need.dists() {
+        musl_target()?;
+        for (cmd, pkg) in DIST_TOOLS {
+            if which(cmd).is_none() {
+                apt.want(pkg);
+            }
+        }
+        apt.install("the tools dist runs")?;
+    }
+    if need == Need::Test {
+        for (cmd, pkg) in TEST_TOOLS.iter().chain(&INSTALL_TEST_TOOLS) {
             if which(cmd).is_none() {
                 apt.want(pkg);
             }
@@ -99,11 +152,69 @@ pub fn ensure(need: Need) -> Result<(), String> {
             }
         }
         apt.install("the tools the tests drive")?;
+        debian_root_tarball()?;
     }
-    if need >= Need::Run {
+    if need.runs() {
         tracefs()?;
     }
     Ok(())
+}
+
+/// The standard library for the static build's target (`dist::TARGET`).
+fn musl_target() -> Result<(), String> {
+    let target = crate::dist::TARGET;
+    let installed = output(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        TOOLCHAIN,
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    step(&format!(
+        "adding the {target} target to Rust {TOOLCHAIN} (rustup) for the static build"
+    ));
+    status(Command::new("rustup").args(["target", "add", "--toolchain", TOOLCHAIN, target]))
+}
+
+/// The clean Debian root of the .deb test, made once (about a minute and a half).
+fn debian_root_tarball() -> Result<(), String> {
+    let tarball = debian_root();
+    if tarball.exists() {
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(
+            "the .deb test's Debian root is made as root: run `sudo -E cargo +stable \
+                    xtask setup`"
+                .into(),
+        );
+    }
+    step(&format!(
+        "making a clean Debian {DEBIAN_SUITE} root for the .deb test (mmdebstrap, kept in {})",
+        tarball.display()
+    ));
+    let dir = tarball.parent().expect("under target");
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Written under another name first: an interrupted run leaves no truncated root behind.
+    let partial = tarball.with_extension("partial.tar");
+    status(
+        Command::new("mmdebstrap")
+            .args([
+                "--quiet",
+                "--mode=root",
+                "--variant=minbase",
+                "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
+                DEBIAN_SUITE,
+            ])
+            .arg(&partial)
+            .arg(DEBIAN_MIRROR),
+    )?;
+    std::fs::rename(&partial, &tarball)
+        .map_err(|e| format!("cannot rename {}: {e}", partial.display()))
 }
 
 fn toolchain() -> Result<(), String> {

@@ -18,7 +18,8 @@ use crate::{
     kernel::preflight::{self, KernelInfo},
 };
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
+/// The kernel programs, as built by build.rs (`twtrace --version` names them by their SHA-256).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
 /// (program, category, tracepoint); category "btf" is a BTF tracepoint, anything else a classic
 /// one.
@@ -190,10 +191,14 @@ impl Probes {
         }
         // Reading BTF twice (offsets, then the BTF tracepoints' types) took some 10 MB of heap,
         // freed now; hand it back to the system rather than keep it in RSS for the daemon's
-        // whole life.
+        // whole life. (glibc only: musl, which the static build uses, has no malloc_trim; its
+        // allocator unmaps freed groups of memory by itself.)
         drop(btf);
         // SAFETY: malloc_trim only releases free heap memory.
-        unsafe { libc::malloc_trim(0) };
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0)
+        };
         Ok(Self { ebpf, info })
     }
 
