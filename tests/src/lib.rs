@@ -760,7 +760,7 @@ pub fn twtrace_programs_loaded() -> usize {
         .iter()
         .chain(HOOKS_ONLY.iter())
         .chain([FORK_PROGRAM].iter())
-        .map(|(name, _, _)| *name)
+        .map(|(name, _)| *name)
         .collect();
     // bpftool shows the full name when the program carries BTF, else the kernel's 15 bytes.
     loaded_program_names()

@@ -6,7 +6,7 @@
 #![no_std]
 
 /// Bumped whenever a layout below changes; the kernel writes it into every event header.
-pub const EVENT_VERSION: u8 = 2;
+pub const EVENT_VERSION: u8 = 3;
 
 /// `kind` of an event (first byte of every ring buffer record).
 pub mod kind {
@@ -28,6 +28,11 @@ pub mod kind {
     /// A listener started a request-socket timer for the 4-tuple of the TIME_WAIT timer that
     /// was cancelled just before on this CPU: a new SYN took the 4-tuple over.
     pub const TW_SYN: u8 = 6;
+    /// A connect() that ended before it connected (`SYN_SENT -> CLOSE`): no local port was
+    /// free (in the connecting task, with no port yet), or the peer refused, never answered, or
+    /// the application gave up. `SockEvent.err` says which. Layout:
+    /// [`SockEvent`](super::SockEvent).
+    pub const CONNECT_FAIL: u8 = 7;
 }
 
 /// Bits of `Header::flags`.
@@ -39,6 +44,9 @@ pub mod flags {
     /// A TW_CANCEL issued inside the `connect()` of the same task to the same destination,
     /// right after its `CLOSE -> SYN_SENT`: tcp_tw_reuse took the TIME_WAIT 4-tuple.
     pub const REUSE: u8 = 1 << 2;
+    /// The socket had its local port before connect() (bind() with or without a port, and no
+    /// IP_BIND_ADDRESS_NO_PORT): that port is its source address's for every destination.
+    pub const BOUND: u8 = 1 << 3;
 }
 
 /// Who the local side was in the connection.
@@ -67,7 +75,9 @@ pub mod counter {
     pub const OWNER_STORE_FAILED: u32 = 5;
     /// Forks of a tracked process tree (`exec`) that could not be recorded (map full).
     pub const TRACK_FAILED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Failed connect() calls (`kind::CONNECT_FAIL` events produced).
+    pub const CONNECT_FAILED: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 /// TCP states as numbered by the kernel (include/net/tcp_states.h).
@@ -139,7 +149,9 @@ pub struct OwnerRecord {
     /// Non-zero once `owner` holds a process (a socket has a role from connect() or accept
     /// before close() gives it an owner).
     pub has_owner: u8,
-    pub _pad: [u8; 6],
+    /// Non-zero when the local port was already bound at connect() (see `flags::BOUND`).
+    pub bound: u8,
+    pub _pad: [u8; 5],
 }
 
 /// `kind::STATE` and `kind::TW_BIRTH`.
@@ -158,7 +170,13 @@ pub struct SockEvent {
     pub old_state: u8,
     pub new_state: u8,
     pub role: u8,
-    pub _pad: u8,
+    /// Births: the timewait socket's substate, `tcp_state::TIME_WAIT`, or `FIN_WAIT2` when the
+    /// peer has not sent its FIN yet (the timeout is then `tcp_fin_timeout`'s, and the socket
+    /// becomes TIME_WAIT, re-armed for 60 s, when that FIN comes).
+    pub substate: u8,
+    /// Connect failures: `sk_err` (ECONNREFUSED, ETIMEDOUT, ...), 0 when none was set.
+    pub err: u32,
+    pub _pad: u32,
 }
 
 /// `kind::TW_CANCEL`, `TW_EXPIRE`, `TW_REARM`, `TW_SYN`.
@@ -167,12 +185,14 @@ pub struct SockEvent {
 pub struct TimerEvent {
     pub header: Header,
     pub timer: u64,
-    /// Read from the timewait socket itself (cancel and expire), so that a TIME_WAIT socket born
-    /// before twtrace started is still named when it ends.
+    /// Read from the timewait socket itself (cancel, expire, re-arm), so that a TIME_WAIT socket
+    /// born before twtrace started is still named when it ends or changes.
     pub tuple: Tuple,
     /// Re-arm only: jiffies until the timer fires again.
     pub timeout_jiffies: u32,
-    pub _pad: u32,
+    /// Re-arm only: the substate after it (`tcp_state::TIME_WAIT` once the peer's FIN came).
+    pub substate: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Load-time settings, written by userspace into the program's read-only data.
@@ -200,6 +220,13 @@ pub struct Config {
     /// namespaces).
     pub off_skc_net: u32,
     pub off_net_inum: u32,
+    /// `inet_timewait_sock.tw_substate`, `sock.sk_err`, `task_struct.tgid`.
+    pub off_tw_substate: u32,
+    pub off_sk_err: u32,
+    pub off_task_tgid: u32,
+    /// Non-zero (`--debug-kernel`): log the rare paths through aya-log.
+    pub debug: u8,
+    pub _pad2: [u8; 3],
     /// Non-zero (`--all-states`): emit every TCP state transition (`kind::STATE`), and record
     /// the caller of connect() and of the passive close too (only the closer matters to
     /// TIME_WAIT; these transitions' successors run in softirq).
@@ -222,24 +249,7 @@ const _: () = {
     assert!(core::mem::size_of::<Header>() == 16);
     assert!(core::mem::size_of::<Tuple>() == 40);
     assert!(core::mem::size_of::<Owner>() == 32);
-    assert!(core::mem::size_of::<SockEvent>() == 112);
+    assert!(core::mem::size_of::<SockEvent>() == 120);
     assert!(core::mem::size_of::<TimerEvent>() == 72);
     assert!(core::mem::size_of::<OwnerRecord>() == 40);
 };
-
-/// Field offsets of the one classic tracepoint record a program reads (`exec`'s fork tracker;
-/// the others are BTF tracepoints and read kernel structures at offsets from BTF instead), as
-/// published in `/sys/kernel/tracing/events/<category>/<name>/format`. The program reads them
-/// at these constant offsets (the cheapest possible access); userspace checks at start-up that
-/// the running kernel's format agrees, and refuses to attach otherwise.
-pub mod tp {
-    /// (field name, offset, size)
-    pub type Field = (&'static str, usize, usize);
-
-    pub mod sched_process_fork {
-        pub const PARENT_PID: usize = 12;
-        pub const CHILD_PID: usize = 20;
-        pub const FIELDS: &[super::Field] =
-            &[("parent_pid", PARENT_PID, 4), ("child_pid", CHILD_PID, 4)];
-    }
-}

@@ -1,6 +1,6 @@
 //! twtrace's kernel side: BTF tracepoints on TCP state changes and on the TIME_WAIT timer, one
-//! ring buffer; for `exec`, the classic fork tracepoint; and, for the benchmark's floor, the same
-//! four hooks with programs that return at once.
+//! ring buffer; for `exec`, the fork tracepoint (a BTF tracepoint too); and, for the benchmark's
+//! floor, the same four hooks with programs that return at once.
 //!
 //! What the kernel does, and why the programs are shaped this way (measured on Linux 6.18, see
 //! ARCHITECTURE.md and the kernel notes):
@@ -11,9 +11,11 @@
 //! * So a TIME_WAIT timer start leaves a per-CPU "pending birth"; the next state change on that
 //!   CPU consumes it. If it is the `-> CLOSE` of a socket whose ports (and IPv4 addresses) equal
 //!   the timewait socket's own, the birth is certain and carries the full socket's owner.
-//! * The owner is recorded in process context only (`close()`, and `connect()` for
-//!   `--all-states`); the softirq transitions run on behalf of whichever task was interrupted.
-//!   TIME_WAIT is charged to whoever closed first, so the record at close is the one that counts.
+//! * The owner is recorded in process context only (`connect()` and `close()`); the softirq
+//!   transitions run on behalf of whichever task was interrupted. TIME_WAIT is charged to whoever
+//!   closed first, so the record at close is the one that counts for it; the record at connect
+//!   names who a failed connect() was for (refused and unanswered ones end in softirq or in a
+//!   timer).
 //! * Every end of a timewait socket passes through `timer_cancel` (expiry detaches the timer
 //!   first, a re-arm cancels then starts, an early kill shuts it down). The programs report the
 //!   facts; userspace pairs a cancel with what follows it on the same CPU.
@@ -30,13 +32,14 @@ use aya_ebpf::{
             bpf_probe_read_kernel,
         },
     },
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::BtfTracePointContext,
 };
+use aya_log_ebpf::debug;
 use twtrace_common::{
     AF_INET, AF_INET6, Config, EVENT_VERSION, Header, Owner, OwnerRecord, SockEvent, TimerEvent,
-    Tuple, counter, flags, kind, role, tcp_state as st, tp,
+    Tuple, counter, flags, kind, role, tcp_state as st,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -83,6 +86,11 @@ static CONFIG: Config = Config {
     off_skc_v6_rcv_saddr: 0,
     off_skc_net: 0,
     off_net_inum: 0,
+    off_tw_substate: 0,
+    off_sk_err: 0,
+    off_task_tgid: 0,
+    debug: 0,
+    _pad2: [0; 3],
     emit_states: 0,
     _pad: [0; 7],
     wakeup_bytes: 0,
@@ -137,14 +145,11 @@ fn read_config<T: Copy>(field: *const T) -> T {
     unsafe { core::ptr::read_volatile(field) }
 }
 
-/// Reads a naturally aligned scalar field of the tracepoint record at a constant offset,
-/// straight from the context: the verifier allows a load at `ctx + constant`, and it costs no
-/// helper call.
+/// `--debug-kernel`: whether the rare paths log (a frozen read-only value: when 0 the verifier
+/// drops the logging code as dead, so it costs nothing).
 #[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: offsets are those of the tracepoint format, checked by userspace before attach;
-    // every field read is aligned to its size in the record.
-    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+fn debugging() -> bool {
+    config!(debug) != 0
 }
 
 #[inline(always)]
@@ -226,11 +231,12 @@ fn recorded_owner(skaddr: u64, o: &mut Owner) -> (u8, u8) {
     match OWNERS.get_ptr(&skaddr) {
         // SAFETY: read at once; a concurrent update can only make it a fresher owner.
         Some(r) => unsafe {
+            let bound = if (*r).bound != 0 { flags::BOUND } else { 0 };
             if (*r).has_owner != 0 {
                 *o = (*r).owner;
-                ((*r).role, flags::OWNER_KNOWN)
+                ((*r).role, flags::OWNER_KNOWN | bound)
             } else {
-                ((*r).role, 0)
+                ((*r).role, bound)
             }
         },
         None => (role::UNKNOWN, 0),
@@ -427,17 +433,18 @@ fn on_state(c: &Socket) {
 
     match (old, new) {
         (st::CLOSE, st::SYN_SENT) => {
-            // connect(), in process context. The local port is not chosen yet (sport is 0
-            // here); remember the destination to recognise tcp_tw_reuse. The caller is only
-            // recorded for `--all-states`: a TIME_WAIT is charged to whoever closes.
+            // connect(), in process context. tcp_v4_connect/tcp_v6_connect set SYN_SENT before
+            // they pick a local port (inet_hash_connect): a port already set here was bound
+            // before connect(), and is then that source address's for every destination.
+            // Remember the destination to recognise tcp_tw_reuse, and the caller: a TIME_WAIT
+            // is charged to whoever closes, a failed connect() to whoever called it.
             let mut record = OwnerRecord {
                 role: role::CONNECTED,
+                has_owner: 1,
+                bound: (c.head.num != 0) as u8,
                 ..OwnerRecord::default()
             };
-            if all_states {
-                current_owner(&mut record.owner);
-                record.has_owner = 1;
-            }
+            current_owner(&mut record.owner);
             store_owner(skaddr, &record, BPF_ANY);
             s.connect_pid_tgid = bpf_get_current_pid_tgid();
             // SAFETY: helper without arguments.
@@ -470,11 +477,24 @@ fn on_state(c: &Socket) {
         // The passive close never leads to TIME_WAIT: its closer only matters to
         // `--all-states` (the socket's last transitions run in softirq).
         (st::CLOSE_WAIT, st::LAST_ACK) if all_states => record_closer(skaddr),
+        // connect() failed: either in the connecting task itself, before any SYN, because no
+        // local port was free (tcp_v4_connect's failure path: no port set, sk_err 0), or later
+        // in softirq or a timer (refused, unanswered: sk_err says), or the application closed
+        // the socket before it connected.
+        (st::SYN_SENT, st::CLOSE) => on_connect_failed(c),
         (_, st::CLOSE) => {
             if pending != 0 {
                 on_close_after_tw_start(c, pending, s.pending_timeout);
             } else if old == st::FIN_WAIT2 || old == st::CLOSING {
                 bump(counter::CLOSE_WITHOUT_TW);
+                if debugging() {
+                    debug!(
+                        &(),
+                        "{} -> CLOSE without a TIME_WAIT timer (reset, abort or overflow): port {}",
+                        old,
+                        c.dport()
+                    );
+                }
             }
         }
         _ => {}
@@ -523,6 +543,9 @@ fn record_closer(skaddr: u64) {
 fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
     if OWNERS.insert(&skaddr, record, how as u64).is_err() && how != BPF_NOEXIST {
         bump(counter::OWNER_STORE_FAILED);
+        if debugging() {
+            debug!(&(), "owner of socket {:x} not stored (map full)", skaddr);
+        }
     }
 }
 
@@ -531,7 +554,8 @@ fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
 #[inline(always)]
 fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
     let family = c.family();
-    let Some(head) = read_skc(timer - config!(off_tw_timer) as u64) else {
+    let tw = timer - config!(off_tw_timer) as u64;
+    let Some(head) = read_skc(tw) else {
         bump(counter::BIRTH_UNMATCHED);
         return;
     };
@@ -543,8 +567,21 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
         && (family != AF_INET || (head.rcv_saddr, head.daddr) == c.v4());
     if !same {
         bump(counter::BIRTH_UNMATCHED);
+        if debugging() {
+            debug!(
+                &(),
+                "TIME_WAIT timer {:x} started, then a CLOSE of another socket: ports {}/{} vs {}/{}",
+                timer,
+                head.num,
+                u16::from_be(head.dport_be),
+                sport,
+                dport
+            );
+        }
         return;
     }
+    // TIME_WAIT, or FIN_WAIT2 while the peer has not sent its FIN (tcp_time_wait's `state`).
+    let substate = kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0);
     let skaddr = c.sk;
     emit(|e: &mut SockEvent| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
@@ -556,6 +593,29 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
         e.old_state = c.old;
         e.new_state = st::CLOSE;
         e.role = rl;
+        e.substate = substate;
+    });
+}
+
+/// `SYN_SENT -> CLOSE`: a connect() that never connected. Rare, so its cost does not matter;
+/// the event names who called connect() (recorded then), where, and the error.
+#[inline(always)]
+fn on_connect_failed(c: &Socket) {
+    bump(counter::CONNECT_FAILED);
+    // SAFETY: `sk` is the tracepoint's typed `struct sock *`; `sk_err` is inside it (BTF).
+    let err = sk_field::<i32>(c.sk as *const u8, config!(off_sk_err) as usize);
+    let skaddr = c.sk;
+    let family = c.family();
+    emit(|e: &mut SockEvent| {
+        let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
+        e.header = header(kind::CONNECT_FAIL, family, fl | flags::HAS_TUPLE);
+        // No local port when none could be found (the failure path resets nothing else).
+        c.tuple(c.sport(), &mut e.tuple);
+        e.skaddr = skaddr;
+        e.old_state = st::SYN_SENT;
+        e.new_state = st::CLOSE;
+        e.role = rl;
+        e.err = err as u32;
     });
 }
 
@@ -605,10 +665,24 @@ fn on_tw_start(timer: u64) {
     if s.cancel_timer == timer {
         // mod_timer_pending() on a pending timer: detach (timer_cancel) then enqueue
         // (timer_start), under the timer base lock with interrupts off: nothing runs between.
+        // tcp_timewait_state_process sets the substate to TIME_WAIT before it re-arms for the
+        // peer's FIN (inet_twsk_reschedule), so the substate read now is the new one.
+        // The 4-tuple too: a socket born before twtrace started is known by it alone.
+        let tw = timer - config!(off_tw_timer) as u64;
+        let substate = kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0);
+        let head = read_skc(tw);
         emit(|e: &mut TimerEvent| {
-            e.header = header(kind::TW_REARM, 0, 0);
+            e.header = match &head {
+                Some(h) => {
+                    skc_tuple(tw, h, &mut e.tuple);
+                    e.tuple.netns = skc_netns(tw);
+                    header(kind::TW_REARM, h.family as u8, flags::HAS_TUPLE)
+                }
+                None => header(kind::TW_REARM, 0, 0),
+            };
             e.timer = timer;
             e.timeout_jiffies = timeout as u32;
+            e.substate = substate;
         });
     }
     s.cancel_timer = 0;
@@ -652,7 +726,12 @@ pub fn timer_cancel(ctx: BtfTracePointContext) -> i32 {
 fn on_tw_cancel(timer: u64) {
     let Some(s) = scratch() else { return };
     let tw = timer - config!(off_tw_timer) as u64;
-    let Some(head) = read_skc(tw) else { return };
+    let Some(head) = read_skc(tw) else {
+        if debugging() {
+            debug!(&(), "TIME_WAIT timer {:x} cancelled, its socket unreadable", timer);
+        }
+        return;
+    };
     let family = head.family as u8;
     // tcp_tw_reuse: __inet_hash_connect() kills the timewait socket inside the connect() that
     // just went CLOSE -> SYN_SENT towards the same destination.
@@ -746,15 +825,25 @@ pub fn hook_timer_expire(_ctx: BtfTracePointContext) -> i32 {
 // ---------------------------------------------------------------------------------------------
 // sched:sched_process_fork (attached by `exec` only)
 
-/// The parent is the current task here (copy_process runs in its context): a child of a
-/// tracked process joins the tree from the moment it exists, before it can open a socket.
-#[tracepoint(category = "sched", name = "sched_process_fork")]
-pub fn sched_process_fork(ctx: TracePointContext) -> u32 {
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`, as a BTF
+/// tracepoint: no record layout to agree on (it changed in 6.x: `parent_comm` became a
+/// `__data_loc` field) and no tracefs. The parent is the current task here (copy_process runs
+/// in its context): a child of a tracked process joins the tree from the moment it exists,
+/// before it can open a socket.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
     if TRACKED.get_ptr(&parent).is_some() {
-        let child = field::<i32>(&ctx, tp::sched_process_fork::CHILD_PID) as u32;
-        if TRACKED.insert(&child, &1, BPF_ANY as u64).is_err() {
+        let child: *const u8 = ctx.arg(1);
+        // SAFETY: the typed `struct task_struct *` argument; `tgid` at its BTF offset.
+        let tgid = unsafe {
+            core::ptr::read_volatile(child.add(config!(off_task_tgid) as usize).cast::<i32>())
+        };
+        if TRACKED.insert(&(tgid as u32), &1, BPF_ANY as u64).is_err() {
             bump(counter::TRACK_FAILED);
+            if debugging() {
+                debug!(&(), "fork of {} into {} not tracked (map full)", parent, tgid);
+            }
         }
     }
     0

@@ -28,7 +28,7 @@ pub const VERSION: &str = concat!(
     version = VERSION,
     about = "Shows, live, where a Linux host's TCP TIME_WAIT sockets come from",
     after_help = "Exit codes: 0 ok, 1 error, 2 bad usage, 3 budget exceeded (exec), \
-                  4 missing privilege, 5 kernel lacks a feature, 6 tracefs unavailable, \
+                  4 missing privilege, 5 kernel lacks a feature, \
                   7 the kernel refused to load or attach."
 )]
 pub struct Cli {
@@ -212,6 +212,13 @@ pub struct ProbeArgs {
     /// hooks alone cost (the benchmark's floor)
     #[arg(long, hide = true)]
     pub hooks_only: bool,
+    /// Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no
+    /// matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr
+    #[arg(long)]
+    pub debug_kernel: bool,
+    /// When the kernel refuses a program, print the verifier's whole log
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
 }
 
 impl ProbeArgs {
@@ -220,6 +227,8 @@ impl ProbeArgs {
         crate::kernel::probes::ProbeOptions {
             ring_size: self.ring_size,
             hooks_only: self.hooks_only,
+            debug_kernel: self.debug_kernel,
+            verbose: self.verbose,
             ..Default::default()
         }
     }

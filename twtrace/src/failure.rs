@@ -16,8 +16,8 @@ pub enum Code {
     Privilege = 4,
     /// The kernel lacks something twtrace needs (version, BTF, a symbol, visible addresses).
     Kernel = 5,
-    /// tracefs is neither mounted nor mountable.
-    Tracefs = 6,
+    // 6 was "tracefs is neither mounted nor mountable": no program needs tracefs any more; the
+    // number is not reused, so that scripts written for it never misread another failure.
     /// The kernel refused to load a program, create a map or attach.
     Refused = 7,
 }

@@ -16,8 +16,11 @@ pub struct TwCounters {
     pub killed: u64,
     pub recycled: u64,
     pub overflow: u64,
-    /// `TCPAbortOnData`: closes that sent a reset (zero SO_LINGER, or unread data at close).
+    /// `TCPAbortOnData`: resets sent by a close with SO_LINGER set to zero, or because data
+    /// arrived after the socket was shut down (net/ipv4/tcp.c `tcp_close`, tcp_input.c).
     pub abort_on_data: u64,
+    /// `TCPAbortOnClose`: resets sent by a close() that left received data unread.
+    pub abort_on_close: u64,
 }
 
 impl TwCounters {
@@ -28,6 +31,7 @@ impl TwCounters {
             recycled: self.recycled.saturating_sub(start.recycled),
             overflow: self.overflow.saturating_sub(start.overflow),
             abort_on_data: self.abort_on_data.saturating_sub(start.abort_on_data),
+            abort_on_close: self.abort_on_close.saturating_sub(start.abort_on_close),
         }
     }
 }
@@ -58,6 +62,7 @@ pub fn tw_counters_from(netstat: &str) -> TwCounters {
         recycled: get("TWRecycled"),
         overflow: get("TCPTimeWaitOverflow"),
         abort_on_data: get("TCPAbortOnData"),
+        abort_on_close: get("TCPAbortOnClose"),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct DiagSocket {
     /// Kernel TCP state number. Timewait sockets report their substate: TIME_WAIT (6), or
     /// FIN_WAIT2 (5) for an orphaned socket whose FIN was acked but whose peer has not closed.
     pub state: u8,
+    /// idiag_timer: which timer is pending; `TIMER_TIMEWAIT` (3) for a timewait socket, which
+    /// tells a FIN_WAIT2-substate timewait socket from a full socket in FIN_WAIT2.
+    pub timer: u8,
     /// idiag_expires: ms until the socket's pending timer fires (for a timewait socket, the ms
     /// it has left).
     pub expires_ms: u32,
@@ -38,6 +41,18 @@ pub struct DiagSocket {
 
 /// TCP state numbers, as the kernel reports them.
 pub use twtrace_common::tcp_state as state;
+
+/// idiag_timer of a timewait socket (inet_diag's `inet_twsk_diag_fill` reports 3).
+pub const TIMER_TIMEWAIT: u8 = 3;
+
+impl DiagSocket {
+    /// A timewait socket, in either substate (TIME_WAIT, or FIN_WAIT2 waiting for the peer's
+    /// FIN), not a full socket.
+    pub fn is_timewait(&self) -> bool {
+        self.state == state::TIME_WAIT
+            || (self.state == state::FIN_WAIT2 && self.timer == TIMER_TIMEWAIT)
+    }
+}
 
 /// Every TCP socket (IPv4 and IPv6) whose state is in `states`, as the kernel lists them now.
 ///
@@ -248,6 +263,7 @@ fn parse_diag_msg(p: &[u8]) -> io::Result<DiagSocket> {
     let short = || malformed("inet_diag_msg");
     let family = *p.first().ok_or_else(short)?;
     let state = *p.get(1).ok_or_else(short)?;
+    let timer = *p.get(2).ok_or_else(short)?;
     // inet_diag_sockid at 4: sport, dport (network order), src[4], dst[4] (network order).
     let sport = u16_be(p, 4).ok_or_else(short)?;
     let dport = u16_be(p, 6).ok_or_else(short)?;
@@ -258,6 +274,7 @@ fn parse_diag_msg(p: &[u8]) -> io::Result<DiagSocket> {
     Ok(DiagSocket {
         conn: Conn { local, remote },
         state,
+        timer,
         expires_ms: u32_ne(p, 52).ok_or_else(short)?,
         uid: u32_ne(p, 64).ok_or_else(short)?,
         inode: u32_ne(p, 68).ok_or_else(short)?,

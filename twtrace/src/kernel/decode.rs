@@ -137,6 +137,10 @@ pub enum KernelEvent {
         owner: Option<Process>,
         role: Role,
         timeout_jiffies: u32,
+        /// `tcp_state::TIME_WAIT`, or `FIN_WAIT2` while the peer has not sent its FIN.
+        substate: u8,
+        /// The local port was bound before connect() (see `twtrace_common::flags::BOUND`).
+        bound: bool,
     },
     Cancel {
         cpu: u32,
@@ -157,12 +161,28 @@ pub enum KernelEvent {
         cpu: u32,
         ts_ns: u64,
         timer: u64,
+        conn: Option<Conn>,
+        netns: u32,
         timeout_jiffies: u32,
+        /// The substate after the re-arm (TIME_WAIT once the peer's FIN came).
+        substate: u8,
     },
     SynTakeover {
         cpu: u32,
         ts_ns: u64,
         timer: u64,
+    },
+    /// A connect() that never connected: `conn.local` has port 0 when no local port was free.
+    ConnectFail {
+        cpu: u32,
+        ts_ns: u64,
+        conn: Conn,
+        netns: u32,
+        owner: Option<Process>,
+        role: Role,
+        /// `sk_err` (ECONNREFUSED, ETIMEDOUT, ...), 0 when none was set.
+        err: u32,
+        bound: bool,
     },
 }
 
@@ -174,7 +194,8 @@ impl KernelEvent {
             | Self::Cancel { cpu, .. }
             | Self::Expire { cpu, .. }
             | Self::Rearm { cpu, .. }
-            | Self::SynTakeover { cpu, .. } => *cpu,
+            | Self::SynTakeover { cpu, .. }
+            | Self::ConnectFail { cpu, .. } => *cpu,
         }
     }
 }
@@ -286,15 +307,16 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
         return Err(DecodeError::Version(v));
     }
     match k {
-        kind::STATE | kind::TW_BIRTH => {
+        kind::STATE | kind::TW_BIRTH | kind::CONNECT_FAIL => {
             let ev: SockEvent = read_exact(bytes, k)?;
             let h = ev.header;
             let conn = conn(h.family, &ev.tuple)?;
             let netns = ev.tuple.netns;
             let owner = process(&h, &ev.owner);
             let role = role_of(ev.role);
-            Ok(if k == kind::STATE {
-                KernelEvent::State {
+            let bound = h.flags & flags::BOUND != 0;
+            Ok(match k {
+                kind::STATE => KernelEvent::State {
                     cpu: h.cpu,
                     ts_ns: h.ts_ns,
                     conn,
@@ -304,9 +326,8 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     owner,
                     role,
                     skaddr: ev.skaddr,
-                }
-            } else {
-                KernelEvent::Birth {
+                },
+                kind::TW_BIRTH => KernelEvent::Birth {
                     cpu: h.cpu,
                     ts_ns: h.ts_ns,
                     timer: ev.timer,
@@ -315,7 +336,19 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     owner,
                     role,
                     timeout_jiffies: ev.timeout_jiffies,
-                }
+                    substate: ev.substate,
+                    bound,
+                },
+                _ => KernelEvent::ConnectFail {
+                    cpu: h.cpu,
+                    ts_ns: h.ts_ns,
+                    conn,
+                    netns,
+                    owner,
+                    role,
+                    err: ev.err,
+                    bound,
+                },
             })
         }
         kind::TW_CANCEL | kind::TW_EXPIRE | kind::TW_REARM | kind::TW_SYN => {
@@ -342,7 +375,10 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     cpu,
                     ts_ns,
                     timer,
+                    conn: timer_conn(&ev)?,
+                    netns,
                     timeout_jiffies: ev.timeout_jiffies,
+                    substate: ev.substate,
                 },
                 _ => KernelEvent::SynTakeover { cpu, ts_ns, timer },
             })

@@ -1,23 +1,14 @@
 //! Everything checked before anything is loaded into the kernel, so that a bad environment gets
-//! one clear line and leaves nothing behind: privileges, kernel version, BTF offsets, kallsyms,
-//! tracefs and the tracepoint record layouts.
+//! one clear line and leaves nothing behind: privileges, kernel version, lockdown, BTF offsets
+//! and kallsyms. Every program is a BTF tracepoint: no tracefs, no record layout to check.
 
-use std::{
-    ffi::CString,
-    fs,
-    io::ErrorKind,
-    path::{Path, PathBuf},
-};
-
-use twtrace_common::tp;
+use std::{fs, io::ErrorKind};
 
 use crate::{
     failure::{Code, Failure},
     kernel::btf::Btf,
 };
 
-const CAP_DAC_OVERRIDE: u32 = 1;
-const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYSLOG: u32 = 34;
 const CAP_PERFMON: u32 = 38;
@@ -43,29 +34,40 @@ pub struct KernelInfo {
     /// `sock_common.skc_net` and `net.ns.inum` (0, 0 on a kernel without network namespaces).
     pub off_skc_net: u32,
     pub off_net_inum: u32,
-    pub tracefs: PathBuf,
-    /// Set when twtrace mounted tracefs itself.
-    pub mounted_tracefs: bool,
+    /// `inet_timewait_sock.tw_substate`, `sock.sk_err`, `task_struct.tgid`.
+    pub off_tw_substate: u32,
+    pub off_sk_err: u32,
+    pub off_task_tgid: u32,
 }
 
-/// `fork`: the one classic tracepoint, sched:sched_process_fork (`exec`), will be attached: it
-/// needs tracefs and a known record layout. The BTF tracepoints need neither.
-pub fn check(fork: bool) -> Result<KernelInfo, Failure> {
-    check_privileges(effective_caps()?, fork)?;
+pub fn check() -> Result<KernelInfo, Failure> {
+    check_privileges(effective_caps()?)?;
     let release = kernel_release();
     check_kernel_version(&release)?;
+    check_lockdown(&fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default())?;
     let mut info = btf_offsets()?;
     info.release = release;
     let (tw, reqsk) = kallsyms()?;
     info.tw_timer_fn = tw;
     info.reqsk_timer_fn = reqsk;
-    if fork {
-        let (tracefs, mounted) = tracefs()?;
-        check_formats(&tracefs)?;
-        info.tracefs = tracefs;
-        info.mounted_tracefs = mounted;
-    }
     Ok(info)
+}
+
+/// `lockdown=confidentiality` removes `bpf_probe_read_kernel` from tracing programs
+/// (LOCKDOWN_BPF_READ_KERNEL): the timer programs reach each timewait socket from its timer's
+/// address, which only that helper can read, so nothing would load. `integrity` (Secure Boot's
+/// default on Debian) allows everything twtrace uses. The file reads `none [integrity]
+/// confidentiality`, the mode in force in brackets.
+pub fn check_lockdown(text: &str) -> Result<(), Failure> {
+    if text.contains("[confidentiality]") {
+        return Err(Failure::new(
+            Code::Kernel,
+            "the kernel is locked down in confidentiality mode (lockdown=confidentiality): BPF \
+             programs may not read kernel memory (bpf_probe_read_kernel), which twtrace needs to \
+             read timewait sockets; boot with lockdown=integrity (Secure Boot's default) or none",
+        ));
+    }
+    Ok(())
 }
 
 fn effective_caps() -> Result<u64, Failure> {
@@ -85,9 +87,8 @@ fn has(caps: u64, cap: u32) -> bool {
     caps & (1 << cap) != 0
 }
 
-/// `tracefs`: a classic tracepoint will be attached (its id and format are read from tracefs,
-/// mode 0700). BTF tracepoints need no tracefs.
-pub fn check_privileges(caps: u64, tracefs: bool) -> Result<(), Failure> {
+/// Loading and attaching BTF tracepoints (no tracefs), and reading kernel addresses.
+pub fn check_privileges(caps: u64) -> Result<(), Failure> {
     let bpf = has(caps, CAP_SYS_ADMIN) || (has(caps, CAP_BPF) && has(caps, CAP_PERFMON));
     let mut missing = Vec::new();
     if !bpf {
@@ -100,9 +101,6 @@ pub fn check_privileges(caps: u64, tracefs: bool) -> Result<(), Failure> {
     }
     if !has(caps, CAP_SYSLOG) {
         missing.push("CAP_SYSLOG (kernel addresses in /proc/kallsyms)");
-    }
-    if tracefs && !has(caps, CAP_DAC_READ_SEARCH) && !has(caps, CAP_DAC_OVERRIDE) {
-        missing.push("CAP_DAC_READ_SEARCH (tracefs)");
     }
     if missing.is_empty() {
         return Ok(());
@@ -176,6 +174,9 @@ pub fn offsets_from(btf: &Btf) -> Result<KernelInfo, crate::kernel::btf::BtfErro
     Ok(KernelInfo {
         off_skc_net,
         off_net_inum,
+        off_tw_substate: btf.member_offset("inet_timewait_sock", "tw_substate")?,
+        off_sk_err: btf.member_offset("sock", "sk_err")?,
+        off_task_tgid: btf.member_offset("task_struct", "tgid")?,
         off_tw_timer: btf.member_offset("inet_timewait_sock", "tw_timer")?,
         off_rsk_timer: btf.member_offset("request_sock", "rsk_timer")?,
         off_timer_function: btf.member_offset("timer_list", "function")?,
@@ -243,149 +244,6 @@ pub fn kallsyms_from(text: &str, kptr_restrict: &str) -> Result<(u64, u64), Fail
     }
 }
 
-/// The tracefs mount point, mounting it at /sys/kernel/tracing when nothing is mounted.
-fn tracefs() -> Result<(PathBuf, bool), Failure> {
-    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if let Some(p) = tracefs_from_mounts(&mounts) {
-        return Ok((p, false));
-    }
-    let target = Path::new("/sys/kernel/tracing");
-    let fail = |why: String| {
-        Failure::new(
-            Code::Tracefs,
-            format!(
-                "tracefs is not mounted and cannot be mounted ({why}); mount it with \
-                 `mount -t tracefs nodev /sys/kernel/tracing`, or run twtrace where /sys is \
-                 writable by root"
-            ),
-        )
-    };
-    if !target.is_dir() {
-        return Err(fail(format!("{} does not exist", target.display())));
-    }
-    let src = CString::new("nodev").expect("no NUL");
-    let dst = CString::new("/sys/kernel/tracing").expect("no NUL");
-    let fstype = CString::new("tracefs").expect("no NUL");
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(fail(format!("mount: {}", std::io::Error::last_os_error())));
-    }
-    Ok((target.to_path_buf(), true))
-}
-
-pub fn tracefs_from_mounts(mounts: &str) -> Option<PathBuf> {
-    let mut found: Option<PathBuf> = None;
-    for line in mounts.lines() {
-        let mut it = line.split_whitespace();
-        let (_src, Some(dir), Some(fstype)) = (it.next(), it.next(), it.next()) else {
-            continue;
-        };
-        if fstype == "tracefs" {
-            let dir = PathBuf::from(dir.replace("\\040", " "));
-            // /sys/kernel/tracing is the canonical place; the debugfs one is a fallback.
-            if dir == Path::new("/sys/kernel/tracing") || found.is_none() {
-                found = Some(dir);
-            }
-        }
-    }
-    found
-}
-
-/// The classic tracepoint whose record a program reads. (The others are BTF tracepoints: no
-/// record, no tracefs; the verifier checks their arguments' types against the kernel's BTF.)
-const FORK_TRACEPOINT: (&str, &str, &[tp::Field]) = (
-    "sched",
-    "sched_process_fork",
-    tp::sched_process_fork::FIELDS,
-);
-
-fn check_formats(tracefs: &Path) -> Result<(), Failure> {
-    let (category, name, fields) = FORK_TRACEPOINT;
-    let path = tracefs
-        .join("events")
-        .join(category)
-        .join(name)
-        .join("format");
-    let text = fs::read_to_string(&path).map_err(|e| {
-        let code = if e.kind() == ErrorKind::PermissionDenied {
-            Code::Privilege
-        } else {
-            Code::Kernel
-        };
-        Failure::new(
-            code,
-            format!(
-                "cannot read tracepoint {category}:{name} ({}): {e}",
-                path.display()
-            ),
-        )
-    })?;
-    check_format(category, name, &text, fields)
-}
-
-/// `field:TYPE NAME; offset:N; size:N; signed:N;` lines (tab separated) -> (name, offset,
-/// size).
-pub fn parse_format(text: &str) -> Vec<(String, usize, usize)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut name = None;
-        let mut offset = None;
-        let mut size = None;
-        for part in line.trim().split(';') {
-            let part = part.trim();
-            if let Some(decl) = part.strip_prefix("field:") {
-                name = decl
-                    .split_whitespace()
-                    .last()
-                    .map(|n| n.split('[').next().unwrap_or(n).to_owned());
-            } else if let Some(v) = part.strip_prefix("offset:") {
-                offset = v.parse().ok();
-            } else if let Some(v) = part.strip_prefix("size:") {
-                size = v.parse().ok();
-            }
-        }
-        if let (Some(n), Some(o), Some(s)) = (name, offset, size) {
-            out.push((n, o, s));
-        }
-    }
-    out
-}
-
-pub fn check_format(
-    category: &str,
-    name: &str,
-    text: &str,
-    want: &[tp::Field],
-) -> Result<(), Failure> {
-    let have = parse_format(text);
-    for &(field, offset, size) in want {
-        let found = have.iter().find(|(n, _, _)| n == field);
-        if found.map(|(_, o, s)| (*o, *s)) != Some((offset, size)) {
-            let seen = match found {
-                Some((_, o, s)) => format!("offset {o} size {s}"),
-                None => "no such field".into(),
-            };
-            return Err(Failure::new(
-                Code::Kernel,
-                format!(
-                    "tracepoint {category}:{name} has an unexpected layout (field {field}: {seen}, \
-                     expected offset {offset} size {size}); this kernel is not supported yet"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,30 +252,34 @@ mod tests {
 
     #[test]
     fn privileges_name_what_is_missing() {
-        assert!(check_privileges(ALL, true).is_ok());
-        let e = check_privileges(0, true).unwrap_err();
+        assert!(check_privileges(ALL).is_ok());
+        let e = check_privileges(0).unwrap_err();
         assert_eq!(e.code, Code::Privilege);
         assert!(e.message.contains("CAP_BPF") && e.message.contains("CAP_PERFMON"));
         assert!(e.message.contains("root"));
         // CAP_SYS_ADMIN stands in for BPF + PERFMON.
-        let admin = 1 << CAP_SYS_ADMIN | 1 << CAP_SYSLOG | 1 << CAP_DAC_READ_SEARCH;
-        assert!(check_privileges(admin, true).is_ok());
-        // Without a classic tracepoint, no tracefs, no CAP_DAC_READ_SEARCH.
-        let no_dac = ALL & !(1 << CAP_DAC_READ_SEARCH) & !(1 << CAP_DAC_OVERRIDE);
-        assert!(check_privileges(no_dac, false).is_ok());
-        assert!(
-            check_privileges(no_dac, true)
-                .unwrap_err()
-                .message
-                .contains("tracefs")
-        );
+        let admin = 1 << CAP_SYS_ADMIN | 1 << CAP_SYSLOG;
+        assert!(check_privileges(admin).is_ok());
+        // No tracefs is read: no CAP_DAC_READ_SEARCH (2) or CAP_DAC_OVERRIDE (1) needed.
+        assert!(check_privileges(ALL & !0b110).is_ok());
         let no_syslog = ALL & !(1 << CAP_SYSLOG);
         assert!(
-            check_privileges(no_syslog, true)
+            check_privileges(no_syslog)
                 .unwrap_err()
                 .message
                 .contains("CAP_SYSLOG")
         );
+    }
+
+    #[test]
+    fn lockdown_confidentiality_is_named() {
+        assert!(check_lockdown("none [integrity] confidentiality\n").is_ok());
+        assert!(check_lockdown("[none] integrity confidentiality\n").is_ok());
+        assert!(check_lockdown("").is_ok(), "no securityfs: no lockdown to see");
+        let e = check_lockdown("none integrity [confidentiality]\n").unwrap_err();
+        assert_eq!(e.code, Code::Kernel);
+        assert!(e.message.contains("lockdown=confidentiality"), "{}", e.message);
+        assert!(e.message.contains("bpf_probe_read_kernel"), "{}", e.message);
     }
 
     #[test]
@@ -451,65 +313,5 @@ mod tests {
         assert!(e.message.contains("kptr_restrict = 2"), "{}", e.message);
         let e = kallsyms_from("ffffffff81000000 T _stext\n", "0").unwrap_err();
         assert!(e.message.contains("tw_timer_handler is not"));
-    }
-
-    #[test]
-    fn tracefs_mounts() {
-        let m = "sysfs /sys sysfs rw 0 0\ntracefs /sys/kernel/debug/tracing tracefs rw 0 0\n\
-                 tracefs /sys/kernel/tracing tracefs rw 0 0\n";
-        assert_eq!(
-            tracefs_from_mounts(m),
-            Some(PathBuf::from("/sys/kernel/tracing"))
-        );
-        assert_eq!(tracefs_from_mounts("sysfs /sys sysfs rw 0 0\n"), None);
-    }
-
-    const TIMER_START_FIELDS: &[tp::Field] = &[
-        ("timer", 8, 8),
-        ("function", 16, 8),
-        ("expires", 24, 8),
-        ("now", 40, 8),
-    ];
-
-    const TIMER_START: &str = "name: timer_start\nID: 466\nformat:\n\
-        \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
-        \tfield:void * timer;\toffset:8;\tsize:8;\tsigned:0;\n\
-        \tfield:void * function;\toffset:16;\tsize:8;\tsigned:0;\n\
-        \tfield:unsigned long expires;\toffset:24;\tsize:8;\tsigned:0;\n\
-        \tfield:unsigned long bucket_expiry;\toffset:32;\tsize:8;\tsigned:0;\n\
-        \tfield:unsigned long now;\toffset:40;\tsize:8;\tsigned:0;\n\
-        \tfield:__u8 saddr[4];\toffset:48;\tsize:4;\tsigned:0;\n";
-
-    #[test]
-    fn formats_parse_and_check() {
-        let f = parse_format(TIMER_START);
-        assert!(f.contains(&("function".into(), 16, 8)));
-        assert!(f.contains(&("saddr".into(), 48, 4)));
-        assert!(check_format("timer", "timer_start", TIMER_START, TIMER_START_FIELDS).is_ok());
-        // A kernel before 5.11 had no bucket_expiry: `now` sat at 32.
-        let old = TIMER_START
-            .replace(
-                "\tfield:unsigned long bucket_expiry;\toffset:32;\tsize:8;\tsigned:0;\n",
-                "",
-            )
-            .replace("offset:40", "offset:32");
-        let e = check_format("timer", "timer_start", &old, TIMER_START_FIELDS).unwrap_err();
-        assert!(
-            e.message.contains("field now: offset 32 size 8"),
-            "{}",
-            e.message
-        );
-    }
-
-    #[test]
-    fn running_kernel_formats_match_when_tracefs_is_readable() {
-        let Some(tracefs) = tracefs_from_mounts(&fs::read_to_string("/proc/self/mounts").unwrap())
-        else {
-            eprintln!("tracefs not mounted here: skipped");
-            return;
-        };
-        if let Err(e) = check_formats(&tracefs) {
-            assert_eq!(e.code, Code::Privilege, "{}", e.message);
-        }
     }
 }

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::BtfTracePoint,
 };
 use twtrace_common::{Config, counter};
 
@@ -21,25 +21,25 @@ use crate::{
 /// The kernel programs, as built by build.rs (`twtrace --version` names them by their SHA-256).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/twtrace-ebpf"));
 
-/// (program, category, tracepoint); category "btf" is a BTF tracepoint, anything else a classic
-/// one.
-pub const PROGRAMS: [(&str, &str, &str); 4] = [
-    ("inet_sock_set_state", "btf", "inet_sock_set_state"),
-    ("timer_start", "btf", "timer_start"),
-    ("timer_cancel", "btf", "timer_cancel"),
-    ("timer_expire_entry", "btf", "timer_expire_entry"),
+/// (program, BTF tracepoint): every program is a BTF tracepoint (a raw tracepoint typed by the
+/// kernel's BTF, attached through bpf(): no tracefs).
+pub const PROGRAMS: [(&str, &str); 4] = [
+    ("inet_sock_set_state", "inet_sock_set_state"),
+    ("timer_start", "timer_start"),
+    ("timer_cancel", "timer_cancel"),
+    ("timer_expire_entry", "timer_expire_entry"),
 ];
 
 /// The benchmark's floor (`--hooks-only`): programs that return at once, on the same hooks.
-pub const HOOKS_ONLY: [(&str, &str, &str); 4] = [
-    ("hook_state", "btf", "inet_sock_set_state"),
-    ("hook_timer_start", "btf", "timer_start"),
-    ("hook_timer_cancel", "btf", "timer_cancel"),
-    ("hook_timer_expire", "btf", "timer_expire_entry"),
+pub const HOOKS_ONLY: [(&str, &str); 4] = [
+    ("hook_state", "inet_sock_set_state"),
+    ("hook_timer_start", "timer_start"),
+    ("hook_timer_cancel", "timer_cancel"),
+    ("hook_timer_expire", "timer_expire_entry"),
 ];
 
 /// Attached only when a process tree is tracked (`exec`).
-pub const FORK_PROGRAM: (&str, &str, &str) = ("sched_process_fork", "sched", "sched_process_fork");
+pub const FORK_PROGRAM: (&str, &str) = ("sched_process_fork", "sched_process_fork");
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProbeOptions {
@@ -51,6 +51,10 @@ pub struct ProbeOptions {
     /// Attach `HOOKS_ONLY` instead of the real programs: nothing is traced (the benchmark's
     /// floor, `--hooks-only`).
     pub hooks_only: bool,
+    /// Log the kernel programs' rare paths (aya-log) on stderr (`--debug-kernel`).
+    pub debug_kernel: bool,
+    /// On a load failure, print the verifier's whole log, not its first line (`--verbose`).
+    pub verbose: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -63,6 +67,7 @@ pub struct KernelCounters {
     pub close_without_tw: u64,
     pub owner_store_failed: u64,
     pub track_failed: u64,
+    pub connect_failed: u64,
 }
 
 /// What the kernel keeps per program (BPF_OBJ_GET_INFO_BY_FD).
@@ -80,6 +85,8 @@ pub struct ProgramStats {
 pub struct Probes {
     ebpf: Ebpf,
     pub info: KernelInfo,
+    /// The kernel programs' log lines (`--debug-kernel`), read when the ring buffer is.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
@@ -101,6 +108,34 @@ fn one_line(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// An error and its causes, whole (the verifier's log included).
+fn full(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(&format!(": {s}"));
+        cur = s.source();
+    }
+    out
+}
+
+/// The kernel programs' log lines, on stderr (the only use of the `log` crate here).
+struct KernelLog;
+
+static KERNEL_LOG: KernelLog = KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record) {
+        eprintln!("twtrace: kernel: {}", record.args());
+    }
+
+    fn flush(&self) {}
+}
+
 fn first_line(s: &str) -> String {
     let line = s.lines().next().unwrap_or_default();
     match line.find(". Verifier output") {
@@ -111,13 +146,7 @@ fn first_line(s: &str) -> String {
 
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
-        let info = preflight::check(opts.track_forks)?;
-        if info.mounted_tracefs {
-            eprintln!(
-                "twtrace: mounted tracefs at {} (it was not mounted)",
-                info.tracefs.display()
-            );
-        }
+        let info = preflight::check()?;
         raise_memlock_limit();
         let config = Config {
             tw_timer_fn: info.tw_timer_fn,
@@ -132,12 +161,20 @@ impl Probes {
             off_skc_v6_rcv_saddr: info.off_skc_v6_rcv_saddr,
             off_skc_net: info.off_skc_net,
             off_net_inum: info.off_net_inum,
+            off_tw_substate: info.off_tw_substate,
+            off_sk_err: info.off_sk_err,
+            off_task_tgid: info.off_task_tgid,
+            debug: opts.debug_kernel as u8,
+            _pad2: [0; 3],
             emit_states: opts.emit_states as u8,
             _pad: [0; 7],
             wakeup_bytes: (opts.ring_size / 16) as u64,
         };
+        // aya-log's own level: off unless asked (our programs test `Config.debug` first).
+        let log_level: u8 = if opts.debug_kernel { 0xff } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .override_global("CONFIG", &config, true)
+            .override_global(aya_log::LEVEL, &log_level, true)
             .map_max_entries("EVENTS", opts.ring_size)
             .load(OBJECT)
             .map_err(|e| {
@@ -160,31 +197,34 @@ impl Probes {
         // The kernel's type information, which BTF tracepoints are loaded against (preflight
         // has already read it once and found what it needs).
         let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read BTF", e))?;
-        for (prog, category, name) in programs.into_iter().chain(fork) {
-            let place = if category == "btf" {
-                format!("BTF tracepoint {name}")
-            } else {
-                format!("tracepoint {category}:{name}")
-            };
+        for (prog, name) in programs.into_iter().chain(fork) {
+            let place = format!("BTF tracepoint {name}");
             let program = ebpf
                 .program_mut(prog)
                 .ok_or_else(|| refused("load", format!("program {prog} missing from object")))?;
             let load_failed = |e: aya::programs::ProgramError| {
-                refused(&format!("load program {prog}"), one_line(&e))
+                let why = if opts.verbose {
+                    full(&e)
+                } else {
+                    format!("{} (--verbose prints the verifier's log)", one_line(&e))
+                };
+                refused(&format!("load program {prog}"), why)
             };
-            let attached = if category == "btf" {
-                let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
-                p.load(name, &btf).map_err(load_failed)?;
-                injected_failure(prog, &place)?;
-                p.attach().map(drop)
-            } else {
-                let p: &mut TracePoint = program.try_into().map_err(|e| refused("load", e))?;
-                p.load().map_err(load_failed)?;
-                injected_failure(prog, &place)?;
-                p.attach(category, name).map(drop)
-            };
-            attached.map_err(|e| refused(&format!("attach to {place}"), one_line(&e)))?;
+            let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
+            p.load(name, &btf).map_err(load_failed)?;
+            injected_failure(prog, &place)?;
+            p.attach()
+                .map(drop)
+                .map_err(|e| refused(&format!("attach to {place}"), one_line(&e)))?;
         }
+        let logger = if opts.debug_kernel {
+            Some(
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, &KERNEL_LOG as &dyn log::Log)
+                    .map_err(|e| refused("read the programs' log", e))?,
+            )
+        } else {
+            None
+        };
         #[cfg(debug_assertions)]
         if injected("TWTRACE_TEST_PANIC", "after-attach") {
             panic!("panic injected by TWTRACE_TEST_PANIC after attaching");
@@ -199,7 +239,14 @@ impl Probes {
         unsafe {
             libc::malloc_trim(0)
         };
-        Ok(Self { ebpf, info })
+        Ok(Self { ebpf, info, logger })
+    }
+
+    /// Prints what the programs logged since the last call (`--debug-kernel`).
+    pub fn flush_log(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>, Failure> {
@@ -231,6 +278,7 @@ impl Probes {
             close_without_tw: sum(counter::CLOSE_WITHOUT_TW),
             owner_store_failed: sum(counter::OWNER_STORE_FAILED),
             track_failed: sum(counter::TRACK_FAILED),
+            connect_failed: sum(counter::CONNECT_FAILED),
         }
     }
 
@@ -240,7 +288,7 @@ impl Probes {
             .iter()
             .chain(HOOKS_ONLY.iter())
             .chain([FORK_PROGRAM].iter())
-            .filter_map(|(name, _, _)| {
+            .filter_map(|(name, _)| {
                 let fd = self.ebpf.program(name)?.fd().ok()?;
                 let mut stats = prog_info(fd.as_fd().as_raw_fd())?;
                 stats.name = name;

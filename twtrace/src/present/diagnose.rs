@@ -5,10 +5,11 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::{Value, json};
 
-use crate::host::{close_wait::CloseWait, counters::TwCounters, settings::Settings};
-
-/// TIME_WAIT lasts this long (TCP_TIMEWAIT_LEN; not tunable).
-pub const TIME_WAIT_S: f64 = 60.0;
+use crate::{
+    host::{close_wait::CloseWait, counters::TwCounters, settings::Settings},
+    present::allocator::{self, Allocation, Demand},
+    track::lifecycle::FailReason,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -32,17 +33,34 @@ impl Severity {
     }
 }
 
-/// Sockets of this host towards one destination, from one source address: they share the
-/// ephemeral port range.
+/// Sockets of this host that draw on one pool of local ports: towards one destination from one
+/// source address (connect() without bind()), or from one source address towards every
+/// destination (bind() before connect()). See `present::allocator`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Destination {
+    pub allocation: Allocation,
     pub source: IpAddr,
-    pub remote: SocketAddr,
-    /// Sockets holding a local port towards it now, in any state (TIME_WAIT included).
+    /// None for `Allocation::Bind`.
+    pub remote: Option<SocketAddr>,
+    /// Sockets holding a local port in that pool now, in any state (TIME_WAIT included).
     pub held: u64,
     pub in_time_wait: u64,
-    /// TIME_WAIT births towards it while doctor watched.
+    /// TIME_WAIT births in that pool while doctor watched.
     pub births: u64,
+    /// connect() calls that found no local port while doctor watched, and by whom:
+    /// (pid, comm, count), most first.
+    pub no_port: u64,
+    pub failing: Vec<(u32, String, u64)>,
+}
+
+/// connect() calls towards a destination that failed for another reason than a port (refused,
+/// unanswered, unreachable, given up), while doctor watched.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedConnects {
+    pub remote: SocketAddr,
+    /// (reason, count), most first.
+    pub reasons: Vec<(FailReason, u64)>,
+    pub failing: Vec<(u32, String, u64)>,
 }
 
 /// A listening port on which this host closed first.
@@ -64,10 +82,12 @@ pub struct Evidence {
     pub settings: Settings,
     /// TcpExt deltas over the watch.
     pub counters: TwCounters,
-    /// TcpExt TCPAbortOnData over the watch: closes that sent a reset.
+    /// TcpExt TCPAbortOnData and TCPAbortOnClose over the watch: closes that sent a reset
+    /// (see `TwCounters`).
     pub resets_on_close: u64,
     pub sockstat_tw: Option<u64>,
     pub destinations: Vec<Destination>,
+    pub failed_connects: Vec<FailedConnects>,
     pub servers: Vec<ServerPort>,
     pub close_wait_start: Vec<CloseWait>,
     pub close_wait_end: Vec<CloseWait>,
@@ -85,114 +105,229 @@ pub struct Finding {
     pub remedy: String,
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
-}
-
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn port_exhaustion(ev: &Evidence, d: &Destination, usable: u32) -> Option<Finding> {
-    let usable_f = usable.max(1) as f64;
-    let rate = if ev.duration_s > 0.0 {
-        d.births as f64 / ev.duration_s
-    } else {
-        0.0
+/// `api[4121] 312, worker[4130] 20`.
+fn who(failing: &[(u32, String, u64)]) -> String {
+    failing
+        .iter()
+        .take(3)
+        .map(|(pid, comm, n)| format!("{comm}[{pid}] {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One pool of local ports judged with the allocator model: the finding shows its arithmetic
+/// and the settings it used.
+fn port_exhaustion(ev: &Evidence, d: &Destination) -> Option<Finding> {
+    let (usable, usable_line) = allocator::usable_line(&ev.settings)?;
+    let demand = Demand {
+        allocation: d.allocation,
+        source: d.source,
+        remote: d.remote,
+        held: d.held,
+        in_time_wait: d.in_time_wait,
+        births: d.births,
+        no_port: d.no_port,
     };
-    let steady = rate * TIME_WAIT_S;
-    // Growing towards a steady state above the range: ports run out when held reaches it.
-    let time_left =
-        (steady > usable_f && rate > 0.0).then(|| ((usable_f - d.held as f64) / rate).max(0.0));
+    let reuse = allocator::reuse(&ev.settings, d.allocation, d.remote);
+    let v = allocator::judge(&demand, usable, ev.duration_s, reuse);
+    let usable_f = usable.max(1) as f64;
     let held_share = d.held as f64 / usable_f;
-    let steady_share = steady / usable_f;
-    let severity = if held_share >= 0.9 || time_left.is_some_and(|t| t < TIME_WAIT_S) {
+    let needed_share = v.needed_share();
+    // With reuse, a full range is recycled, not exhausted: what it needs is what counts.
+    let held_counts = !v.reuse.applies;
+    let severity = if d.no_port > 0
+        || v.time_left_s.is_some_and(|t| t < allocator::TIME_WAIT_S)
+        || (held_counts && held_share >= 0.9)
+    {
         Severity::Critical
-    } else if held_share >= 0.5 || steady_share >= 0.5 {
+    } else if needed_share >= 0.5 || (held_counts && held_share >= 0.5) {
         Severity::Warning
-    } else if held_share >= 0.1 || steady_share >= 0.1 {
+    } else if needed_share >= 0.1 || held_share >= 0.1 {
         Severity::Info
     } else {
         return None;
     };
-    let reuse = match ev.settings.tw_reuse {
-        Some(1) => true,
-        Some(2) => is_loopback(d.remote.ip()),
-        _ => false,
+    let place = match (d.allocation, d.remote) {
+        (Allocation::Connect, Some(r)) => format!("{} -> {r}", d.source),
+        _ => format!("{} (bind() before connect(), every destination)", d.source),
     };
     let mut evidence = vec![
+        match d.allocation {
+            Allocation::Connect => format!(
+                "{} of {usable} usable local ports held towards it ({} in TIME_WAIT)",
+                d.held, d.in_time_wait
+            ),
+            Allocation::Bind => format!(
+                "{} of {usable} usable local ports of {} held, all destinations together ({} in \
+                 TIME_WAIT): a port bound with bind() is the address's for every destination",
+                d.held, d.source, d.in_time_wait
+            ),
+        },
+        usable_line,
         format!(
-            "{} of {usable} usable local ports held towards it ({} in TIME_WAIT)",
-            d.held, d.in_time_wait
+            "{:.1} new connections/s closed first by this host",
+            v.rate
         ),
-        format!(
-            "{:.1} new connections/s closed first by this host -> about {:.0} in TIME_WAIT at steady state (rate x 60 s)",
-            rate, steady
-        ),
+        v.reuse.why.clone(),
+        if v.reuse.applies {
+            format!(
+                "ports needed at steady state: {} open + {:.1}/s x {:.1} s = {:.0}",
+                demand.open(),
+                v.rate,
+                v.reuse.delay_ms as f64 / 1000.0,
+                v.needed
+            )
+        } else {
+            format!(
+                "ports needed at steady state: {} open + {:.1}/s x 60 s in TIME_WAIT = {:.0}",
+                demand.open(),
+                v.rate,
+                v.needed
+            )
+        },
     ];
-    match time_left {
-        Some(t) if t <= 0.0 => evidence.push(
-            "the port range is used up: connect() fails with EADDRNOTAVAIL unless it can reuse a TIME_WAIT".into(),
-        ),
-        Some(t) => evidence.push(format!(
-            "at this rate connect() starts failing with EADDRNOTAVAIL in about {t:.0} s"
-        )),
-        None => {}
-    }
-    if reuse {
+    if d.no_port > 0 {
         evidence.push(format!(
-            "tcp_tw_reuse={} applies here: connect() may take over a TIME_WAIT older than 1 s, which postpones the failure but not the churn",
-            ev.settings.tw_reuse.unwrap_or(0)
+            "already failing: {} connect() calls found no local port in {:.0} s (EADDRNOTAVAIL), \
+             from {}",
+            d.no_port,
+            ev.duration_s,
+            who(&d.failing)
         ));
-    }
-    let mut remedy = "Reuse connections to this destination (HTTP keep-alive, a connection pool) \
-        instead of opening one per request: that removes the TIME_WAIT at its source."
-        .to_owned();
-    if !reuse {
-        remedy.push_str(
-            " Until then: net.ipv4.tcp_tw_reuse=1 lets outgoing connections reuse TIME_WAIT \
-             older than a second (timestamps must be on);",
-        );
     } else {
-        remedy.push_str(" Until then:");
+        match v.time_left_s {
+            Some(t) if t <= 0.0 => evidence.push(
+                "the ports are used up: the next connect() that needs a new one fails".into(),
+            ),
+            Some(t) => evidence.push(format!(
+                "at this rate {} starts failing with {} in about {t:.0} s",
+                if d.allocation == Allocation::Bind {
+                    "bind()"
+                } else {
+                    "connect()"
+                },
+                if d.allocation == Allocation::Bind {
+                    "EADDRINUSE"
+                } else {
+                    "EADDRNOTAVAIL"
+                }
+            )),
+            None if v.reuse.applies && held_share >= 0.5 => evidence.push(format!(
+                "no failure expected: TIME_WAIT older than {} ms are taken over (TcpExt \
+                 TWRecycled rose by {} while watched)",
+                v.reuse.delay_ms, ev.counters.recycled
+            )),
+            None => {}
+        }
     }
-    remedy.push_str(
-        " a wider net.ipv4.ip_local_port_range gives more room, and connecting from several \
-         source addresses multiplies it (ports are per source address and destination).",
-    );
+    let remedy = match d.allocation {
+        Allocation::Bind => "Set IP_BIND_ADDRESS_NO_PORT on the socket before bind() (the port \
+             is then chosen at connect(), per destination), or do not bind() at all; better \
+             still, reuse connections (keep-alive, a pool) so that fewer ports are taken."
+            .to_owned(),
+        Allocation::Connect => {
+            let mut r = "Reuse connections to this destination (HTTP keep-alive, a connection \
+                 pool) instead of opening one per request: that removes the TIME_WAIT at its \
+                 source."
+                .to_owned();
+            if !v.reuse.applies {
+                r.push_str(
+                    " Until then: net.ipv4.tcp_tw_reuse=1 lets outgoing connections reuse \
+                     TIME_WAIT older than a second (timestamps must be on);",
+                );
+            } else {
+                r.push_str(" Until then:");
+            }
+            r.push_str(
+                " a wider net.ipv4.ip_local_port_range gives more room, and connecting from \
+                 several source addresses multiplies it (ports are per source address and \
+                 destination).",
+            );
+            r
+        }
+    };
     Some(Finding {
         severity,
         kind: "port_exhaustion",
         title: if severity.serious() {
-            format!("ephemeral ports running out: {} -> {}", d.source, d.remote)
+            format!("ephemeral ports running out: {place}")
         } else {
-            format!("many ephemeral ports held: {} -> {}", d.source, d.remote)
+            format!("many ephemeral ports held: {place}")
         },
         evidence,
         data: json!({
+            "allocation": match d.allocation { Allocation::Connect => "connect", Allocation::Bind => "bind" },
             "source": d.source.to_string(),
-            "destination": d.remote.to_string(),
+            "destination": d.remote.map(|r| r.to_string()),
             "held": d.held,
             "in_time_wait": d.in_time_wait,
             "usable_ports": usable,
             "births": d.births,
-            "rate_per_s": round1(rate),
-            "steady_state": steady.round(),
-            "time_left_s": time_left.map(|t| t.round()),
-            "tw_reuse_applies": reuse,
+            "rate_per_s": round1(v.rate),
+            "steady_state": v.needed.round(),
+            "time_left_s": v.time_left_s.map(|t| t.round()),
+            "tw_reuse_applies": v.reuse.applies,
+            "tw_reuse_delay_ms": v.reuse.delay_ms,
+            "no_port_failures": d.no_port,
+            "failing": d.failing.iter().map(|(pid, comm, n)| json!({"pid": pid, "comm": comm, "count": n})).collect::<Vec<_>>(),
+            "settings": {
+                "ip_local_port_range": ev.settings.port_range.map(|(a, b)| vec![a, b]),
+                "tcp_tw_reuse": ev.settings.tw_reuse,
+                "tcp_timestamps": ev.settings.timestamps,
+            },
         }),
         remedy,
     })
+}
+
+/// connect() failures other than for lack of a port.
+fn failed_connects(ev: &Evidence, f: &FailedConnects) -> Finding {
+    let total: u64 = f.reasons.iter().map(|(_, n)| n).sum();
+    let reasons: Vec<String> = f
+        .reasons
+        .iter()
+        .map(|(r, n)| format!("{n} {} ({})", r.as_str(), r.errno()))
+        .collect();
+    Finding {
+        severity: if total >= 10 {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        kind: "connect_failures",
+        title: format!("connect() to {} fails", f.remote),
+        evidence: vec![format!(
+            "{total} failed in {:.0} s: {}; from {}",
+            ev.duration_s,
+            reasons.join(", "),
+            who(&f.failing)
+        )],
+        data: json!({
+            "destination": f.remote.to_string(),
+            "failures": total,
+            "reasons": f.reasons.iter().map(|(r, n)| json!({"reason": r.as_str(), "count": n})).collect::<Vec<_>>(),
+            "failing": f.failing.iter().map(|(pid, comm, n)| json!({"pid": pid, "comm": comm, "count": n})).collect::<Vec<_>>(),
+        }),
+        remedy: "Refused: nothing listens there (or a firewall rejects); unanswered: the peer or \
+                 the path drops the SYN. Neither holds a local port for long, but retries in a \
+                 loop add churn: back off between attempts."
+            .into(),
+    }
 }
 
 pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
     let mut out = Vec::new();
     let s = &ev.settings;
 
-    if let Some(usable) = s.ephemeral_ports() {
-        for d in &ev.destinations {
-            out.extend(port_exhaustion(ev, d, usable));
-        }
+    for d in &ev.destinations {
+        out.extend(port_exhaustion(ev, d));
+    }
+    for f in &ev.failed_connects {
+        out.push(failed_connects(ev, f));
     }
 
     if ev.counters.overflow > 0 {
@@ -371,8 +506,13 @@ pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
             kind: "reset_on_close",
             title: "connections closed by a reset instead of a FIN".into(),
             evidence: vec![format!(
-                "{} in {:.0} s (TcpExt TCPAbortOnData: SO_LINGER with a zero timeout, or data unread at close)",
-                ev.resets_on_close, ev.duration_s
+                "{} in {:.0} s: {} closed with SO_LINGER set to zero or got data after shutting \
+                 down (TcpExt TCPAbortOnData), {} closed with received data unread \
+                 (TCPAbortOnClose)",
+                ev.resets_on_close,
+                ev.duration_s,
+                ev.counters.abort_on_data,
+                ev.counters.abort_on_close
             )],
             data: json!({"resets": ev.resets_on_close}),
             remedy: "A zero linger avoids TIME_WAIT by aborting: the peer gets an error instead of \

@@ -18,6 +18,7 @@ use prometheus_client::{
 use crate::{
     present::report::{Context, NsContext},
     track::aggregate::{Aggregator, By, Key, REASONS},
+    track::lifecycle::FailReason,
 };
 
 /// Which keys are exported, per grouping (sticky while their namespace lives).
@@ -182,6 +183,25 @@ pub fn encode(
 
     let mut f = family(
         enc,
+        "twtrace_timewait_fin_wait2_sockets",
+        "Timewait sockets now in the FIN_WAIT2 substate (closed first, the peer's FIN not in yet), per group",
+        MetricType::Gauge,
+    )?;
+    for by in By::ALL {
+        let keys = &exporter.exported[by as usize];
+        let mut sum = 0;
+        for key in keys {
+            let n = agg.group(by, key).map_or(0, |g| g.in_fin_wait2);
+            sum += n;
+            f.gauge(&group_labels(by, key), n)?;
+        }
+        if agg.groups(by).0.len() > keys.len() || agg.folded_groups(by) > 0 {
+            f.gauge(&other_labels(by), t.in_fin_wait2.saturating_sub(sum))?;
+        }
+    }
+
+    let mut f = family(
+        enc,
         "twtrace_timewait_entered",
         "TIME_WAIT births since start, per group",
         MetricType::Counter,
@@ -217,6 +237,30 @@ pub fn encode(
             let mut labels = other_labels(by);
             labels.push(("reason", reason.as_str().into()));
             f.counter(&labels, t.exits[i].saturating_sub(sum))?;
+        }
+    }
+
+    let mut f = family(
+        enc,
+        "twtrace_connect_failures",
+        "connect() calls that never connected since start, per group and reason",
+        MetricType::Counter,
+    )?;
+    for by in By::ALL {
+        let keys = &exporter.exported[by as usize];
+        for reason in FailReason::ALL {
+            let i = reason.index();
+            let mut sum = 0;
+            for key in keys {
+                let n = agg.group(by, key).map_or(0, |g| g.connect_failures[i]);
+                sum += n;
+                let mut labels = group_labels(by, key);
+                labels.push(("reason", reason.as_str().into()));
+                f.counter(&labels, n)?;
+            }
+            let mut labels = other_labels(by);
+            labels.push(("reason", reason.as_str().into()));
+            f.counter(&labels, t.connect_failures[i].saturating_sub(sum))?;
         }
     }
 
@@ -261,6 +305,25 @@ pub fn encode(
         MetricType::Gauge,
     )?
     .gauge(&[], t.in_time_wait)?;
+    family(
+        enc,
+        "twtrace_host_timewait_fin_wait2_sockets",
+        "Timewait sockets now in the FIN_WAIT2 substate, all namespaces (sockstat's tw counts them with TIME_WAIT)",
+        MetricType::Gauge,
+    )?
+    .gauge(&[], t.in_fin_wait2)?;
+    let mut f = family(
+        enc,
+        "twtrace_host_connect_failures",
+        "connect() calls that never connected since start, all namespaces, per reason",
+        MetricType::Counter,
+    )?;
+    for reason in FailReason::ALL {
+        f.counter(
+            &[("reason", reason.as_str().into())],
+            t.connect_failures[reason.index()],
+        )?;
+    }
 
     // The namespaces in play, most TIME_WAIT first, at most max_series of them.
     let mut namespaces: Vec<(&NsContext, u64)> = ctx

@@ -2,6 +2,7 @@
 //! metrics, the HTTP API's parameters, and doctor's findings.
 //! Takes in an `Aggregator` and host figures; hands on text, JSON and metrics to the views.
 
+pub mod allocator;
 pub mod api;
 pub mod diagnose;
 pub mod metrics;

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use crate::{
     host::{cgroup::Unit, close_wait::CloseWait},
     track::aggregate::{Aggregator, By, Group, Key, REASONS},
+    track::lifecycle::FailReason,
     track::session::Loss,
 };
 
@@ -122,6 +123,9 @@ pub struct Row {
     pub entered: u64,
     pub exited: u64,
     pub in_time_wait: u64,
+    pub in_fin_wait2: u64,
+    /// Indexed like `FailReason::ALL`.
+    pub connect_failures: [u64; 6],
     pub rate_1s: f64,
     pub rate_10s: f64,
     pub rate_60s: f64,
@@ -144,6 +148,8 @@ fn row(key: String, netns: u32, g: &Group, ctx: &Context) -> Row {
         entered: g.entered,
         exited: g.exited,
         in_time_wait: g.in_time_wait,
+        in_fin_wait2: g.in_fin_wait2,
+        connect_failures: g.connect_failures,
         rate_1s: g.rate(ctx.now_sec, 1),
         rate_10s: g.rate(ctx.now_sec, 10),
         rate_60s: g.rate(ctx.now_sec, 59),
@@ -222,6 +228,8 @@ fn row_json(by: By, r: &Row, unit: Option<Unit>) -> Value {
         "entered": r.entered,
         "exited": r.exited,
         "in_time_wait": r.in_time_wait,
+        "in_fin_wait2": r.in_fin_wait2,
+        "connect_failures": failures_json(&r.connect_failures),
         "rate_per_s": round2(r.rate_avg),
         "rates": {"1s": round2(r.rate_1s), "10s": round2(r.rate_10s), "60s": round2(r.rate_60s)},
         "lifetime_ms": {"p50": r.p50_ms, "p99": r.p99_ms, "max": r.max_ms},
@@ -230,6 +238,14 @@ fn row_json(by: By, r: &Row, unit: Option<Unit>) -> Value {
         "unit": unit.map(|u| u.label),
         "pod": pod,
     })
+}
+
+fn failures_json(f: &[u64; 6]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (i, r) in FailReason::ALL.iter().enumerate() {
+        m.insert(r.as_str().into(), json!(f[i]));
+    }
+    Value::Object(m)
 }
 
 fn round2(x: f64) -> f64 {
@@ -255,19 +271,16 @@ pub fn json(
         }
     };
     let groups: Vec<Value> = rows.iter().map(|r| row_json(by, r, unit(r))).collect();
-    let tw_in = |netns: u32| {
-        agg.namespaces()
-            .find(|&(n, _)| n == netns)
-            .map_or(0, |(_, tw)| tw)
-    };
     let namespaces: Vec<Value> = ctx
         .namespaces
         .iter()
         .map(|n| {
+            let (tw, fw2) = agg.in_netns(n.netns);
             json!({
                 "netns": n.netns,
                 "name": n.name,
-                "in_time_wait": tw_in(n.netns),
+                "in_time_wait": tw,
+                "in_fin_wait2": fw2,
                 "kernel_time_wait": n.kernel_time_wait,
                 "skipped_overflow": n.skipped_overflow,
                 "ephemeral_ports": n.ephemeral_ports,
@@ -283,7 +296,9 @@ pub fn json(
             "entered": t.entered,
             "exited": t.exited,
             "in_time_wait": t.in_time_wait,
+            "in_fin_wait2": t.in_fin_wait2,
             "seeded": t.seeded,
+            "connect_failures": failures_json(&t.connect_failures),
             "lost_events": ctx.loss.total(),
             "skipped_overflow": ctx.skipped_overflow(),
             "kernel_time_wait": ctx.kernel_time_wait(),
@@ -350,22 +365,31 @@ pub fn table(
         "{:.0}s: {} TIME_WAIT births, {} ends ({} expired, {} reused, {} syn, {} killed)\n",
         ctx.duration_s, t.entered, t.exited, t.exits[0], t.exits[1], t.exits[2], t.exits[3]
     ));
-    let now = format!(
-        "now: {} in TIME_WAIT ({} from before start), kernel says {}",
-        t.in_time_wait,
-        t.seeded,
-        num(ctx.kernel_time_wait())
-    );
+    // sockstat's `tw` counts both substates: the kernel figure is beside their sum.
+    let now = if t.in_fin_wait2 > 0 {
+        format!(
+            "now: {} in TIME_WAIT + {} in FIN_WAIT2 ({} from before start), kernel says {}",
+            t.in_time_wait,
+            t.in_fin_wait2,
+            t.seeded,
+            num(ctx.kernel_time_wait())
+        )
+    } else {
+        format!(
+            "now: {} in TIME_WAIT ({} from before start), kernel says {}",
+            t.in_time_wait,
+            t.seeded,
+            num(ctx.kernel_time_wait())
+        )
+    };
     out.push_str(&now);
     if ctx.several_namespaces() {
         out.push_str(&format!(" in {} netns:\n", ctx.namespaces.len()));
         for n in &ctx.namespaces {
-            let twtrace = agg
-                .namespaces()
-                .find(|&(ns, _)| ns == n.netns)
-                .map_or(0, |(_, tw)| tw);
+            let (tw, fw2) = agg.in_netns(n.netns);
+            let twtrace = tw + fw2;
             out.push_str(&format!(
-                "  {:<16} {:>7} TIME_WAIT, kernel {:>7}; ephemeral ports {}\n",
+                "  {:<16} {:>7} timewait, kernel {:>7}; ephemeral ports {}\n",
                 clip(&n.name, 16),
                 twtrace,
                 num(n.kernel_time_wait),
@@ -398,12 +422,30 @@ pub fn table(
             ctx.skipped_overflow()
         ));
     }
+    let failed: u64 = t.connect_failures.iter().sum();
+    if failed > 0 {
+        let why: Vec<String> = FailReason::ALL
+            .iter()
+            .zip(t.connect_failures)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{n} {}", r.as_str()))
+            .collect();
+        out.push_str(&format!(
+            "connect() failed {failed} times: {}\n",
+            why.join(", ")
+        ));
+    }
     out.push('\n');
-    // The namespace column only where rows come from more than one.
-    // The namespace column only where rows come from more than one; then the other columns
-    // narrow so that a line still fits 80 columns.
+    // A namespace column only where rows come from more than one, a FAILED column (connect()
+    // failures) only where a row has some; the other columns narrow so that a line still fits
+    // 80 columns (with both, FAILED takes P50's place).
     let netns_col = rows.iter().any(|r| r.netns != rows[0].netns);
-    let (kw, nw) = if netns_col { (21, 6) } else { (24, 7) };
+    let failed_col = rows.iter().any(|r| r.connect_failures.iter().any(|&n| n > 0));
+    let (kw, nw) = match (netns_col, failed_col) {
+        (false, false) => (24, 7),
+        (true, _) => (21, 6),
+        (false, true) => (24, 6),
+    };
     let ns = |name: &str| {
         if netns_col {
             format!("{:<10} ", clip(name, 10))
@@ -411,15 +453,24 @@ pub fn table(
             String::new()
         }
     };
+    let last_cols = |failed: String, p50: String| match (netns_col, failed_col) {
+        (_, false) => format!("{p50:>nw$}"),
+        (true, true) => format!("{failed:>nw$}"),
+        (false, true) => format!("{failed:>nw$} {p50:>nw$}"),
+    };
     out.push_str(&format!(
-        "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$} {:>nw$} {:>nw$} {}\n",
+        "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$} {:>nw$} {} {}\n",
         by.as_str().to_uppercase(),
         ns("NETNS"),
-        if netns_col { "TW" } else { "TW NOW" },
+        if netns_col || failed_col {
+            "TW"
+        } else {
+            "TW NOW"
+        },
         "BIRTHS",
         "PER S",
         "ENDS",
-        "P50",
+        last_cols("FAILED".into(), "P50".into()),
         if by == By::Process {
             "UNIT"
         } else {
@@ -433,14 +484,17 @@ pub fn table(
             r.key.clone()
         };
         let line = format!(
-            "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$.1} {:>nw$} {:>nw$} {}",
+            "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$.1} {:>nw$} {} {}",
             key,
             ns(if r.netns == 0 { "" } else { &r.netns_name }),
             r.in_time_wait,
             r.entered,
             r.rate_avg,
             r.exited,
-            fmt_ms(r.p50_ms),
+            last_cols(
+                r.connect_failures.iter().sum::<u64>().to_string(),
+                fmt_ms(r.p50_ms)
+            ),
             if by == By::Process {
                 r.cgroup_id
                     .and_then(&mut *unit_of)

@@ -22,7 +22,7 @@ use foldhash::{HashMap, HashMapExt as _, HashSetExt as _};
 
 use crate::{
     kernel::decode::{Comm, Conn, Process, Role},
-    track::lifecycle::{Event, Reason, TwEnter, TwExit},
+    track::lifecycle::{ConnectFailure, Event, FailReason, Reason, Substate, TwEnter, TwExit, TwRearm},
 };
 
 /// Default number of groups kept per grouping before the smallest are folded into `other`.
@@ -298,11 +298,18 @@ pub const REASONS: [Reason; 4] = [Reason::Expired, Reason::Reused, Reason::Syn, 
 /// What twtrace knows about one group.
 #[derive(Clone, Debug, Default)]
 pub struct Group {
+    /// Timewait sockets born (both substates).
     pub entered: u64,
     pub exited: u64,
+    /// Timewait sockets now in the TIME_WAIT substate (`ss state time-wait`).
     pub in_time_wait: u64,
+    /// Timewait sockets now in the FIN_WAIT2 substate: closed first, the peer's FIN not in yet
+    /// (`ss state fin-wait-2` lists them; sockstat's `tw` counts both kinds).
+    pub in_fin_wait2: u64,
     /// Indexed like `REASONS`.
     pub exits: [u64; 4],
+    /// connect() calls that never connected, indexed like `FailReason::ALL`.
+    pub connect_failures: [u64; 6],
     rates: RateRing,
     pub lifetimes: Lifetimes,
     /// Most recent distinct owners (pid, comm), newest last.
@@ -324,12 +331,33 @@ impl Group {
         self.lifetimes.buckets = buckets;
     }
 
-    fn enter(&mut self, sec: u64, owner: Option<&Process>, counted: bool) {
-        self.in_time_wait += 1;
+    /// The counter of timewait sockets in `substate`.
+    fn holding(&mut self, substate: Substate) -> &mut u64 {
+        match substate {
+            Substate::TimeWait => &mut self.in_time_wait,
+            Substate::FinWait2 => &mut self.in_fin_wait2,
+        }
+    }
+
+    /// Timewait sockets now, both substates (what sockstat's `tw` counts).
+    pub fn timewait(&self) -> u64 {
+        self.in_time_wait + self.in_fin_wait2
+    }
+
+    pub fn connect_failed(&self) -> u64 {
+        self.connect_failures.iter().sum()
+    }
+
+    fn enter(&mut self, sec: u64, owner: Option<&Process>, counted: bool, substate: Substate) {
+        *self.holding(substate) += 1;
         if counted {
             self.entered += 1;
             self.rates.record(sec);
         }
+        self.saw(owner);
+    }
+
+    fn saw(&mut self, owner: Option<&Process>) {
         if let Some(p) = owner {
             self.cgroup_id = Some(p.cgroup_id);
             let this = (p.pid, p.comm);
@@ -345,8 +373,13 @@ impl Group {
         }
     }
 
-    fn exit(&mut self, reason: Reason, lifetime_ms: Option<u64>) {
-        self.in_time_wait = self.in_time_wait.saturating_sub(1);
+    fn leave(&mut self, substate: Substate) {
+        let n = self.holding(substate);
+        *n = n.saturating_sub(1);
+    }
+
+    fn exit(&mut self, reason: Reason, lifetime_ms: Option<u64>, substate: Substate) {
+        self.leave(substate);
         self.exited += 1;
         self.exits[reason_index(reason)] += 1;
         if let Some(ms) = lifetime_ms {
@@ -354,12 +387,28 @@ impl Group {
         }
     }
 
+    fn rearm(&mut self, from: Substate, to: Substate) {
+        if from != to {
+            self.leave(from);
+            *self.holding(to) += 1;
+        }
+    }
+
+    fn fail(&mut self, reason: FailReason, owner: Option<&Process>) {
+        self.connect_failures[reason.index()] += 1;
+        self.saw(owner);
+    }
+
     fn absorb(&mut self, g: &Group) {
         self.entered += g.entered;
         self.exited += g.exited;
         self.in_time_wait += g.in_time_wait;
+        self.in_fin_wait2 += g.in_fin_wait2;
         for i in 0..4 {
             self.exits[i] += g.exits[i];
+        }
+        for (a, b) in self.connect_failures.iter_mut().zip(g.connect_failures) {
+            *a += b;
         }
         self.rates.merge(&g.rates);
         self.lifetimes.merge(&g.lifetimes);
@@ -446,49 +495,61 @@ impl Table {
         s
     }
 
-    /// A socket entering the group at slot `s` (just returned by `slot_for`, so live).
-    fn enter(&mut self, s: u32, sec: u64, owner: Option<&Process>, counted: bool) {
-        if let Some(g) = self.groups.get_mut(s as usize).and_then(Option::as_mut) {
-            g.1.enter(sec, owner, counted);
+    /// The group slot `s` counts in: its own while live, `other` once folded (None: free).
+    fn group_at(&mut self, s: u32) -> Option<&mut Group> {
+        match self.refs.get(s as usize).copied() {
+            Some(LIVE) => self.groups[s as usize].as_mut().map(|b| &mut b.1),
+            Some(n) if n > 0 => Some(&mut self.other),
+            _ => None,
         }
     }
 
-    fn exit(&mut self, s: u32, reason: Reason, lifetime_ms: Option<u64>) {
+    /// A live socket's reference to slot `s` ends: a folded slot is freed with its last one.
+    fn release(&mut self, s: u32) {
         let i = s as usize;
-        match self.refs.get(i).copied() {
-            Some(LIVE) => {
-                if let Some(g) = self.groups[i].as_mut() {
-                    g.1.exit(reason, lifetime_ms);
-                }
+        if let Some(n) = self.refs.get(i).copied()
+            && n != LIVE
+            && n > 0
+        {
+            self.refs[i] = n - 1;
+            if n == 1 {
+                self.free.push(s);
             }
-            Some(n) if n > 0 => {
-                self.other.exit(reason, lifetime_ms);
-                self.refs[i] = n - 1;
-                if n == 1 {
-                    self.free.push(s);
-                }
-            }
-            _ => {}
         }
+    }
+
+    /// A socket entering the group at slot `s` (just returned by `slot_for`, so live).
+    fn enter(
+        &mut self,
+        s: u32,
+        sec: u64,
+        owner: Option<&Process>,
+        counted: bool,
+        substate: Substate,
+    ) {
+        if let Some(g) = self.group_at(s) {
+            g.enter(sec, owner, counted, substate);
+        }
+    }
+
+    fn exit(&mut self, s: u32, reason: Reason, lifetime_ms: Option<u64>, substate: Substate) {
+        if let Some(g) = self.group_at(s) {
+            g.exit(reason, lifetime_ms, substate);
+        }
+        self.release(s);
     }
 
     /// Removes a seeded socket replaced by its own birth (not an end).
-    fn forget(&mut self, s: u32) {
-        let i = s as usize;
-        match self.refs.get(i).copied() {
-            Some(LIVE) => {
-                if let Some(g) = self.groups[i].as_mut() {
-                    g.1.in_time_wait = g.1.in_time_wait.saturating_sub(1);
-                }
-            }
-            Some(n) if n > 0 => {
-                self.other.in_time_wait = self.other.in_time_wait.saturating_sub(1);
-                self.refs[i] = n - 1;
-                if n == 1 {
-                    self.free.push(s);
-                }
-            }
-            _ => {}
+    fn forget(&mut self, s: u32, substate: Substate) {
+        if let Some(g) = self.group_at(s) {
+            g.leave(substate);
+        }
+        self.release(s);
+    }
+
+    fn rearm(&mut self, s: u32, from: Substate, to: Substate) {
+        if let Some(g) = self.group_at(s) {
+            g.rearm(from, to);
         }
     }
 
@@ -504,7 +565,8 @@ impl Table {
                 let (k, g) = &**self.groups[s as usize].as_ref()?;
                 // Pinned groups rank above all others, so they are never folded.
                 let pinned = self.pinned.contains(k);
-                Some((if pinned { u64::MAX } else { g.in_time_wait }, g.entered, s))
+                let held = if pinned { u64::MAX } else { g.timewait() };
+                Some((held, g.entered + g.connect_failed(), s))
             })
             .collect();
         // Largest first: TIME_WAIT now, then births. Only which side of `cap` a group falls
@@ -543,7 +605,7 @@ impl Table {
         self.map.remove(&entry.0);
         self.other.absorb(&entry.1);
         self.folded_groups += 1;
-        let tw = entry.1.in_time_wait;
+        let tw = entry.1.timewait();
         self.refs[s as usize] = tw.min(u32::MAX as u64 - 1) as u32;
         if tw == 0 {
             self.free.push(s);
@@ -596,10 +658,14 @@ pub struct Totals {
     pub exited: u64,
     /// Indexed like `REASONS`.
     pub exits: [u64; 4],
-    /// TIME_WAIT sockets alive now that twtrace knows of (born since start, or seeded).
+    /// Timewait sockets alive now that twtrace knows of (born since start, or seeded), in the
+    /// TIME_WAIT substate, and in the FIN_WAIT2 substate.
     pub in_time_wait: u64,
+    pub in_fin_wait2: u64,
     /// Of those, how many were seeded at start.
     pub seeded: u64,
+    /// connect() calls that never connected, indexed like `FailReason::ALL`.
+    pub connect_failures: [u64; 6],
     /// Ends with a known lifetime, counted per `LIFETIME_BOUNDS_S` bucket (not cumulative; the
     /// last slot is above the last bound), and their sum.
     pub lifetime_buckets: [u64; LIFETIME_BOUNDS_S.len() + 1],
@@ -635,15 +701,17 @@ impl Totals {
 #[derive(Debug)]
 pub struct Aggregator {
     tables: [Table; GROUPINGS],
-    /// Live TIME_WAIT sockets born since start, by timer address: their slot in each table.
-    live: HashMap<u64, [u32; GROUPINGS]>,
+    /// Live TIME_WAIT sockets born since start, by timer address: their slot in each table,
+    /// and their substate.
+    live: HashMap<u64, Held>,
     /// Seeded at start (sock_diag): no timer address known; the namespace and 4-tuple are unique
     /// while alive.
-    seeded: HashMap<(u32, Conn), [u32; GROUPINGS]>,
+    seeded: HashMap<(u32, Conn), Held>,
     totals: Totals,
-    /// TIME_WAIT sockets alive now per network namespace, exact whatever the folding: the set
-    /// of namespaces twtrace has seen, which the kernel's own figures are summed over.
-    namespaces: HashMap<u32, u64>,
+    /// Timewait sockets alive now per network namespace (TIME_WAIT, FIN_WAIT2 substates),
+    /// exact whatever the folding: the set of namespaces twtrace has seen, which the kernel's
+    /// own figures are summed over.
+    namespaces: HashMap<u32, [u64; 2]>,
     /// (namespace, local port) with a listener: tells accepted from connected when the kernel
     /// programs did not see the connection open (sockets born before start).
     listening: HashSet<(u32, u16)>,
@@ -652,6 +720,21 @@ pub struct Aggregator {
 
 fn sec_of(ts_ns: u64) -> u64 {
     ts_ns / 1_000_000_000
+}
+
+/// What the aggregate keeps per live timewait socket: its slot in each grouping's table and
+/// its substate (which counter of those groups it is in).
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    slots: [u32; GROUPINGS],
+    substate: Substate,
+}
+
+fn substate_index(s: Substate) -> usize {
+    match s {
+        Substate::TimeWait => 0,
+        Substate::FinWait2 => 1,
+    }
 }
 
 impl Aggregator {
@@ -684,27 +767,30 @@ impl Aggregator {
         }
     }
 
-    fn key(&self, by: By, e: &TwEnter) -> Key {
-        let (conn, netns) = (&e.conn, e.netns);
+    /// The group of a socket in one grouping.
+    fn key(
+        &self,
+        by: By,
+        conn: &Conn,
+        netns: u32,
+        owner: Option<&Process>,
+        role: Role,
+        seeded: bool,
+    ) -> Key {
         let id = match by {
             By::Port => Id::Port(conn.local.port()),
             By::Peer => Id::Peer(conn.remote),
-            By::Process => match &e.owner {
+            By::Process => match owner {
                 Some(p) => Id::Process {
                     pid: p.pid,
                     comm: p.comm,
                 },
                 None => Id::Process {
                     pid: 0,
-                    comm: if e.seeded {
-                        BEFORE_START
-                    } else {
-                        UNKNOWN_OWNER
-                    }
-                    .into(),
+                    comm: if seeded { BEFORE_START } else { UNKNOWN_OWNER }.into(),
                 },
             },
-            By::Service => match self.role_of(e.role, netns, conn) {
+            By::Service => match self.role_of(role, netns, conn) {
                 Role::Accepted => Id::Port(conn.local.port()),
                 _ => Id::Peer(conn.remote),
             },
@@ -717,7 +803,58 @@ impl Aggregator {
         match ev {
             Event::Enter(e) => self.enter(e),
             Event::Exit(x) => self.exit(x),
+            Event::Rearm(r) => self.rearm(r),
+            Event::ConnectFail(f) => self.fail(f),
             Event::State(_) => {}
+        }
+    }
+
+    /// A FIN_WAIT2-substate socket became TIME_WAIT (or a TIME_WAIT restarted its 60 s).
+    fn rearm(&mut self, r: &TwRearm) {
+        let held = if r.seeded {
+            self.seeded.get_mut(&(r.netns, r.conn))
+        } else {
+            self.live.get_mut(&r.timer)
+        };
+        let Some(held) = held else { return };
+        let from = std::mem::replace(&mut held.substate, r.to);
+        if from == r.to {
+            return;
+        }
+        let slots = held.slots;
+        for by in By::ALL {
+            self.tables[by.index()].rearm(slots[by.index()], from, r.to);
+        }
+        self.count(r.netns, from, -1);
+        self.count(r.netns, r.to, 1);
+    }
+
+    /// A connect() that never connected: counted in each of its groups and in the totals.
+    fn fail(&mut self, f: &ConnectFailure) {
+        self.totals.connect_failures[f.reason.index()] += 1;
+        for by in By::ALL {
+            let key = self.key(by, &f.conn, f.netns, f.owner.as_ref(), Role::Connected, false);
+            let t = &mut self.tables[by.index()];
+            let s = t.slot_for(key);
+            if let Some(g) = t.group_at(s) {
+                g.fail(f.reason, f.owner.as_ref());
+            }
+        }
+    }
+
+    /// Adds `by` (+1, -1) to the timewait sockets counted in `substate`, in the totals and in
+    /// the namespace.
+    fn count(&mut self, netns: u32, substate: Substate, by: i64) {
+        let total = match substate {
+            Substate::TimeWait => &mut self.totals.in_time_wait,
+            Substate::FinWait2 => &mut self.totals.in_fin_wait2,
+        };
+        *total = total.saturating_add_signed(by);
+        if by > 0 {
+            self.namespaces.entry(netns).or_default()[substate_index(substate)] += 1;
+        } else if let Some(n) = self.namespaces.get_mut(&netns) {
+            let c = &mut n[substate_index(substate)];
+            *c = c.saturating_sub(1);
         }
     }
 
@@ -743,33 +880,35 @@ impl Aggregator {
             }
             // Born between attach and the seeding dump: the birth replaces the seed.
             if !self.seeded.is_empty()
-                && let Some(slots) = self.seeded.remove(&(e.netns, e.conn))
+                && let Some(held) = self.seeded.remove(&(e.netns, e.conn))
             {
                 for by in By::ALL {
-                    self.tables[by.index()].forget(slots[by.index()]);
+                    self.tables[by.index()].forget(held.slots[by.index()], held.substate);
                 }
-                self.totals.in_time_wait -= 1;
+                self.count(e.netns, held.substate, -1);
                 self.totals.seeded -= 1;
-                self.leave_netns(e.netns);
             }
         }
         let sec = sec_of(e.ts_ns);
         let mut slots = [0u32; GROUPINGS];
         for by in By::ALL {
-            let key = self.key(by, e);
+            let key = self.key(by, &e.conn, e.netns, e.owner.as_ref(), e.role, e.seeded);
             let t = &mut self.tables[by.index()];
             let s = t.slot_for(key);
-            t.enter(s, sec, e.owner.as_ref(), counted);
+            t.enter(s, sec, e.owner.as_ref(), counted, e.substate);
             slots[by.index()] = s;
         }
+        let held = Held {
+            slots,
+            substate: e.substate,
+        };
         if e.seeded {
-            self.seeded.insert((e.netns, e.conn), slots);
+            self.seeded.insert((e.netns, e.conn), held);
             self.totals.seeded += 1;
         } else {
-            self.live.insert(e.timer, slots);
+            self.live.insert(e.timer, held);
         }
-        *self.namespaces.entry(e.netns).or_default() += 1;
-        self.totals.in_time_wait += 1;
+        self.count(e.netns, e.substate, 1);
         if counted {
             self.totals.entered += 1;
         }
@@ -781,35 +920,33 @@ impl Aggregator {
         if let Some(ns) = x.lifetime_ns {
             self.totals.record_lifetime(ns / 1_000_000);
         }
-        let slots = match (x.seeded, x.conn) {
+        let held = match (x.seeded, x.conn) {
             (true, Some(c)) => self.seeded.remove(&(x.netns, c)),
             _ => self.live.remove(&x.timer),
         };
-        let Some(slots) = slots else {
+        let Some(held) = held else {
             // Born before start and not seeded: counted in the totals only.
             return;
         };
-        self.totals.in_time_wait -= 1;
-        self.leave_netns(x.netns);
+        self.count(x.netns, held.substate, -1);
         if x.seeded {
             self.totals.seeded -= 1;
         }
         let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
         for by in By::ALL {
-            self.tables[by.index()].exit(slots[by.index()], x.reason, lifetime_ms);
+            self.tables[by.index()].exit(held.slots[by.index()], x.reason, lifetime_ms, held.substate);
         }
     }
 
-    fn leave_netns(&mut self, netns: u32) {
-        if let Some(n) = self.namespaces.get_mut(&netns) {
-            *n = n.saturating_sub(1);
-        }
-    }
-
-    /// The network namespaces seen (a TIME_WAIT born or seeded there, and not forgotten), with
-    /// the TIME_WAIT sockets alive in each now.
+    /// The network namespaces seen (a timewait socket born or seeded there, and not forgotten),
+    /// with the timewait sockets alive in each now (both substates).
     pub fn namespaces(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.namespaces.iter().map(|(&ns, &n)| (ns, n))
+        self.namespaces.iter().map(|(&ns, n)| (ns, n[0] + n[1]))
+    }
+
+    /// The timewait sockets alive in a namespace now: (TIME_WAIT, FIN_WAIT2 substates).
+    pub fn in_netns(&self, netns: u32) -> (u64, u64) {
+        self.namespaces.get(&netns).map_or((0, 0), |n| (n[0], n[1]))
     }
 
     /// A namespace that no longer exists: its groups are folded into `other` in every grouping
@@ -871,9 +1008,9 @@ impl Aggregator {
     /// Heap bytes held, approximately (for the memory bound's test and the benchmark).
     pub fn approx_bytes(&self) -> usize {
         self.tables.iter().map(Table::approx_bytes).sum::<usize>()
-            + self.live.capacity() * (8 + 4 * GROUPINGS + 1)
-            + self.seeded.capacity() * (4 + size_of::<Conn>() + 4 * GROUPINGS + 1)
-            + self.namespaces.capacity() * (4 + 8 + 1)
+            + self.live.capacity() * (8 + size_of::<Held>() + 1)
+            + self.seeded.capacity() * (4 + size_of::<Conn>() + size_of::<Held>() + 1)
+            + self.namespaces.capacity() * (4 + 16 + 1)
     }
 }
 

@@ -9,7 +9,9 @@
 //! | next event from the CPU      | the cancel was                               |
 //! |------------------------------|----------------------------------------------|
 //! | expire of the same timer     | the expiry: reason `expired`                 |
-//! | re-arm of the same timer     | a restart of the 60 s: nothing ended         |
+//! | re-arm of the same timer     | a restart: the FIN_WAIT2 substate became     |
+//! |                              | TIME_WAIT (the peer's FIN), or a retransmitted|
+//! |                              | FIN restarted the 60 s: nothing ended        |
 //! | SYN take-over of the timer   | a new SYN took the 4-tuple: reason `syn`     |
 //! | anything else, or nothing    | an early end: `reused` (connect() reuse, the |
 //! | within `SETTLE_NS`           | kernel flags it) or `killed` (RST, ss -K, …) |
@@ -22,7 +24,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 // are kernel addresses and 4-tuples known at start, not values a remote peer picks.
 use foldhash::HashMap;
 
+use twtrace_common::tcp_state;
+
 use crate::kernel::decode::{Conn, KernelEvent, Process, Role};
+
+/// TIME_WAIT lasts this long once the peer's FIN is in (TCP_TIMEWAIT_LEN; not tunable).
+pub const TIME_WAIT_MS: u64 = 60_000;
 
 /// How long a cancel waits for the event that explains it. The explaining event is produced
 /// within microseconds on the same CPU; this only bounds how late an early death is reported
@@ -48,6 +55,34 @@ impl Reason {
     }
 }
 
+/// A timewait socket's substate: TIME_WAIT, or FIN_WAIT2 while the peer has not sent its FIN
+/// (then its timer is `tcp_fin_timeout`'s; when the FIN comes it becomes TIME_WAIT for 60 s).
+/// `ss` lists the second kind under fin-wait-2; sockstat's `tw` counts both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Substate {
+    TimeWait,
+    FinWait2,
+}
+
+impl Substate {
+    /// From the kernel's state number (`tw_substate`); anything else is taken as TIME_WAIT.
+    pub fn from_kernel(state: u8) -> Self {
+        if state == tcp_state::FIN_WAIT2 {
+            Substate::FinWait2
+        } else {
+            Substate::TimeWait
+        }
+    }
+
+    /// The kernel's name, as `twtrace watch` and the JSON show it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Substate::TimeWait => "TIME_WAIT",
+            Substate::FinWait2 => "FIN_WAIT2",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TwEnter {
     pub ts_ns: u64,
@@ -57,7 +92,13 @@ pub struct TwEnter {
     pub netns: u32,
     pub owner: Option<Process>,
     pub role: Role,
+    /// The kernel's timer, in jiffies: the TIME_WAIT length, or for the FIN_WAIT2 substate
+    /// how long it waits for the peer's FIN (`tcp_fin_timeout`). 0 when not known (seeded).
     pub timeout_jiffies: u32,
+    pub substate: Substate,
+    /// The local port was bound before connect(): it is its source address's, whatever the
+    /// destination.
+    pub bound: bool,
     /// Listed by sock_diag at start (born before twtrace): no owner, no timer, not a birth.
     pub seeded: bool,
 }
@@ -74,8 +115,109 @@ pub struct TwExit {
     pub reason: Reason,
     /// None for a TIME_WAIT socket born before twtrace started.
     pub lifetime_ns: Option<u64>,
+    /// Its substate when it ended (FIN_WAIT2: the peer never sent its FIN).
+    pub substate: Substate,
     /// It was seeded at start (see `Lifecycle::seed`).
     pub seeded: bool,
+}
+
+/// A timewait socket's timer started again: the FIN_WAIT2 substate became TIME_WAIT (the peer's
+/// FIN came: 60 s from now), or a retransmitted FIN restarted the 60 s of a TIME_WAIT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwRearm {
+    pub ts_ns: u64,
+    pub timer: u64,
+    pub conn: Conn,
+    pub netns: u32,
+    pub owner: Option<Process>,
+    pub role: Role,
+    pub from: Substate,
+    pub to: Substate,
+    pub timeout_jiffies: u32,
+    pub seeded: bool,
+}
+
+/// Why a connect() never connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailReason {
+    /// No local port was free (EADDRNOTAVAIL, before any SYN).
+    NoPort,
+    /// The peer answered with a reset (ECONNREFUSED).
+    Refused,
+    /// No answer (ETIMEDOUT).
+    Timeout,
+    /// No route (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// Closed by the application before it connected.
+    Aborted,
+    /// Another error.
+    Other,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 6] = [
+        FailReason::NoPort,
+        FailReason::Refused,
+        FailReason::Timeout,
+        FailReason::Unreachable,
+        FailReason::Aborted,
+        FailReason::Other,
+    ];
+
+    /// From what the kernel left on the socket: no local port means none could be found
+    /// (tcp_v4_connect's failure path sets no error on the socket), else `sk_err`.
+    pub fn from_kernel(local_port: u16, err: u32) -> Self {
+        match (local_port, err as i32) {
+            (0, 0) => FailReason::NoPort,
+            (_, libc::ECONNREFUSED) => FailReason::Refused,
+            (_, libc::ETIMEDOUT) => FailReason::Timeout,
+            (_, libc::EHOSTUNREACH | libc::ENETUNREACH) => FailReason::Unreachable,
+            (_, 0) => FailReason::Aborted,
+            _ => FailReason::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::NoPort => "no_port",
+            FailReason::Refused => "refused",
+            FailReason::Timeout => "timeout",
+            FailReason::Unreachable => "unreachable",
+            FailReason::Aborted => "aborted",
+            FailReason::Other => "other",
+        }
+    }
+
+    /// The errno a program saw, by name.
+    pub fn errno(self) -> &'static str {
+        match self {
+            FailReason::NoPort => "EADDRNOTAVAIL",
+            FailReason::Refused => "ECONNREFUSED",
+            FailReason::Timeout => "ETIMEDOUT",
+            FailReason::Unreachable => "EHOSTUNREACH",
+            FailReason::Aborted => "-",
+            FailReason::Other => "-",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A connect() that never connected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectFailure {
+    pub ts_ns: u64,
+    /// The local port is 0 when none could be found.
+    pub conn: Conn,
+    pub netns: u32,
+    /// Who called connect() (recorded then; refused and unanswered ones end in softirq).
+    pub owner: Option<Process>,
+    pub reason: FailReason,
+    /// `sk_err` as the kernel left it.
+    pub err: u32,
+    pub bound: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,7 +236,9 @@ pub struct Transition {
 pub enum Event {
     Enter(TwEnter),
     Exit(TwExit),
+    Rearm(TwRearm),
     State(Transition),
+    ConnectFail(ConnectFailure),
 }
 
 impl Event {
@@ -102,7 +246,9 @@ impl Event {
         match self {
             Event::Enter(e) => e.ts_ns,
             Event::Exit(e) => e.ts_ns,
+            Event::Rearm(e) => e.ts_ns,
             Event::State(e) => e.ts_ns,
+            Event::ConnectFail(e) => e.ts_ns,
         }
     }
 
@@ -111,7 +257,9 @@ impl Event {
         match self {
             Event::Enter(e) => Some(&e.conn),
             Event::Exit(e) => e.conn.as_ref(),
+            Event::Rearm(e) => Some(&e.conn),
             Event::State(e) => Some(&e.conn),
+            Event::ConnectFail(e) => Some(&e.conn),
         }
     }
 
@@ -120,7 +268,9 @@ impl Event {
         match self {
             Event::Enter(e) => e.netns,
             Event::Exit(e) => e.netns,
+            Event::Rearm(e) => e.netns,
             Event::State(e) => e.netns,
+            Event::ConnectFail(e) => e.netns,
         }
     }
 
@@ -128,7 +278,9 @@ impl Event {
         match self {
             Event::Enter(e) => e.owner.as_ref(),
             Event::Exit(e) => e.owner.as_ref(),
+            Event::Rearm(e) => e.owner.as_ref(),
             Event::State(e) => e.owner.as_ref(),
+            Event::ConnectFail(e) => e.owner.as_ref(),
         }
     }
 
@@ -136,7 +288,9 @@ impl Event {
         match self {
             Event::Enter(e) => e.role,
             Event::Exit(e) => e.role,
+            Event::Rearm(e) => e.role,
             Event::State(e) => e.role,
+            Event::ConnectFail(_) => Role::Connected,
         }
     }
 }
@@ -151,6 +305,7 @@ struct Live {
     /// Index in `Owners`, or `NO_OWNER`.
     owner: u32,
     role: Role,
+    substate: Substate,
     /// The last cancel that turned out to be a re-arm (0: none), and whether it was a reuse;
     /// see `on_birth`.
     last_cancel_ts: u64,
@@ -311,6 +466,7 @@ impl Owners {
 #[derive(Debug, Clone, Copy)]
 struct Seed {
     role: Role,
+    substate: Substate,
     /// When the kernel will expire it (monotonic ns), from sock_diag's idiag_expires.
     deadline_ns: u64,
 }
@@ -372,6 +528,8 @@ impl Lifecycle {
             owner: self.owners.get(l.owner),
             role: l.role,
             timeout_jiffies: 0,
+            substate: l.substate,
+            bound: false,
             seeded: false,
         });
         let seeded = self.seeds.iter().map(|(&(netns, conn), s)| TwEnter {
@@ -382,6 +540,8 @@ impl Lifecycle {
             owner: None,
             role: s.role,
             timeout_jiffies: 0,
+            substate: s.substate,
+            bound: false,
             seeded: true,
         });
         born.chain(seeded)
@@ -395,11 +555,13 @@ impl Lifecycle {
     /// `Enter`. Call after the probes are attached, so that its end cannot be missed; a birth
     /// of the same 4-tuple seen later in the ring (it happened between attach and the dump)
     /// replaces it.
+    #[allow(clippy::too_many_arguments)]
     pub fn seed(
         &mut self,
         conn: Conn,
         netns: u32,
         role: Role,
+        substate: Substate,
         now_ns: u64,
         remaining_ms: u64,
         out: &mut Vec<Event>,
@@ -417,6 +579,7 @@ impl Lifecycle {
             (netns, conn),
             Seed {
                 role,
+                substate,
                 deadline_ns: now_ns + remaining_ms * 1_000_000,
             },
         );
@@ -428,6 +591,8 @@ impl Lifecycle {
             owner: None,
             role,
             timeout_jiffies: 0,
+            substate,
+            bound: false,
             seeded: true,
         }));
     }
@@ -443,11 +608,51 @@ impl Lifecycle {
                     self.end(p.timer, Reason::Expired, *ts_ns, p.conn, p.netns, out);
                     return;
                 }
-                KernelEvent::Rearm { timer, .. } if *timer == p.timer => {
+                KernelEvent::Rearm {
+                    timer,
+                    ts_ns,
+                    conn,
+                    netns,
+                    timeout_jiffies,
+                    substate,
+                    ..
+                } if *timer == p.timer => {
                     self.stats.rearms += 1;
+                    let to = Substate::from_kernel(*substate);
                     if let Some(live) = self.live.get_mut(p.timer) {
                         live.last_cancel_ts = p.ts_ns;
                         live.last_cancel_reuse = p.reuse;
+                        let from = std::mem::replace(&mut live.substate, to);
+                        let (conn, netns, role) = (live.conn.into(), live.netns, live.role);
+                        let owner = self.owners.get(live.owner);
+                        out.push(Event::Rearm(TwRearm {
+                            ts_ns: *ts_ns,
+                            timer: *timer,
+                            conn,
+                            netns,
+                            owner,
+                            role,
+                            from,
+                            to,
+                            timeout_jiffies: *timeout_jiffies,
+                            seeded: false,
+                        }));
+                    } else if let Some(c) = conn
+                        && let Some(seed) = self.seeds.get_mut(&(*netns, *c))
+                    {
+                        let from = std::mem::replace(&mut seed.substate, to);
+                        out.push(Event::Rearm(TwRearm {
+                            ts_ns: *ts_ns,
+                            timer: *timer,
+                            conn: *c,
+                            netns: *netns,
+                            owner: None,
+                            role: seed.role,
+                            from,
+                            to,
+                            timeout_jiffies: *timeout_jiffies,
+                            seeded: true,
+                        }));
                     }
                     return;
                 }
@@ -492,6 +697,8 @@ impl Lifecycle {
                 owner,
                 role,
                 timeout_jiffies,
+                substate,
+                bound,
                 ..
             } => self.on_birth(
                 TwEnter {
@@ -502,10 +709,29 @@ impl Lifecycle {
                     owner,
                     role,
                     timeout_jiffies,
+                    substate: Substate::from_kernel(substate),
+                    bound,
                     seeded: false,
                 },
                 out,
             ),
+            KernelEvent::ConnectFail {
+                ts_ns,
+                conn,
+                netns,
+                owner,
+                err,
+                bound,
+                ..
+            } => out.push(Event::ConnectFail(ConnectFailure {
+                ts_ns,
+                conn,
+                netns,
+                owner,
+                reason: FailReason::from_kernel(conn.local.port(), err),
+                err,
+                bound,
+            })),
             KernelEvent::State {
                 ts_ns,
                 conn,
@@ -553,6 +779,7 @@ impl Lifecycle {
             netns: enter.netns,
             owner: self.owners.intern(enter.owner),
             role: enter.role,
+            substate: enter.substate,
             last_cancel_ts: 0,
             last_cancel_reuse: false,
         };
@@ -580,6 +807,7 @@ impl Lifecycle {
                 role: old.role,
                 reason,
                 lifetime_ns: Some(ts.saturating_sub(old.birth_ts)),
+                substate: old.substate,
                 seeded: false,
             }));
         }
@@ -614,6 +842,7 @@ impl Lifecycle {
                 role: live.role,
                 reason,
                 lifetime_ns: Some(ts_ns.saturating_sub(live.birth_ts)),
+                substate: live.substate,
                 seeded: false,
             },
             None => {
@@ -627,6 +856,7 @@ impl Lifecycle {
                     role: seed.map_or(Role::Unknown, |s| s.role),
                     reason,
                     lifetime_ns: None,
+                    substate: seed.map_or(Substate::TimeWait, |s| s.substate),
                     seeded: seed.is_some(),
                 }
             }
@@ -661,6 +891,7 @@ impl Lifecycle {
                 role: seed.role,
                 reason: Reason::Expired,
                 lifetime_ns: None,
+                substate: seed.substate,
                 seeded: true,
             }));
         }

@@ -12,7 +12,7 @@ use crate::{
     kernel::decode::{KernelEvent, Role},
     kernel::probes::{ProbeOptions, Probes},
     kernel::source::Source,
-    track::lifecycle::{Event, Lifecycle},
+    track::lifecycle::{Event, Lifecycle, Substate},
 };
 
 /// Everything that was not seen, and why.
@@ -105,9 +105,10 @@ impl Session {
         let tables = netns::in_each(
             &targets,
             |_| -> io::Result<(Vec<DiagSocket>, Vec<DiagSocket>)> {
+                // Timewait sockets in the FIN_WAIT2 substate are listed under FIN_WAIT2.
                 Ok((
                     sockdiag::dump(&[state::LISTEN])?,
-                    sockdiag::dump(&[state::TIME_WAIT])?,
+                    sockdiag::dump(&[state::TIME_WAIT, state::FIN_WAIT2])?,
                 ))
             },
         );
@@ -123,7 +124,7 @@ impl Session {
             };
             self.listening
                 .extend(listen.iter().map(|s| (inode, s.conn.local.port())));
-            for s in time_wait {
+            for s in time_wait.into_iter().filter(DiagSocket::is_timewait) {
                 let role = if self.listening.contains(&(inode, s.conn.local.port())) {
                     Role::Accepted
                 } else {
@@ -133,6 +134,7 @@ impl Session {
                     s.conn,
                     inode,
                     role,
+                    Substate::from_kernel(s.state),
                     now,
                     s.expires_ms as u64,
                     &mut self.carry,

@@ -21,108 +21,201 @@ use crate::{
         sockdiag::{self, DiagSocket, state},
     },
     kernel::decode::Role,
-    present::diagnose::{self, Destination, Evidence, Finding, ServerPort},
-    track::lifecycle::Event,
+    present::allocator::Allocation,
+    present::diagnose::{self, Destination, Evidence, FailedConnects, Finding, ServerPort},
+    track::lifecycle::{Event, FailReason},
     track::session::{self, Session},
 };
 
-/// Births seen while watching, by what they tell about ports, per namespace.
+/// Who, by (pid, comm), and how often.
+type Whom = HashMap<(u32, String), u64>;
+
+/// What the trace showed while doctor watched, by what it tells about ports, per namespace.
 #[derive(Default)]
-struct Births {
-    /// Outgoing: (namespace, source address, destination).
+struct Traffic {
+    /// Births of connect() without bind(): (namespace, source address, destination).
     outgoing: HashMap<(u32, IpAddr, SocketAddr), u64>,
-    /// Accepted: (namespace, listening port).
+    /// Births of sockets bound before connect(): (namespace, source address).
+    bound: HashMap<(u32, IpAddr), u64>,
+    /// Births of accepted connections: (namespace, listening port).
     accepted: HashMap<(u32, u16), u64>,
+    /// Failed connect() calls: (namespace, source address, destination, reason), by whom.
+    failures: HashMap<(u32, IpAddr, SocketAddr, FailReason), Whom>,
 }
 
-impl Births {
+impl Traffic {
     fn feed(&mut self, ev: &Event, listening: &HashSet<(u32, u16)>) {
-        let Event::Enter(e) = ev else { return };
-        if e.seeded {
-            return;
-        }
-        let accepted = match e.role {
-            Role::Accepted => true,
-            Role::Connected => false,
-            Role::Unknown => listening.contains(&(e.netns, e.conn.local.port())),
-        };
-        if accepted {
-            *self
-                .accepted
-                .entry((e.netns, e.conn.local.port()))
-                .or_default() += 1;
-        } else {
-            *self
-                .outgoing
-                .entry((e.netns, e.conn.local.ip(), e.conn.remote))
-                .or_default() += 1;
+        match ev {
+            Event::Enter(e) if !e.seeded => {
+                let accepted = match e.role {
+                    Role::Accepted => true,
+                    Role::Connected => false,
+                    Role::Unknown => listening.contains(&(e.netns, e.conn.local.port())),
+                };
+                if accepted {
+                    *self
+                        .accepted
+                        .entry((e.netns, e.conn.local.port()))
+                        .or_default() += 1;
+                } else if e.bound {
+                    *self.bound.entry((e.netns, e.conn.local.ip())).or_default() += 1;
+                } else {
+                    *self
+                        .outgoing
+                        .entry((e.netns, e.conn.local.ip(), e.conn.remote))
+                        .or_default() += 1;
+                }
+            }
+            Event::ConnectFail(f) => {
+                let whom = match &f.owner {
+                    Some(p) => (p.pid, p.comm.to_string()),
+                    None => (0, "(unknown)".to_owned()),
+                };
+                *self
+                    .failures
+                    .entry((f.netns, f.conn.local.ip(), f.conn.remote, f.reason))
+                    .or_default()
+                    .entry(whom)
+                    .or_default() += 1;
+            }
+            _ => {}
         }
     }
 
-    /// Namespaces where something was born.
+    /// Namespaces where something was born or failed.
     fn namespaces(&self) -> impl Iterator<Item = u32> + '_ {
         self.outgoing
             .keys()
             .map(|k| k.0)
+            .chain(self.bound.keys().map(|k| k.0))
             .chain(self.accepted.keys().map(|k| k.0))
+            .chain(self.failures.keys().map(|k| k.0))
     }
 }
 
-/// Every socket holding a port in one namespace now (sock_diag), joined with its births.
+/// `(pid, comm, count)`, most first.
+fn ranked(whom: &Whom) -> Vec<(u32, String, u64)> {
+    let mut v: Vec<(u32, String, u64)> = whom
+        .iter()
+        .map(|((pid, comm), n)| (*pid, comm.clone(), *n))
+        .collect();
+    v.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    v
+}
+
+/// The pools of local ports in one namespace (see `present::allocator`), its servers, and its
+/// other failed connects: every socket holding a port now (sock_diag) joined with the traffic.
 fn evidence_from_sockets(
     netns: u32,
     sockets: &[DiagSocket],
-    births: &Births,
+    traffic: &Traffic,
     listening: &HashSet<(u32, u16)>,
-) -> (Vec<Destination>, Vec<ServerPort>) {
-    let mut dests: BTreeMap<(IpAddr, SocketAddr), Destination> = BTreeMap::new();
+) -> (Vec<Destination>, Vec<FailedConnects>, Vec<ServerPort>) {
+    let pool = |allocation, source, remote| Destination {
+        allocation,
+        source,
+        remote,
+        held: 0,
+        in_time_wait: 0,
+        births: 0,
+        no_port: 0,
+        failing: Vec::new(),
+    };
+    let mut connect: BTreeMap<(IpAddr, SocketAddr), Destination> = BTreeMap::new();
+    let mut bind: BTreeMap<IpAddr, Destination> = traffic
+        .bound
+        .iter()
+        .filter(|((ns, _), _)| *ns == netns)
+        .map(|(&(_, source), &n)| {
+            let mut d = pool(Allocation::Bind, source, None);
+            d.births = n;
+            (source, d)
+        })
+        .collect();
     let mut servers: BTreeMap<u16, ServerPort> = BTreeMap::new();
-    let dest = |m: &mut BTreeMap<(IpAddr, SocketAddr), Destination>, k: (IpAddr, SocketAddr)| {
-        m.entry(k).or_insert_with(|| Destination {
-            source: k.0,
-            remote: k.1,
-            held: 0,
-            in_time_wait: 0,
-            births: 0,
-        });
-    };
-    let server = |m: &mut BTreeMap<u16, ServerPort>, port: u16| {
-        m.entry(port).or_insert(ServerPort {
-            port,
-            in_time_wait: 0,
-            births: 0,
-        });
-    };
     for s in sockets {
-        let tw = (s.state == state::TIME_WAIT) as u64;
+        let tw = s.is_timewait() as u64;
         let port = s.conn.local.port();
         if listening.contains(&(netns, port)) {
-            server(&mut servers, port);
-            servers.get_mut(&port).expect("made").in_time_wait += tw;
+            let e = servers.entry(port).or_insert(ServerPort {
+                port,
+                in_time_wait: 0,
+                births: 0,
+            });
+            e.in_time_wait += tw;
+            continue;
+        }
+        let source = s.conn.local.ip();
+        let d = connect
+            .entry((source, s.conn.remote))
+            .or_insert_with(|| pool(Allocation::Connect, source, Some(s.conn.remote)));
+        d.held += 1;
+        d.in_time_wait += tw;
+        // A port bound with bind() must be free of every socket of that address.
+        if let Some(b) = bind.get_mut(&source) {
+            b.held += 1;
+            b.in_time_wait += tw;
+        }
+    }
+    for (&(ns, source, remote), &n) in &traffic.outgoing {
+        if ns == netns {
+            connect
+                .entry((source, remote))
+                .or_insert_with(|| pool(Allocation::Connect, source, Some(remote)))
+                .births = n;
+        }
+    }
+    let mut failed: BTreeMap<SocketAddr, (Vec<(FailReason, u64)>, Whom)> = BTreeMap::new();
+    for (&(ns, source, remote, reason), whom) in &traffic.failures {
+        if ns != netns {
+            continue;
+        }
+        let n: u64 = whom.values().sum();
+        if reason == FailReason::NoPort {
+            let d = connect
+                .entry((source, remote))
+                .or_insert_with(|| pool(Allocation::Connect, source, Some(remote)));
+            d.no_port += n;
+            d.failing = ranked(whom);
         } else {
-            let k = (s.conn.local.ip(), s.conn.remote);
-            dest(&mut dests, k);
-            let d = dests.get_mut(&k).expect("made");
-            d.held += 1;
-            d.in_time_wait += tw;
+            let e = failed.entry(remote).or_default();
+            e.0.push((reason, n));
+            for (k, c) in whom {
+                *e.1.entry(k.clone()).or_default() += c;
+            }
         }
     }
-    for (&(ns, source, remote), &n) in &births.outgoing {
+    for (&(ns, port), &n) in &traffic.accepted {
         if ns == netns {
-            dest(&mut dests, (source, remote));
-            dests.get_mut(&(source, remote)).expect("made").births = n;
+            servers
+                .entry(port)
+                .or_insert(ServerPort {
+                    port,
+                    in_time_wait: 0,
+                    births: 0,
+                })
+                .births = n;
         }
     }
-    for (&(ns, port), &n) in &births.accepted {
-        if ns == netns {
-            server(&mut servers, port);
-            servers.get_mut(&port).expect("made").births = n;
-        }
-    }
-    (
-        dests.into_values().collect(),
-        servers.into_values().collect(),
-    )
+    // The sockets of a source address that binds before connect() are judged in its bind pool:
+    // its per-destination pools say nothing more, unless connect() itself made or failed some.
+    let pools = connect
+        .into_values()
+        .filter(|d| !bind.contains_key(&d.source) || d.births > 0 || d.no_port > 0)
+        .chain(bind.into_values())
+        .collect();
+    let failed = failed
+        .into_iter()
+        .map(|(remote, (mut reasons, whom))| {
+            reasons.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            FailedConnects {
+                remote,
+                reasons,
+                failing: ranked(&whom),
+            }
+        })
+        .collect();
+    (pools, failed, servers.into_values().collect())
 }
 
 /// Words into lines of at most `width` columns (a longer word gets a line of its own).
@@ -233,9 +326,10 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
                 duration_s,
                 settings: figures.settings.clone(),
                 counters,
-                resets_on_close: counters.abort_on_data,
+                resets_on_close: counters.abort_on_data + counters.abort_on_close,
                 sockstat_tw: figures.sockstat_tw,
                 destinations,
+                failed_connects,
                 servers,
                 close_wait_start: of_ns(&close_wait_start),
                 close_wait_end,
@@ -269,6 +363,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
                         "tw_recycled": e.counters.recycled,
                         "tw_overflow": e.counters.overflow,
                         "abort_on_data": e.counters.abort_on_data,
+                        "abort_on_close": e.counters.abort_on_close,
                         "time_wait_now": e.sockstat_tw,
                     },
                 })

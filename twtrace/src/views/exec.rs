@@ -20,7 +20,7 @@ use crate::{
     failure::{Code, ExitWith, Failure},
     host::collect::Request,
     kernel::probes::ProbeOptions,
-    track::lifecycle::Event,
+    track::lifecycle::{Event, FailReason},
     track::session::{self, Session},
 };
 
@@ -39,6 +39,8 @@ pub struct Charge {
     window: VecDeque<u64>,
     pub peak_per_s: u64,
     timers: HashSet<u64>,
+    /// connect() calls of the tree that never connected, by reason (`FailReason::ALL` order).
+    pub connect_failures: [u64; 6],
 }
 
 impl Charge {
@@ -65,6 +67,11 @@ impl Charge {
                 self.peak_per_s = self.peak_per_s.max(self.window.len() as u64);
             }
             Event::Exit(x) if !x.seeded && self.timers.remove(&x.timer) => self.ends += 1,
+            Event::ConnectFail(f) => {
+                if f.owner.as_ref().is_some_and(|o| owned(o.pid)) {
+                    self.connect_failures[f.reason.index()] += 1;
+                }
+            }
             _ => {}
         }
     }
@@ -204,6 +211,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
                 "by_peer": top(&charge.by_peer, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
                 "by_local_port": top(&charge.by_local_port, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
                 "close_wait": close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
+                "connect_failures": FailReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(charge.connect_failures[r.index()]))).collect::<serde_json::Map<_, _>>(),
                 "budgets": {"max_timewait": args.max_timewait, "max_rate": args.max_rate, "exceeded": over},
                 "lost_events": loss.total(),
             })
@@ -227,6 +235,15 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
                 "  CLOSE_WAIT left behind by {}[{}]: {}",
                 c.comm, c.pid, c.sockets
             );
+        }
+        let failed: u64 = charge.connect_failures.iter().sum();
+        if failed > 0 {
+            let why: Vec<String> = FailReason::ALL
+                .iter()
+                .filter(|r| charge.connect_failures[r.index()] > 0)
+                .map(|r| format!("{} {}", charge.connect_failures[r.index()], r.as_str()))
+                .collect();
+            eprintln!("  connect() failed {failed} times: {}", why.join(", "));
         }
         if loss.total() > 0 {
             eprintln!(

@@ -164,6 +164,10 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
         ctx,
         &|k| needle.is_empty() || k.to_string().contains(needle),
     );
+    // A FAIL column (connect() calls that never connected) only while some row has failures.
+    let failed_col = rows
+        .iter()
+        .any(|r| r.connect_failures.iter().any(|&n| n > 0));
     let body: Vec<TableRow> = rows
         .iter()
         .chain(other.iter().filter(|_| needle.is_empty()))
@@ -185,43 +189,56 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
             } else {
                 (r.key.clone(), owner)
             };
-            TableRow::new(vec![
+            let mut cells = vec![
                 key,
                 r.in_time_wait.to_string(),
                 format!("{:.1}", r.rate_10s),
                 r.entered.to_string(),
                 r.exited.to_string(),
                 report::fmt_ms(r.p50_ms),
-                owner,
-            ])
+            ];
+            if failed_col {
+                cells.push(r.connect_failures.iter().sum::<u64>().to_string());
+            }
+            cells.push(owner);
+            TableRow::new(cells)
         })
         .collect();
     // 80 columns: an IPv4 ADDR:PORT key (21), four counts and a lifetime (6 each), and the
     // owner gets the rest (a 15-character comm and a pid fit from 80 columns up).
-    let widths = [
+    let mut widths = vec![
         Constraint::Length(21),
         Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
         Constraint::Length(6),
-        Constraint::Fill(1),
     ];
+    if failed_col {
+        widths.push(Constraint::Length(6));
+    }
+    widths.push(Constraint::Fill(1));
     f.render_widget(
         Table::new(body, widths).header(
-            TableRow::new(vec![
-                screen.by.as_str().to_uppercase(),
-                "TW".into(),
-                "BORN/S".into(),
-                "BORN".into(),
-                "ENDED".into(),
-                "P50".into(),
-                if ctx.several_namespaces() {
+            TableRow::new({
+                let mut h: Vec<String> = vec![
+                    screen.by.as_str().to_uppercase(),
+                    "TW".into(),
+                    "BORN/S".into(),
+                    "BORN".into(),
+                    "ENDED".into(),
+                    "P50".into(),
+                ];
+                if failed_col {
+                    h.push("FAIL".into());
+                }
+                h.push(if ctx.several_namespaces() {
                     "NETNS OWNER".into()
                 } else {
                     "OWNER".into()
-                },
-            ])
+                });
+                h
+            })
             .style(Style::default().add_modifier(Modifier::REVERSED)),
         ),
         table,

@@ -14,7 +14,7 @@ use crate::{
     kernel::decode::Role,
     kernel::probes::ProbeOptions,
     track::filter::Filter,
-    track::lifecycle::Event,
+    track::lifecycle::{Event, FailReason, Substate, TIME_WAIT_MS},
     track::session::{self, Session},
 };
 
@@ -65,18 +65,53 @@ impl Renderer {
         "TIME         EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL";
 
     pub fn text(&mut self, ev: &Event) -> String {
+        let for_ms = |jiffies| {
+            jiffies_to_ms(jiffies, self.hz)
+                .map(|ms| secs(ms * 1_000_000))
+                .unwrap_or_default()
+        };
         let (name, detail) = match ev {
             Event::Enter(e) => (
                 "ENTER",
-                jiffies_to_ms(e.timeout_jiffies, self.hz)
-                    .map(|ms| format!("for {}", secs(ms * 1_000_000)))
-                    .unwrap_or_default(),
+                match e.substate {
+                    Substate::TimeWait => jiffies_to_ms(e.timeout_jiffies, self.hz)
+                        .map(|ms| format!("for {}", secs(ms * 1_000_000)))
+                        .unwrap_or_default(),
+                    Substate::FinWait2 => format!(
+                        "FIN_WAIT2: waits {} for the peer's FIN, then {} in TIME_WAIT",
+                        for_ms(e.timeout_jiffies),
+                        secs(TIME_WAIT_MS * 1_000_000)
+                    ),
+                },
             ),
             Event::Exit(e) => (
                 "EXIT",
-                match e.lifetime_ns {
-                    Some(ns) => format!("{} after {}", e.reason.as_str(), secs(ns)),
-                    None => format!("{} (born before start)", e.reason.as_str()),
+                match (e.lifetime_ns, e.substate) {
+                    (Some(ns), Substate::TimeWait) => {
+                        format!("{} after {}", e.reason.as_str(), secs(ns))
+                    }
+                    (Some(ns), Substate::FinWait2) => format!(
+                        "{} after {} in FIN_WAIT2 (no FIN from the peer)",
+                        e.reason.as_str(),
+                        secs(ns)
+                    ),
+                    (None, _) => format!("{} (born before start)", e.reason.as_str()),
+                },
+            ),
+            Event::Rearm(r) => (
+                "REARM",
+                format!(
+                    "{} > {} for {}",
+                    r.from.as_str(),
+                    r.to.as_str(),
+                    for_ms(r.timeout_jiffies)
+                ),
+            ),
+            Event::ConnectFail(f) => (
+                "FAIL",
+                match f.reason {
+                    FailReason::NoPort => "connect: no local port free (EADDRNOTAVAIL)".into(),
+                    r => format!("connect: {} ({})", r.as_str(), r.errno()),
                 },
             ),
             Event::State(e) => (
@@ -115,17 +150,48 @@ impl Renderer {
     /// The JSON line of an event, serialized straight to the output (no map built per event).
     pub fn json<'a>(&self, ev: &'a Event) -> JsonLine<'a> {
         let (event, detail) = match ev {
-            Event::Enter(e) => (
-                "tw_enter",
-                Detail::Enter {
-                    timeout_ms: jiffies_to_ms(e.timeout_jiffies, self.hz),
-                },
-            ),
+            Event::Enter(e) => {
+                let timer_ms = jiffies_to_ms(e.timeout_jiffies, self.hz);
+                (
+                    "tw_enter",
+                    match e.substate {
+                        Substate::TimeWait => Detail::Enter {
+                            substate: e.substate.as_str(),
+                            timeout_ms: timer_ms,
+                            fin_wait2_timeout_ms: None,
+                        },
+                        // What TIME_WAIT will last once the peer's FIN comes (the kernel
+                        // re-arms the timer for TCP_TIMEWAIT_LEN then), and how long it waits.
+                        Substate::FinWait2 => Detail::Enter {
+                            substate: e.substate.as_str(),
+                            timeout_ms: Some(TIME_WAIT_MS),
+                            fin_wait2_timeout_ms: timer_ms,
+                        },
+                    },
+                )
+            }
             Event::Exit(e) => (
                 "tw_exit",
                 Detail::Exit {
                     reason: e.reason.as_str(),
                     lifetime_ms: e.lifetime_ns.map(|ns| ns / 1_000_000),
+                    substate: e.substate.as_str(),
+                },
+            ),
+            Event::Rearm(r) => (
+                "tw_rearm",
+                Detail::Rearm {
+                    from: r.from.as_str(),
+                    substate: r.to.as_str(),
+                    timeout_ms: jiffies_to_ms(r.timeout_jiffies, self.hz),
+                },
+            ),
+            Event::ConnectFail(f) => (
+                "connect_fail",
+                Detail::ConnectFail {
+                    reason: f.reason.as_str(),
+                    errno: f.reason.errno(),
+                    bound: f.bound,
                 },
             ),
             Event::State(e) => (
@@ -182,11 +248,24 @@ pub struct JsonLine<'a> {
 #[serde(untagged)]
 enum Detail {
     Enter {
+        substate: &'static str,
         timeout_ms: Option<u64>,
+        fin_wait2_timeout_ms: Option<u64>,
     },
     Exit {
         reason: &'static str,
         lifetime_ms: Option<u64>,
+        substate: &'static str,
+    },
+    Rearm {
+        from: &'static str,
+        substate: &'static str,
+        timeout_ms: Option<u64>,
+    },
+    ConnectFail {
+        reason: &'static str,
+        errno: &'static str,
+        bound: bool,
     },
     State {
         old_state: &'static str,
