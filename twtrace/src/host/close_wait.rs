@@ -150,6 +150,7 @@ mod tests {
                 remote: remote.parse().unwrap(),
             },
             state: st,
+            timer: 0,
             expires_ms: 0,
             inode,
             uid: 0,

@@ -108,6 +108,7 @@ mod tests {
                 recycled: 4,
                 overflow: 3,
                 abort_on_data: 0,
+                abort_on_close: 0,
             }
         );
         let later = TwCounters {

@@ -524,7 +524,13 @@ mod tests {
     fn diag(r: &Rec) -> Vec<u8> {
         let local: SocketAddr = r.local.parse().unwrap();
         let remote: SocketAddr = r.remote.parse().unwrap();
-        let mut p = vec![r.family, r.state, 0, 0];
+        // idiag_timer: 3 for a timewait socket, as inet_twsk_diag_fill sets it.
+        let timer = if r.state == state::TIME_WAIT {
+            TIMER_TIMEWAIT
+        } else {
+            0
+        };
+        let mut p = vec![r.family, r.state, timer, 0];
         p.extend_from_slice(&local.port().to_be_bytes());
         p.extend_from_slice(&remote.port().to_be_bytes());
         p.extend_from_slice(&addr16(local.ip()));
@@ -583,6 +589,11 @@ mod tests {
                 remote: r.remote.parse().unwrap(),
             },
             state: r.state,
+            timer: if r.state == state::TIME_WAIT {
+                TIMER_TIMEWAIT
+            } else {
+                0
+            },
             expires_ms: r.expires,
             inode: r.inode,
             uid: r.uid,

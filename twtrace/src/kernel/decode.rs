@@ -457,6 +457,8 @@ mod tests {
             old_state: 5,
             new_state: 7,
             role: role::CONNECTED,
+            substate: twtrace_common::tcp_state::FIN_WAIT2,
+            err: 0,
             _pad: 0,
         };
         let got = decode(&bytes_of(&ev)).unwrap();
@@ -479,6 +481,8 @@ mod tests {
                 }),
                 role: Role::Connected,
                 timeout_jiffies: 15000,
+                substate: twtrace_common::tcp_state::FIN_WAIT2,
+                bound: false,
             }
         );
     }
@@ -515,7 +519,8 @@ mod tests {
             timer: 9,
             tuple: tuple_v4([1, 2, 3, 4], 5, [6, 7, 8, 9], 10),
             timeout_jiffies: 0,
-            _pad: 0,
+            substate: 0,
+            _pad: [0; 3],
         };
         match decode(&bytes_of(&ev)).unwrap() {
             KernelEvent::Cancel { reuse, conn, .. } => {

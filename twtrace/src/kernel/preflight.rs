@@ -275,10 +275,17 @@ mod tests {
     fn lockdown_confidentiality_is_named() {
         assert!(check_lockdown("none [integrity] confidentiality\n").is_ok());
         assert!(check_lockdown("[none] integrity confidentiality\n").is_ok());
-        assert!(check_lockdown("").is_ok(), "no securityfs: no lockdown to see");
+        assert!(
+            check_lockdown("").is_ok(),
+            "no securityfs: no lockdown to see"
+        );
         let e = check_lockdown("none integrity [confidentiality]\n").unwrap_err();
         assert_eq!(e.code, Code::Kernel);
-        assert!(e.message.contains("lockdown=confidentiality"), "{}", e.message);
+        assert!(
+            e.message.contains("lockdown=confidentiality"),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("bpf_probe_read_kernel"), "{}", e.message);
     }
 

@@ -154,8 +154,8 @@ pub fn judge(d: &Demand, usable: u32, duration_s: f64, reuse: Reuse) -> Verdict 
         // Every TIME_WAIT keeps its port for 60 s: held grows by `rate` until it reaches the
         // steady state, or the range.
         let needed = open + rate * TIME_WAIT_S;
-        let left = (needed > usable_f && rate > 0.0)
-            .then(|| ((usable_f - d.held as f64) / rate).max(0.0));
+        let left =
+            (needed > usable_f && rate > 0.0).then(|| ((usable_f - d.held as f64) / rate).max(0.0));
         (needed, left)
     };
     let time_left_s = if d.no_port > 0 {
@@ -241,7 +241,11 @@ mod tests {
         let mut s = settings(1, (1, 2));
         s.timestamps = Some(0);
         let r = reuse(&s, Allocation::Connect, remote);
-        assert!(!r.applies && r.why.contains("tcp_timestamps=0"), "{}", r.why);
+        assert!(
+            !r.applies && r.why.contains("tcp_timestamps=0"),
+            "{}",
+            r.why
+        );
         assert!(!reuse(&settings(1, (1, 2)), Allocation::Bind, None).applies);
         s.timestamps = Some(1);
         s.tw_reuse_delay_ms = Some(200);

@@ -168,10 +168,7 @@ fn port_exhaustion(ev: &Evidence, d: &Destination) -> Option<Finding> {
             ),
         },
         usable_line,
-        format!(
-            "{:.1} new connections/s closed first by this host",
-            v.rate
-        ),
+        format!("{:.1} new connections/s closed first by this host", v.rate),
         v.reuse.why.clone(),
         if v.reuse.applies {
             format!(
@@ -515,10 +512,11 @@ pub fn diagnose(ev: &Evidence) -> Vec<Finding> {
                 ev.counters.abort_on_close
             )],
             data: json!({"resets": ev.resets_on_close}),
-            remedy: "A zero linger avoids TIME_WAIT by aborting: the peer gets an error instead of \
+            remedy:
+                "A zero linger avoids TIME_WAIT by aborting: the peer gets an error instead of \
                      an orderly end and late segments are no longer guarded. Prefer reusing \
                      connections, or letting the peer close first."
-                .into(),
+                    .into(),
         });
     }
 
@@ -556,11 +554,14 @@ mod tests {
 
     fn dest(held: u64, births: u64) -> Destination {
         Destination {
+            allocation: Allocation::Connect,
             source: "10.0.0.1".parse().unwrap(),
-            remote: "10.0.0.2:6379".parse().unwrap(),
+            remote: Some("10.0.0.2:6379".parse().unwrap()),
             held,
             in_time_wait: held,
             births,
+            no_port: 0,
+            failing: Vec::new(),
         }
     }
 
@@ -594,16 +595,72 @@ mod tests {
         assert_eq!(diagnose(&ev)[0].severity, Severity::Warning);
     }
 
+    /// A full range towards a loopback destination with tcp_tw_reuse=2 is recycled, not
+    /// exhausted (field case 06): 99 connections/s need 99 ports, no failure is predicted.
     #[test]
-    fn loopback_reuse_is_said() {
+    fn loopback_reuse_recycles_the_range() {
         let mut ev = base();
+        ev.counters.recycled = 640;
         ev.destinations.push(Destination {
-            remote: "127.0.0.1:8080".parse().unwrap(),
+            remote: Some("127.0.0.1:8080".parse().unwrap()),
             ..dest(990, 990)
         });
         let p = &diagnose(&ev)[0];
         assert_eq!(p.data["tw_reuse_applies"], true);
+        assert_eq!(p.data["steady_state"], 99.0);
+        assert!(p.data["time_left_s"].is_null());
+        assert_eq!(p.severity, Severity::Info);
+        assert!(
+            p.evidence
+                .iter()
+                .any(|e| e.contains("TWRecycled rose by 640")),
+            "{:?}",
+            p.evidence
+        );
+    }
+
+    /// connect() already failing for lack of a port: critical, with who and how often.
+    #[test]
+    fn failures_that_happened_are_evidence() {
+        let mut ev = base();
+        ev.destinations.push(Destination {
+            no_port: 312,
+            failing: vec![(4121, "api".into(), 300), (4130, "worker".into(), 12)],
+            ..dest(1000, 400)
+        });
+        let p = &diagnose(&ev)[0];
+        assert_eq!(p.severity, Severity::Critical);
+        assert_eq!(p.data["no_port_failures"], 312);
         assert_eq!(p.data["time_left_s"], 0.0);
+        assert!(
+            p.evidence.iter().any(|e| e
+                == "already failing: 312 connect() calls found no local port in 10 s \
+                    (EADDRNOTAVAIL), from api[4121] 300, worker[4130] 12"),
+            "{:?}",
+            p.evidence
+        );
+    }
+
+    /// bind() before connect(): one pool for the source address, across destinations, no
+    /// reuse; the remedy names IP_BIND_ADDRESS_NO_PORT (field case 16).
+    #[test]
+    fn bind_before_connect_is_judged_per_source() {
+        let mut ev = base();
+        ev.duration_s = 30.0;
+        ev.settings.port_range = Some((40000, 40299));
+        ev.destinations.push(Destination {
+            allocation: Allocation::Bind,
+            remote: None,
+            ..dest(240, 240)
+        });
+        let p = &diagnose(&ev)[0];
+        assert_eq!(p.severity, Severity::Critical);
+        assert_eq!(p.data["allocation"], "bind");
+        assert_eq!(p.data["usable_ports"], 300);
+        assert_eq!(p.data["time_left_s"], 8.0, "(300 - 240) / 8 per s, rounded");
+        assert!(p.data["destination"].is_null());
+        assert!(p.remedy.contains("IP_BIND_ADDRESS_NO_PORT"));
+        assert!(p.evidence.iter().any(|e| e.contains("EADDRINUSE")));
     }
 
     #[test]

@@ -514,6 +514,8 @@ mod tests {
                     owner: None,
                     role: Role::Connected,
                     timeout_jiffies: 0,
+                    substate: crate::track::lifecycle::Substate::TimeWait,
+                    bound: false,
                     seeded: false,
                 }));
                 if timer == 1 {
@@ -526,6 +528,7 @@ mod tests {
                         role: Role::Connected,
                         reason: Reason::Expired,
                         lifetime_ns: Some(60_400_000_000),
+                        substate: crate::track::lifecycle::Substate::TimeWait,
                         seeded: false,
                     }));
                 }
@@ -594,6 +597,8 @@ mod tests {
                     owner: None,
                     role: Role::Connected,
                     timeout_jiffies: 0,
+                    substate: crate::track::lifecycle::Substate::TimeWait,
+                    bound: false,
                     seeded: false,
                 }));
             }

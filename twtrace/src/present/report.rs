@@ -440,7 +440,9 @@ pub fn table(
     // failures) only where a row has some; the other columns narrow so that a line still fits
     // 80 columns (with both, FAILED takes P50's place).
     let netns_col = rows.iter().any(|r| r.netns != rows[0].netns);
-    let failed_col = rows.iter().any(|r| r.connect_failures.iter().any(|&n| n > 0));
+    let failed_col = rows
+        .iter()
+        .any(|r| r.connect_failures.iter().any(|&n| n > 0));
     let (kw, nw) = match (netns_col, failed_col) {
         (false, false) => (24, 7),
         (true, _) => (21, 6),
@@ -580,6 +582,8 @@ mod tests {
                     }),
                     role: Role::Connected,
                     timeout_jiffies: 0,
+                    substate: crate::track::lifecycle::Substate::TimeWait,
+                    bound: false,
                     seeded: false,
                 }));
                 if timer == 1 {
@@ -592,6 +596,7 @@ mod tests {
                         role: Role::Connected,
                         reason: Reason::Expired,
                         lifetime_ns: Some(60_500 * 1_000_000),
+                        substate: crate::track::lifecycle::Substate::TimeWait,
                         seeded: false,
                     }));
                 }
@@ -672,6 +677,8 @@ mod tests {
                 owner: None,
                 role: Role::Connected,
                 timeout_jiffies: 0,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
                 seeded: false,
             }));
         }
@@ -693,13 +700,11 @@ mod tests {
         let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
         assert!(t.contains("kernel says 3 in 2 netns:"), "{t}");
         assert!(
-            t.contains(
-                "  web-7c9f4d-x2x         2 TIME_WAIT, kernel       2; ephemeral ports 1000"
-            ),
+            t.contains("  web-7c9f4d-x2x         2 timewait, kernel       2; ephemeral ports 1000"),
             "{t}"
         );
         // Names too long keep their end (a pod UID's tells pods apart).
-        assert!(t.contains("  ~8d-0e1f2a3b4c5d       1 TIME_WAIT"), "{t}");
+        assert!(t.contains("  ~8d-0e1f2a3b4c5d       1 timewait"), "{t}");
         assert!(
             t.contains("PEER                  NETNS          TW BIRTHS"),
             "{t}"

@@ -22,7 +22,9 @@ use foldhash::{HashMap, HashMapExt as _, HashSetExt as _};
 
 use crate::{
     kernel::decode::{Comm, Conn, Process, Role},
-    track::lifecycle::{ConnectFailure, Event, FailReason, Reason, Substate, TwEnter, TwExit, TwRearm},
+    track::lifecycle::{
+        ConnectFailure, Event, FailReason, Reason, Substate, TwEnter, TwExit, TwRearm,
+    },
 };
 
 /// Default number of groups kept per grouping before the smallest are folded into `other`.
@@ -833,7 +835,14 @@ impl Aggregator {
     fn fail(&mut self, f: &ConnectFailure) {
         self.totals.connect_failures[f.reason.index()] += 1;
         for by in By::ALL {
-            let key = self.key(by, &f.conn, f.netns, f.owner.as_ref(), Role::Connected, false);
+            let key = self.key(
+                by,
+                &f.conn,
+                f.netns,
+                f.owner.as_ref(),
+                Role::Connected,
+                false,
+            );
             let t = &mut self.tables[by.index()];
             let s = t.slot_for(key);
             if let Some(g) = t.group_at(s) {
@@ -934,7 +943,12 @@ impl Aggregator {
         }
         let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
         for by in By::ALL {
-            self.tables[by.index()].exit(held.slots[by.index()], x.reason, lifetime_ms, held.substate);
+            self.tables[by.index()].exit(
+                held.slots[by.index()],
+                x.reason,
+                lifetime_ms,
+                held.substate,
+            );
         }
     }
 
@@ -1047,6 +1061,8 @@ mod tests {
             owner: o,
             role,
             timeout_jiffies: 15000,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
             seeded: false,
         })
     }
@@ -1061,6 +1077,7 @@ mod tests {
             role: Role::Unknown,
             reason,
             lifetime_ns: Some(life_ms * 1_000_000),
+            substate: crate::track::lifecycle::Substate::TimeWait,
             seeded: false,
         })
     }
@@ -1325,6 +1342,8 @@ mod tests {
                 owner: owner(10, "api"),
                 role: Role::Connected,
                 timeout_jiffies: 15000,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
                 seeded: false,
             })
         };
@@ -1357,6 +1376,7 @@ mod tests {
             role: Role::Connected,
             reason: Reason::Killed,
             lifetime_ns: Some(S),
+            substate: crate::track::lifecycle::Substate::TimeWait,
             seeded: false,
         }));
         let totals = a.totals().clone();
@@ -1391,6 +1411,8 @@ mod tests {
                 owner: None,
                 role: Role::Unknown,
                 timeout_jiffies: 0,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
                 seeded: true,
             }));
         }
@@ -1408,6 +1430,7 @@ mod tests {
             role: Role::Unknown,
             reason: Reason::Expired,
             lifetime_ns: None,
+            substate: crate::track::lifecycle::Substate::TimeWait,
             seeded: true,
         }));
         assert_eq!(a.totals().in_time_wait, 1);

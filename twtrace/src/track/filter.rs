@@ -258,6 +258,8 @@ mod tests {
                 owner: None,
                 role: crate::kernel::decode::Role::Connected,
                 timeout_jiffies: 0,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
                 seeded: false,
             })
         };

@@ -18,7 +18,7 @@
 //!
 //! Pure: fed events built in code by the unit tests.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 // Every event passes through these maps: a fast (seeded) hash rather than SipHash. Their keys
 // are kernel addresses and 4-tuples known at start, not values a remote peer picks.
@@ -371,24 +371,20 @@ impl LiveSet {
     }
 }
 
-/// A connection's two ends in 36 bytes (`Conn` takes 64).
+/// A connection's two ends in 36 bytes (`Conn` takes 64). IPv4 addresses are kept v4-mapped:
+/// `decode` shows every v4-mapped address as IPv4, so no IPv6 address here is one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct PackedConn {
     local: [u8; 16],
     remote: [u8; 16],
     lport: u16,
     rport: u16,
-    v4: bool,
 }
 
 impl From<Conn> for PackedConn {
     fn from(c: Conn) -> Self {
         let octets = |ip: IpAddr| match ip {
-            IpAddr::V4(a) => {
-                let mut o = [0u8; 16];
-                o[..4].copy_from_slice(&a.octets());
-                o
-            }
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             IpAddr::V6(a) => a.octets(),
         };
         PackedConn {
@@ -396,7 +392,6 @@ impl From<Conn> for PackedConn {
             remote: octets(c.remote.ip()),
             lport: c.local.port(),
             rport: c.remote.port(),
-            v4: c.local.is_ipv4(),
         }
     }
 }
@@ -404,10 +399,10 @@ impl From<Conn> for PackedConn {
 impl From<PackedConn> for Conn {
     fn from(p: PackedConn) -> Self {
         let ip = |o: [u8; 16]| -> IpAddr {
-            if p.v4 {
-                IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(o))
+            let v6 = Ipv6Addr::from(o);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
             }
         };
         Conn {
@@ -945,6 +940,8 @@ mod tests {
             owner: owner(),
             role: Role::Connected,
             timeout_jiffies: 15000,
+            substate: 6,
+            bound: false,
         }
     }
 
@@ -985,6 +982,7 @@ mod tests {
             netns: 0,
             owner: NO_OWNER,
             role: Role::Connected,
+            substate: Substate::TimeWait,
             last_cancel_ts: 0,
             last_cancel_reuse: false,
         };
@@ -1041,6 +1039,9 @@ mod tests {
                 cpu: 0,
                 ts_ns: 6,
                 timer: 7,
+                conn: None,
+                netns: 0,
+                substate: 6,
                 timeout_jiffies: 15000,
             },
         ]);
@@ -1103,6 +1104,9 @@ mod tests {
                 cpu: 1,
                 ts_ns: 11,
                 timer: 7,
+                conn: None,
+                netns: 0,
+                substate: 6,
                 timeout_jiffies: 1,
             },
         ]);
@@ -1120,6 +1124,9 @@ mod tests {
                 cpu: 0,
                 ts_ns: 51,
                 timer: 7,
+                conn: None,
+                netns: 0,
+                substate: 6,
                 timeout_jiffies: 15000,
             },
             birth(0, 52, 7, 2),
@@ -1166,8 +1173,24 @@ mod tests {
     fn seeds_are_per_namespace() {
         let mut lc = Lifecycle::new();
         let mut out = Vec::new();
-        lc.seed(conn(1), 7, Role::Connected, 0, 60_000, &mut out);
-        lc.seed(conn(1), 8, Role::Connected, 0, 60_000, &mut out);
+        lc.seed(
+            conn(1),
+            7,
+            Role::Connected,
+            Substate::TimeWait,
+            0,
+            60_000,
+            &mut out,
+        );
+        lc.seed(
+            conn(1),
+            8,
+            Role::Connected,
+            Substate::TimeWait,
+            0,
+            60_000,
+            &mut out,
+        );
         assert_eq!(out.len(), 2);
         out.clear();
         let mut cancel = cancel(0, 9, 77, false);
@@ -1188,9 +1211,33 @@ mod tests {
     fn seeds_end_by_4_tuple_or_by_their_deadline() {
         let mut lc = Lifecycle::new();
         let mut out = Vec::new();
-        lc.seed(conn(1), 0, Role::Accepted, 1_000, 30_000, &mut out);
-        lc.seed(conn(2), 0, Role::Connected, 1_000, 10_000, &mut out);
-        lc.seed(conn(2), 0, Role::Connected, 1_000, 10_000, &mut out);
+        lc.seed(
+            conn(1),
+            0,
+            Role::Accepted,
+            Substate::TimeWait,
+            1_000,
+            30_000,
+            &mut out,
+        );
+        lc.seed(
+            conn(2),
+            0,
+            Role::Connected,
+            Substate::TimeWait,
+            1_000,
+            10_000,
+            &mut out,
+        );
+        lc.seed(
+            conn(2),
+            0,
+            Role::Connected,
+            Substate::TimeWait,
+            1_000,
+            10_000,
+            &mut out,
+        );
         assert_eq!(out.len(), 2, "a 4-tuple is seeded once");
         assert!(matches!(&out[0], Event::Enter(e) if e.seeded && e.owner.is_none()));
         out.clear();
@@ -1226,7 +1273,15 @@ mod tests {
     fn a_birth_replaces_the_seed_of_the_same_4_tuple() {
         let mut lc = Lifecycle::new();
         let mut out = Vec::new();
-        lc.seed(conn(1), 0, Role::Connected, 0, 60_000, &mut out);
+        lc.seed(
+            conn(1),
+            0,
+            Role::Connected,
+            Substate::TimeWait,
+            0,
+            60_000,
+            &mut out,
+        );
         lc.feed(birth(0, 5, 7, 1), &mut out);
         lc.feed(cancel(0, 9, 7, false), &mut out);
         lc.flush(&mut out);

@@ -161,6 +161,7 @@ impl Session {
             return Ok(&self.events);
         }
         self.source.next_batch(&mut self.batch).await?;
+        self.probes.flush_log();
         self.resolve(false);
         Ok(&self.events)
     }
@@ -169,6 +170,7 @@ impl Session {
     pub fn finish(&mut self) -> &[Event] {
         self.events.clear();
         self.source.drain(&mut self.batch);
+        self.probes.flush_log();
         self.resolve(true);
         &self.events
     }

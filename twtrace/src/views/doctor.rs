@@ -199,11 +199,11 @@ fn evidence_from_sockets(
     }
     // The sockets of a source address that binds before connect() are judged in its bind pool:
     // its per-destination pools say nothing more, unless connect() itself made or failed some.
-    let pools = connect
+    let mut pools: Vec<Destination> = connect
         .into_values()
         .filter(|d| !bind.contains_key(&d.source) || d.births > 0 || d.no_port > 0)
-        .chain(bind.into_values())
         .collect();
+    pools.extend(bind.into_values());
     let failed = failed
         .into_iter()
         .map(|(remote, (mut reasons, whom))| {
@@ -256,7 +256,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         args.duration.as_secs_f64()
     );
     let started = std::time::Instant::now();
-    let mut births = Births::default();
+    let mut traffic = Traffic::default();
     let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
     let stop = session::stop_signal(Some(args.duration));
     tokio::pin!(stop);
@@ -265,13 +265,13 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
             r = &mut stop => { r?; break; }
             r = session.next() => {
                 for ev in r?.iter().filter(|e| wanted(e)) {
-                    births.feed(ev, &listening);
+                    traffic.feed(ev, &listening);
                 }
             }
         }
     }
     for ev in session.finish().iter().filter(|e| wanted(e)) {
-        births.feed(ev, &listening);
+        traffic.feed(ev, &listening);
     }
     let duration_s = started.elapsed().as_secs_f64();
 
@@ -291,7 +291,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let tables = netns::in_each(&targets, |_| sockdiag::dump(&all).unwrap_or_default());
     let own = netns::own();
     let host = &session.host;
-    let born_in: HashSet<u32> = births.namespaces().collect();
+    let born_in: HashSet<u32> = traffic.namespaces().collect();
     let mut judged = Vec::new();
     for ns in &targets {
         let Some(figures) = host.ledger.latest(ns.inode) else {
@@ -317,7 +317,8 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         if !in_play {
             continue;
         }
-        let (destinations, servers) = evidence_from_sockets(ns.inode, sockets, &births, &listening);
+        let (destinations, failed_connects, servers) =
+            evidence_from_sockets(ns.inode, sockets, &traffic, &listening);
         let counters = host.ledger.since_start(ns.inode).unwrap_or_default();
         judged.push((
             ns,

@@ -67,10 +67,8 @@ impl Charge {
                 self.peak_per_s = self.peak_per_s.max(self.window.len() as u64);
             }
             Event::Exit(x) if !x.seeded && self.timers.remove(&x.timer) => self.ends += 1,
-            Event::ConnectFail(f) => {
-                if f.owner.as_ref().is_some_and(|o| owned(o.pid)) {
-                    self.connect_failures[f.reason.index()] += 1;
-                }
+            Event::ConnectFail(f) if f.owner.as_ref().is_some_and(|o| owned(o.pid)) => {
+                self.connect_failures[f.reason.index()] += 1;
             }
             _ => {}
         }
@@ -315,6 +313,8 @@ mod tests {
             }),
             role: Role::Connected,
             timeout_jiffies: 0,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
             seeded: false,
         })
     }
@@ -341,6 +341,7 @@ mod tests {
                 role: Role::Connected,
                 reason: Reason::Reused,
                 lifetime_ns: Some(1),
+                substate: crate::track::lifecycle::Substate::TimeWait,
                 seeded: false,
             }),
             &mut tree,

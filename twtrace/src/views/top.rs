@@ -377,6 +377,8 @@ mod tests {
                 }),
                 role: Role::Connected,
                 timeout_jiffies: 0,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
                 seeded: false,
             }));
         }

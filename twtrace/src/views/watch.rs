@@ -159,6 +159,7 @@ impl Renderer {
                             substate: e.substate.as_str(),
                             timeout_ms: timer_ms,
                             fin_wait2_timeout_ms: None,
+                            bound: e.bound,
                         },
                         // What TIME_WAIT will last once the peer's FIN comes (the kernel
                         // re-arms the timer for TCP_TIMEWAIT_LEN then), and how long it waits.
@@ -166,6 +167,7 @@ impl Renderer {
                             substate: e.substate.as_str(),
                             timeout_ms: Some(TIME_WAIT_MS),
                             fin_wait2_timeout_ms: timer_ms,
+                            bound: e.bound,
                         },
                     },
                 )
@@ -251,6 +253,8 @@ enum Detail {
         substate: &'static str,
         timeout_ms: Option<u64>,
         fin_wait2_timeout_ms: Option<u64>,
+        /// The local port was bound before connect().
+        bound: bool,
     },
     Exit {
         reason: &'static str,
@@ -385,6 +389,8 @@ mod tests {
             owner: owner(),
             role: Role::Connected,
             timeout_jiffies: 15000,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
             seeded: false,
         });
         let v = serde_json::to_value(r.json(&enter)).unwrap();
@@ -409,6 +415,7 @@ mod tests {
             role: Role::Unknown,
             reason: Reason::Syn,
             lifetime_ns: Some(1_500_000_000),
+            substate: crate::track::lifecycle::Substate::TimeWait,
             seeded: false,
         });
         let v = serde_json::to_value(r.json(&exit)).unwrap();
@@ -447,6 +454,7 @@ mod tests {
             role: Role::Connected,
             reason: Reason::Expired,
             lifetime_ns: Some(60_310_000_000),
+            substate: crate::track::lifecycle::Substate::TimeWait,
             seeded: false,
         });
         let line = r.text(&exit);
@@ -459,6 +467,7 @@ mod tests {
         let unknown = Event::Exit(TwExit {
             netns: 0,
             lifetime_ns: None,
+            substate: crate::track::lifecycle::Substate::TimeWait,
             owner: None,
             conn: None,
             ..match exit {
