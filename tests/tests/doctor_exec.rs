@@ -1,6 +1,10 @@
 //! `twtrace doctor` and `twtrace exec` against real traffic and the kernel's own settings.
 
-use std::{process::Command, thread, time::Duration};
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 use twtrace_tests::*;
@@ -212,4 +216,251 @@ fn exec_charges_the_command_tree_and_enforces_budgets() {
     // The command's own exit code comes through.
     let (code, _) = exec_json(&["--", "sh", "-c", "exit 7"]);
     assert_eq!(code, Some(7));
+}
+
+/// doctor restricted to one namespace of the test's own, so that no other traffic counts.
+fn doctor_in(ns: &Netns, duration: &str) -> Run {
+    Run::start(
+        &[
+            "doctor",
+            "--duration",
+            duration,
+            "--json",
+            "--netns",
+            &ns.name,
+        ],
+        "watching",
+    )
+}
+
+/// The README's own example (field case 06): tcp_tw_reuse=2 on loopback, timestamps on, a
+/// client at 60 connections/s through 200 ports: connect() takes over TIME_WAIT older than a
+/// second, TcpExt TWRecycled grows, no connect() fails; doctor predicts no failure and says why.
+#[test]
+fn doctor_knows_reuse_on_loopback_recycles_ports() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("reuse");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40199");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "2");
+    let port = unique_port();
+    let addr = format!("127.0.0.2:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let before = ns.tcpext()["TWRecycled"];
+    let d = doctor_in(&ns, "8s");
+    let run = client(
+        Some(&ns),
+        &[
+            "--to",
+            &addr,
+            "--count",
+            "480",
+            "--rate",
+            "60",
+            "--tolerate-errors",
+        ],
+    );
+    let r = d.finish(Duration::from_secs(30));
+    let recycled = ns.tcpext()["TWRecycled"] - before;
+    assert!(
+        run.errors.is_empty(),
+        "no connect() failed: {:?}",
+        run.errors
+    );
+    assert!(recycled > 200, "the kernel took TIME_WAIT over: {recycled}");
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(r.status.code(), Some(0), "nothing serious: {doc}");
+    let f = findings(&doc, "port_exhaustion");
+    assert_eq!(f.len(), 1, "{doc}");
+    let data = &f[0]["data"];
+    assert_eq!(data["destination"], addr.as_str());
+    assert_eq!(data["tw_reuse_applies"], true);
+    assert!(
+        data["time_left_s"].is_null(),
+        "no failure predicted: {data}"
+    );
+    assert_eq!(data["tw_reuse_delay_ms"], 1000);
+    let needed = data["steady_state"].as_f64().unwrap();
+    assert!(needed <= 70.0, "about a second of connections: {needed}");
+    assert_eq!(f[0]["severity"], "info");
+}
+
+/// A client that binds its source address (port 0) before each connect(), towards two
+/// destinations, 10 connections/s through 100 ports (field case 16): the ports are the source
+/// address's whatever the destination and TIME_WAIT keeps them. doctor judges that one pool,
+/// critical, names the remedy, and its predicted failure comes when bind() starts failing.
+#[test]
+fn doctor_models_bind_before_connect_per_source_address() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("bind");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40099");
+    let (p1, p2) = (unique_port(), unique_port());
+    let (a1, a2) = (format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}"));
+    let _s1 = Server::start(Some(&ns), &a1, &[]);
+    let _s2 = Server::start(Some(&ns), &a2, &[]);
+    let d = doctor_in(&ns, "5s");
+    let started = Instant::now();
+    let (r, watched_s, runs) = thread::scope(|s| {
+        let bound = |to: &str| {
+            let to = to.to_owned();
+            let ns = &ns;
+            s.spawn(move || {
+                client(
+                    Some(ns),
+                    &[
+                        "--to",
+                        &to,
+                        "--count",
+                        "80",
+                        "--rate",
+                        "5",
+                        "--bind",
+                        "127.0.0.1",
+                        "--tolerate-errors",
+                    ],
+                )
+            })
+        };
+        let (c1, c2) = (bound(&a1), bound(&a2));
+        let r = d.finish(Duration::from_secs(30));
+        let watched_s = started.elapsed().as_secs_f64();
+        (r, watched_s, [c1.join().unwrap(), c2.join().unwrap()])
+    });
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(r.status.code(), Some(1), "{doc}");
+    let f: Vec<Value> = findings(&doc, "port_exhaustion")
+        .into_iter()
+        .filter(|f| f["data"]["allocation"] == "bind")
+        .collect();
+    assert_eq!(f.len(), 1, "{doc}");
+    let data = &f[0]["data"];
+    assert_eq!(f[0]["severity"], "critical");
+    assert_eq!(data["source"], "127.0.0.1");
+    assert!(data["destination"].is_null());
+    assert_eq!(data["usable_ports"], 100);
+    assert_eq!(data["tw_reuse_applies"], false);
+    assert!(
+        f[0]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("IP_BIND_ADDRESS_NO_PORT")
+    );
+    // The per-destination pools of a binding source say nothing more.
+    assert!(
+        findings(&doc, "port_exhaustion")
+            .iter()
+            .all(|f| f["data"]["allocation"] == "bind"),
+        "{doc}"
+    );
+    // What happened: bind() ran out of ports (EADDRINUSE) when the model said.
+    let actual = runs
+        .iter()
+        .filter_map(|r| r.first_error_s)
+        .fold(f64::INFINITY, f64::min);
+    assert!(actual.is_finite(), "bind() failed: {runs:?}");
+    assert!(
+        runs.iter()
+            .all(|r| r.errors.keys().all(|k| k == "EADDRINUSE")),
+        "{runs:?}"
+    );
+    let predicted = watched_s + data["time_left_s"].as_f64().unwrap();
+    assert!(
+        (predicted - actual).abs() <= 0.2 * actual,
+        "predicted failure at {predicted:.1} s, first EADDRINUSE at {actual:.1} s"
+    );
+}
+
+/// connect() already failing for lack of a port while doctor watches: the finding carries the
+/// failures that happened, as many as the client counted, and who called connect().
+#[test]
+fn doctor_carries_the_failures_that_happen() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("failing");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40099");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let d = doctor_in(&ns, "8s");
+    let run = client(
+        Some(&ns),
+        &[
+            "--to",
+            &addr,
+            "--count",
+            "200",
+            "--rate",
+            "50",
+            "--tolerate-errors",
+        ],
+    );
+    let r = d.finish(Duration::from_secs(30));
+    assert_eq!(run.local_ports.len(), 100);
+    assert_eq!(run.errors.get("EADDRNOTAVAIL"), Some(&100));
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(r.status.code(), Some(1));
+    let f = findings(&doc, "port_exhaustion");
+    assert_eq!(f.len(), 1, "{doc}");
+    let data = &f[0]["data"];
+    assert_eq!(f[0]["severity"], "critical");
+    assert_eq!(data["no_port_failures"], 100);
+    assert_eq!(data["failing"][0]["pid"], run.pid);
+    assert_eq!(data["failing"][0]["count"], 100);
+    assert_eq!(data["time_left_s"], 0.0);
+    assert!(
+        f[0]["evidence"].as_array().unwrap().iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .starts_with("already failing: 100 connect() calls")),
+        "{}",
+        f[0]["evidence"]
+    );
+}
+
+/// A server that stopped calling accept(): clients that gave up leave CLOSE_WAIT in its accept
+/// queue, held by no process (field case 09). doctor names the listening port and the process
+/// that owns the listener, and says it is not accepting, not that it forgot close().
+#[test]
+fn doctor_names_a_listener_that_stopped_accepting() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("noaccept");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = Server::start(Some(&ns), &addr, &["--no-accept"]);
+    let d = doctor_in(&ns, "4s");
+    client(Some(&ns), &["--to", &addr, "--count", "30", "--hold"]);
+    let r = d.finish(Duration::from_secs(30));
+    let in_queue = ns
+        .exec_ok(&[
+            "ss",
+            "-Htan",
+            "state",
+            "close-wait",
+            &format!("sport = :{port}"),
+        ])
+        .lines()
+        .count();
+    assert_eq!(in_queue, 30);
+    let doc: Value = serde_json::from_str(&r.stdout).unwrap();
+    let f = findings(&doc, "close_wait");
+    assert_eq!(f.len(), 1, "{doc}");
+    assert_eq!(f[0]["data"]["pid"], server.pid);
+    assert_eq!(f[0]["data"]["listener_port"], port);
+    assert_eq!(f[0]["data"]["sockets"], 30);
+    assert_eq!(
+        f[0]["title"],
+        format!(
+            "twt-churn[{}] is not accepting connections on port {port}",
+            server.pid
+        )
+    );
+    assert!(
+        f[0]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("not a missing close()")
+    );
 }

@@ -155,3 +155,73 @@ fn report_counts_time_wait_that_existed_before_it_started() {
     let g = groups(&doc);
     assert_eq!(g["(before start)"]["in_time_wait"], K, "{g:?}");
 }
+
+/// A script running a short-lived client again and again (field case 21: curl in a loop): each
+/// run is a new process. `--by process` shows the top rows and sums the rest in `other`, so
+/// that nothing goes missing; `--by comm` puts them under one name.
+#[test]
+fn short_lived_processes_add_up_by_comm_and_in_other() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("loop");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let args = |by: &'static str| {
+        vec![
+            "report".to_owned(),
+            "--json".into(),
+            "--duration".into(),
+            "5s".into(),
+            "--netns".into(),
+            ns.name.clone(),
+            "--by".into(),
+            by.into(),
+            "--top".into(),
+            "5".into(),
+        ]
+    };
+    let start = |by| {
+        let a = args(by);
+        Run::start(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "collecting",
+        )
+    };
+    let (by_process, by_comm) = (start("process"), start("comm"));
+    let mut pids = Vec::new();
+    for _ in 0..12 {
+        pids.push(
+            client(
+                Some(&ns),
+                &["--to", &addr, "--count", "1", "--name", "probe"],
+            )
+            .pid,
+        );
+    }
+    let p = report_json(by_process.finish(Duration::from_secs(30)));
+    let c = report_json(by_comm.finish(Duration::from_secs(30)));
+    assert_eq!(p["groups"].as_array().unwrap().len(), 5, "{p}");
+    assert_eq!(p["other"]["entered"], 12 - 5, "the rest, summed: {p}");
+    assert_eq!(p["groups_total"], 12);
+    let rows: u64 = p["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["entered"].as_u64().unwrap())
+        .sum();
+    assert_eq!(rows + p["other"]["entered"].as_u64().unwrap(), 12);
+    let g = groups(&c);
+    assert_eq!(g.len(), 1, "{c}");
+    assert_eq!(g["probe"]["entered"], 12);
+    let seen: Vec<u64> = g["probe"]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["pid"].as_u64().unwrap())
+        .collect();
+    // The group remembers its most recent owners (8 at most), newest first.
+    let newest: Vec<u64> = pids.iter().rev().take(8).map(|&p| p as u64).collect();
+    assert_eq!(seen, newest);
+    assert!(c["other"].is_null());
+}

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! twt-churn server --listen ADDR:PORT [--closer client|server] [--count N] [--name COMM]
+//!                  [--close-after MS] [--no-accept]
 //! twt-churn client --to ADDR:PORT --count N [--closer client|server] [--bind ADDR[:PORT]]
 //!                  [--keepalive] [--rate PER_S] [--name COMM] [--hold] [--linger0] [--leak]
 //!                  [--tolerate-errors]
@@ -23,7 +24,9 @@
 //! connections on its loopback (client closes first: M TIME_WAIT), and lets each go as soon as
 //! its traffic is done (the kernel then kills its TIME_WAIT sockets).
 //! The server prints `listening` once bound, and serves until `--count` connections or stdin
-//! closes.
+//! closes. `--close-after MS`: when the client closed first, the server closes its side that
+//! long after (the client's socket waits in the FIN_WAIT2 substate meanwhile). `--no-accept`
+//! listens and never accepts (connections wait in the accept queue).
 
 use std::{
     io::{BufRead, Read, Write},
@@ -58,6 +61,8 @@ struct Opts {
     leak: bool,
     tolerate_errors: bool,
     per_ns: u64,
+    close_after: Option<Duration>,
+    no_accept: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -75,6 +80,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         leak: false,
         tolerate_errors: false,
         per_ns: 2,
+        close_after: None,
+        no_accept: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -109,6 +116,11 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--leak" => o.leak = true,
             "--tolerate-errors" => o.tolerate_errors = true,
             "--per-ns" => o.per_ns = val()?.parse().map_err(|e| format!("--per-ns: {e}"))?,
+            "--close-after" => {
+                let ms: u64 = val()?.parse().map_err(|e| format!("--close-after: {e}"))?;
+                o.close_after = Some(Duration::from_millis(ms));
+            }
+            "--no-accept" => o.no_accept = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -191,6 +203,12 @@ fn serve(o: &Opts) -> Result<(), String> {
         thread::sleep(MAX_RUN);
         std::process::exit(0);
     });
+    if o.no_accept {
+        // Connections wait in the accept queue (the backlog) until stdin closes.
+        loop {
+            thread::sleep(Duration::from_secs(1));
+        }
+    }
     let mut held = Vec::new();
     let mut served = 0u64;
     for conn in listener.incoming() {
@@ -200,7 +218,7 @@ fn serve(o: &Opts) -> Result<(), String> {
             // Never close: the peer's close leaves this side in CLOSE_WAIT.
             held.push(s);
         } else {
-            let closer = o.closer;
+            let (closer, close_after) = (o.closer, o.close_after);
             thread::spawn(move || {
                 let mut b = [0u8; 1];
                 while let Ok(1) = s.read(&mut b) {
@@ -212,7 +230,11 @@ fn serve(o: &Opts) -> Result<(), String> {
                         return;
                     }
                 }
-                // EOF: the client closed first; close our side (LAST_ACK -> CLOSE).
+                // EOF: the client closed first; close our side (LAST_ACK -> CLOSE), at once or
+                // after a while (the client's timewait socket waits in FIN_WAIT2 meanwhile).
+                if let Some(d) = close_after {
+                    thread::sleep(d);
+                }
             });
         }
         if o.count > 0 && served >= o.count && !o.hold {

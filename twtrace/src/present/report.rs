@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{
     host::{cgroup::Unit, close_wait::CloseWait},
-    track::aggregate::{Aggregator, By, Group, Key, REASONS},
+    track::aggregate::{Aggregator, By, Group, Key, REASONS, merge},
     track::lifecycle::FailReason,
     track::session::Loss,
 };
@@ -172,8 +172,9 @@ fn row(key: String, netns: u32, g: &Group, ctx: &Context) -> Row {
     }
 }
 
-/// Groups sorted (largest first), the top `top` of them, and `other` when groups were folded.
-/// `matches` keeps the rows whose key passes (the views' key filter).
+/// Groups sorted (largest first), the top `top` of them, and `other`: the groups past `top` and
+/// those folded to bound memory, summed (None when there are none). `matches` keeps the rows
+/// whose key passes (the views' key filter).
 pub fn rows(
     agg: &Aggregator,
     by: By,
@@ -182,28 +183,35 @@ pub fn rows(
     ctx: &Context,
     matches: &dyn Fn(&Key) -> bool,
 ) -> (Vec<Row>, Option<Row>) {
-    let (groups, other) = agg.groups(by);
-    let mut rows: Vec<(f64, u64, u64, Row)> = groups
+    let (groups, folded) = agg.groups(by);
+    let mut ranked: Vec<(f64, String, &Key, &Group)> = groups
         .into_iter()
         .filter(|(k, _)| matches(k))
         .map(|(k, g)| {
-            let r = row(k.to_string(), k.netns, g, ctx);
             let primary = match sort {
-                Sort::TimeWait => r.in_time_wait as f64,
-                Sort::Rate => r.rate_10s,
-                Sort::Entered => r.entered as f64,
+                Sort::TimeWait => g.in_time_wait as f64,
+                Sort::Rate => g.rate(ctx.now_sec, 10),
+                Sort::Entered => g.entered as f64,
             };
-            (primary, r.in_time_wait, r.entered, r)
+            (primary, k.to_string(), k, g)
         })
         .collect();
-    rows.sort_by(|a, b| {
+    ranked.sort_by(|a, b| {
         b.0.total_cmp(&a.0)
-            .then(b.1.cmp(&a.1))
-            .then(b.2.cmp(&a.2))
-            .then(a.3.key.cmp(&b.3.key))
+            .then(b.3.in_time_wait.cmp(&a.3.in_time_wait))
+            .then(b.3.entered.cmp(&a.3.entered))
+            .then(a.1.cmp(&b.1))
     });
-    let rows = rows.into_iter().take(top).map(|(_, _, _, r)| r).collect();
-    (rows, other.map(|g| row("other".into(), 0, g, ctx)))
+    let rest = ranked.split_off(top.min(ranked.len()));
+    let rows = ranked
+        .into_iter()
+        .map(|(_, name, k, g)| row(name, k.netns, g, ctx))
+        .collect();
+    let other = (!rest.is_empty() || folded.is_some()).then(|| {
+        let sum = merge(rest.iter().map(|(_, _, _, g)| *g).chain(folded));
+        row("other".into(), 0, &sum, ctx)
+    });
+    (rows, other)
 }
 
 fn exits_json(exits: &[u64; 4]) -> Value {

@@ -32,10 +32,10 @@ pub const DEFAULT_CAP: usize = 2000;
 /// Bytes of one group at most, all included (key, counters, rate ring, histogram, owners, its
 /// entry in the key map).
 pub const GROUP_BYTES: usize = 1536;
-/// Bytes per live TIME_WAIT socket at most: its entry in the live map (timer address and five
-/// slot references, at the hash map's worst load) and, in the worst case where each socket has
-/// a folded group of its own in every grouping, five 12-byte slots.
-pub const LIVE_TW_BYTES: usize = 136;
+/// Bytes per live TIME_WAIT socket at most: its entry in the live map (timer address, six slot
+/// references and its substate, at the hash map's worst load) and, in the worst case where each
+/// socket has a folded group of its own in every grouping, six 12-byte slots.
+pub const LIVE_TW_BYTES: usize = 160;
 /// Owners remembered per group (the most recent distinct ones).
 const OWNERS_PER_GROUP: usize = 8;
 
@@ -47,13 +47,23 @@ pub enum By {
     Service,
     /// The network namespace itself.
     Netns,
+    /// The owner's command name, whatever its pid: short-lived processes (a script running
+    /// curl in a loop) add up under one name.
+    Comm,
 }
 
 /// How many groupings there are (`By::ALL.len()`).
-const GROUPINGS: usize = 5;
+const GROUPINGS: usize = 6;
 
 impl By {
-    pub const ALL: [By; GROUPINGS] = [By::Service, By::Peer, By::Port, By::Process, By::Netns];
+    pub const ALL: [By; GROUPINGS] = [
+        By::Service,
+        By::Peer,
+        By::Port,
+        By::Process,
+        By::Comm,
+        By::Netns,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,6 +72,7 @@ impl By {
             By::Process => "process",
             By::Service => "service",
             By::Netns => "netns",
+            By::Comm => "comm",
         }
     }
 
@@ -85,8 +96,9 @@ impl FromStr for By {
             "process" => Ok(By::Process),
             "service" => Ok(By::Service),
             "netns" => Ok(By::Netns),
+            "comm" => Ok(By::Comm),
             _ => Err(format!(
-                "'{s}' is not a grouping (service, peer, port, process or netns)"
+                "'{s}' is not a grouping (service, peer, port, process, comm or netns)"
             )),
         }
     }
@@ -111,6 +123,8 @@ pub enum Id {
     Process { pid: u32, comm: Comm },
     /// The namespace as a whole (`netns`).
     Netns,
+    /// Owner command name (`comm`); `(unknown)` or `(before start)` when there is none.
+    Comm(Comm),
 }
 
 impl Key {
@@ -134,6 +148,7 @@ impl fmt::Display for Key {
             Id::Process { pid: 0, comm } => f.write_str(comm.as_str()),
             Id::Process { pid, comm } => write!(f, "{comm}[{pid}]"),
             Id::Netns => write!(f, "{}", self.netns),
+            Id::Comm(c) => f.write_str(c.as_str()),
         }
     }
 }
@@ -318,6 +333,16 @@ pub struct Group {
     pub owners: Vec<(u32, Comm)>,
     /// cgroup id of the most recent owner (resolved to a unit or container by the views).
     pub cgroup_id: Option<u64>,
+}
+
+/// Groups summed into one (the rows of a report past its `--top`, with `other`): counts,
+/// rates, lifetimes and failures add up; owners are left out.
+pub fn merge<'a>(groups: impl IntoIterator<Item = &'a Group>) -> Group {
+    let mut sum = Group::default();
+    for g in groups {
+        sum.absorb(g);
+    }
+    sum
 }
 
 impl Group {
@@ -797,6 +822,10 @@ impl Aggregator {
                 _ => Id::Peer(conn.remote),
             },
             By::Netns => Id::Netns,
+            By::Comm => Id::Comm(match owner {
+                Some(p) => p.comm,
+                None => if seeded { BEFORE_START } else { UNKNOWN_OWNER }.into(),
+            }),
         };
         Key { netns, id }
     }

@@ -1,0 +1,183 @@
+//! What the kernel programs report besides births and ends, each checked against what the
+//! kernel and the client themselves say: the timewait substate (FIN_WAIT2 until the peer's FIN,
+//! then TIME_WAIT for 60 s), failed connect() calls with their reason and caller, and whether a
+//! client bound its port before connect(). Each test runs in a network namespace of its own.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use twtrace_tests::*;
+
+fn in_ns<'a>(w: &'a WatchResult, ns: &Netns, event: &'a str) -> Vec<&'a Value> {
+    let inode = ns.inode();
+    w.of_kind(event).filter(|e| e["netns"] == inode).collect()
+}
+
+/// The client closes first and its server 300 ms later, with tcp_fin_timeout=15: each timewait
+/// socket is born in the FIN_WAIT2 substate (waiting 15 s for the peer's FIN), then becomes
+/// TIME_WAIT for 60 s when the FIN comes. twtrace says exactly that, and never that TIME_WAIT
+/// lasts 15 s (field case 18: the myth people set that sysctl for); `ss` agrees afterwards.
+#[test]
+fn the_fin_wait2_substate_is_born_then_becomes_time_wait() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("fw2");
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "15");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &["--close-after", "300"]);
+    let watch = Watch::start(&["--port", &port.to_string()]);
+    let report = Run::start(
+        &["report", "--json", "--duration", "4s", "--netns", &ns.name],
+        "collecting",
+    );
+    let run = client(Some(&ns), &["--to", &addr, "--count", "5"]);
+    let mut seen = Vec::new();
+    watch.wait_until(Duration::from_secs(10), &mut seen, |s| {
+        s.iter().filter(|e| e["event"] == "tw_rearm").count() >= 5
+    });
+    let w = watch.stop_with(libc::SIGINT, seen);
+    let enters = in_ns(&w, &ns, "tw_enter");
+    assert_eq!(enters.len(), 5, "{:?}", w.events);
+    for e in &enters {
+        assert_eq!(e["substate"], "FIN_WAIT2", "{e}");
+        assert_eq!(e["fin_wait2_timeout_ms"], 15000, "{e}");
+        assert_eq!(e["timeout_ms"], 60000, "TIME_WAIT still lasts 60 s: {e}");
+        assert_eq!(e["pid"], run.pid);
+    }
+    let rearms = in_ns(&w, &ns, "tw_rearm");
+    assert_eq!(rearms.len(), 5);
+    for r in &rearms {
+        assert_eq!(
+            (r["from"].as_str(), r["substate"].as_str()),
+            (Some("FIN_WAIT2"), Some("TIME_WAIT"))
+        );
+        assert_eq!(r["timeout_ms"], 60000, "{r}");
+    }
+    assert_eq!(
+        ns.ss_time_wait(port).len(),
+        5,
+        "the kernel lists them as TIME_WAIT now"
+    );
+    let doc: Value = serde_json::from_str(&report.finish(Duration::from_secs(30)).stdout).unwrap();
+    assert_eq!(doc["totals"]["in_time_wait"], 5, "{doc}");
+    assert_eq!(doc["totals"]["in_fin_wait2"], 0);
+    assert_eq!(doc["namespaces"][0]["kernel_time_wait"], 5);
+}
+
+/// The peer never closes (the server holds every connection): the client's timewait sockets stay
+/// in the FIN_WAIT2 substate. twtrace counts them apart, as `ss` lists them (fin-wait-2, not
+/// time-wait), and their sum is sockstat's `tw` (field case 08).
+#[test]
+fn fin_wait2_sockets_are_counted_apart() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("fw2hold");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &["--hold"]);
+    let report = Run::start(
+        &["report", "--json", "--duration", "3s", "--netns", &ns.name],
+        "collecting",
+    );
+    client(Some(&ns), &["--to", &addr, "--count", "7", "--hold"]);
+    let doc: Value = serde_json::from_str(&report.finish(Duration::from_secs(30)).stdout).unwrap();
+    let ss = |state: &str| {
+        ns.exec_ok(&["ss", "-Htan", "state", state, &format!("dport = :{port}")])
+            .lines()
+            .count() as u64
+    };
+    assert_eq!(ss("fin-wait-2"), 7);
+    assert_eq!(ss("time-wait"), 0);
+    assert_eq!(doc["totals"]["in_fin_wait2"], 7, "{doc}");
+    assert_eq!(doc["totals"]["in_time_wait"], 0);
+    assert_eq!(doc["namespaces"][0]["kernel_time_wait"], ns.sockstat_tw());
+    assert_eq!(ns.sockstat_tw(), 7);
+    let g = &doc["groups"][0];
+    assert_eq!(
+        (g["key"].as_str(), g["in_fin_wait2"].as_u64()),
+        (Some(addr.as_str()), Some(7))
+    );
+}
+
+/// connect() failing for lack of a port (one port, tcp_tw_reuse=0, its TIME_WAIT alive) and
+/// refused by the peer: each is an event with its reason and the process that called connect(),
+/// as many as the client itself counted.
+#[test]
+fn failed_connects_are_events_with_reason_and_caller() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("fail");
+    ns.sysctl("net.ipv4.ip_local_port_range", "40000 40000");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "0");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let watch = Watch::start(&["--netns", &ns.name]);
+    let run = client(
+        Some(&ns),
+        &["--to", &addr, "--count", "4", "--tolerate-errors"],
+    );
+    assert_eq!(run.local_ports, vec![40000]);
+    assert_eq!(run.errors.get("EADDRNOTAVAIL"), Some(&3));
+    // Nothing listens on port + 1: refused.
+    let closed = format!("127.0.0.1:{}", port + 1);
+    let refused = client(
+        Some(&ns),
+        &["--to", &closed, "--count", "2", "--tolerate-errors"],
+    );
+    assert_eq!(refused.errors.get("ECONNREFUSED"), Some(&2));
+    let mut seen = Vec::new();
+    watch.wait_until(Duration::from_secs(10), &mut seen, |s| {
+        s.iter().filter(|e| e["event"] == "connect_fail").count() >= 5
+    });
+    let w = watch.stop_with(libc::SIGINT, seen);
+    let fails = in_ns(&w, &ns, "connect_fail");
+    let of = |reason: &str, pid: u32| {
+        fails
+            .iter()
+            .filter(|e| e["reason"] == reason && e["pid"] == pid)
+            .count()
+    };
+    assert_eq!(of("no_port", run.pid), 3, "{fails:?}");
+    assert_eq!(of("refused", refused.pid), 2, "{fails:?}");
+    assert_eq!(fails.len(), 5);
+    for f in fails.iter().filter(|e| e["reason"] == "no_port") {
+        assert_eq!(f["local_port"], 0, "no port was found: {f}");
+        assert_eq!(f["errno"], "EADDRNOTAVAIL");
+        assert_eq!(f["remote_port"], port);
+    }
+}
+
+/// A client that binds its source address (port 0) before connect(): its births say `bound`;
+/// one that does not: they do not.
+#[test]
+fn bind_before_connect_is_flagged() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("bound");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let watch = Watch::start(&["--port", &port.to_string()]);
+    let bound = client(
+        Some(&ns),
+        &["--to", &addr, "--count", "3", "--bind", "127.0.0.1"],
+    );
+    let plain = client(Some(&ns), &["--to", &addr, "--count", "2"]);
+    let mut seen = Vec::new();
+    watch.wait_until(Duration::from_secs(10), &mut seen, |s| {
+        s.iter().filter(|e| e["event"] == "tw_enter").count() >= 5
+    });
+    let w = watch.stop_with(libc::SIGINT, seen);
+    let enters = in_ns(&w, &ns, "tw_enter");
+    let flagged = |pid: u32, b: bool| {
+        enters
+            .iter()
+            .filter(|e| e["pid"] == pid && e["bound"] == b)
+            .count()
+    };
+    assert_eq!(flagged(bound.pid, true), 3, "{enters:?}");
+    assert_eq!(flagged(plain.pid, false), 2, "{enters:?}");
+    assert_eq!(enters.len(), 5);
+}
