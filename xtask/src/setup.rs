@@ -15,20 +15,17 @@ use crate::{status, TOOLCHAIN};
 pub enum Need {
     /// Build twtrace (toolchain, LLVM 22, bpf-linker).
     Build,
-    /// Also run it (tracefs mounted).
+    /// Also run it (nothing more: twtrace's programs are BTF tracepoints and need no tracefs).
     Run,
     /// Build what ships (`dist`): the musl target, dpkg-deb, buildah.
     Dist,
-    /// Everything the tests need: Run and Dist, the tools the tests drive (ip, ss, bpftool,
-    /// ..., lintian, mmdebstrap, podman) and a clean Debian root for the .deb test.
+    /// Everything the tests and the benchmark need: Run and Dist, the tools the tests drive (ip,
+    /// ss, bpftool, ..., lintian, mmdebstrap, podman), a clean Debian root for the .deb test,
+    /// and tracefs for the benchmark's classic peers (bpftrace, libbpf-tools' tcpstates).
     Test,
 }
 
 impl Need {
-    fn runs(self) -> bool {
-        matches!(self, Need::Run | Need::Test)
-    }
-
     fn dists(self) -> bool {
         matches!(self, Need::Dist | Need::Test)
     }
@@ -154,7 +151,7 @@ pub fn ensure(need: Need) -> Result<(), String> {
         apt.install("the tools the tests drive")?;
         debian_root_tarball()?;
     }
-    if need.runs() {
+    if need == Need::Test {
         tracefs()?;
     }
     Ok(())

@@ -438,10 +438,7 @@ pub fn table(
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| format!("{n} {}", r.as_str()))
             .collect();
-        out.push_str(&format!(
-            "connect() failed {failed} times: {}\n",
-            why.join(", ")
-        ));
+        out.push_str(&format!("failed connects: {failed} ({})\n", why.join(", ")));
     }
     out.push('\n');
     // A namespace column only where rows come from more than one, a FAILED column (connect()

@@ -241,7 +241,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
                 .filter(|r| charge.connect_failures[r.index()] > 0)
                 .map(|r| format!("{} {}", charge.connect_failures[r.index()], r.as_str()))
                 .collect();
-            eprintln!("  connect() failed {failed} times: {}", why.join(", "));
+            eprintln!("  failed connects: {failed} ({})", why.join(", "));
         }
         if loss.total() > 0 {
             eprintln!(
