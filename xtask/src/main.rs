@@ -1,4 +1,4 @@
-//! `cargo +stable xtask <command>`: set-up, build, run, test (and later bench, soak).
+//! `cargo +stable xtask <command>`: set-up, build, run, test, fuzz, bench, soak.
 //!
 //! xtask itself builds with whatever stable Rust the machine has and depends on nothing but std,
 //! so that it runs on a fresh machine. It then installs what is missing, one line per step it
@@ -6,6 +6,8 @@
 
 mod bench;
 mod fuzz;
+mod json;
+mod procs;
 mod setup;
 mod soak;
 
@@ -72,6 +74,14 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Where cargo builds: CARGO_TARGET_DIR (relative to the workspace) or target/.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 /// `cargo +TOOLCHAIN ...` in the workspace, free of what the outer `cargo +stable` set.
 pub fn cargo(args: &[&str]) -> Command {
     let mut c = Command::new("cargo");
@@ -105,6 +115,20 @@ pub fn status(cmd: &mut Command) -> Result<(), String> {
     } else {
         Err(format!("{cmd:?} failed ({s})"))
     }
+}
+
+/// The release binaries: twtrace, and the tests' `twt-churn` and `twt-loadgen`; their directory.
+pub fn build_release_bins() -> Result<PathBuf, String> {
+    status(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "twtrace",
+        "--package",
+        "twtrace-tests",
+        "--bins",
+    ]))?;
+    Ok(target_dir().join("release"))
 }
 
 fn build(release: bool) -> Result<(), String> {
@@ -232,6 +256,12 @@ fn test(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// `&str`s as the `String`s a command's arguments come as (for tests).
+#[cfg(test)]
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,8 +295,7 @@ mod tests {
 
     #[test]
     fn release_flag_only_before_the_separator() {
-        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(release(&a(&["run", "--release", "--", "watch"])));
-        assert!(!release(&a(&["run", "--", "watch", "--release"])));
+        assert!(release(&strings(&["run", "--release", "--", "watch"])));
+        assert!(!release(&strings(&["run", "--", "watch", "--release"])));
     }
 }

@@ -12,7 +12,7 @@ use std::{
 use crate::setup;
 
 /// Runs a short command with a time limit; stdout on success.
-pub(super) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+pub(crate) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -32,7 +32,7 @@ pub(super) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, Stri
     }
 }
 
-pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
+pub(crate) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = String::new();
         if let Some(mut r) = r {
@@ -44,7 +44,7 @@ pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHand
 
 /// Waits for a child up to `limit`, calling `tick` every 50 ms; kills it after the limit
 /// (None).
-pub(super) fn wait_for(
+pub(crate) fn wait_for(
     child: &mut Child,
     limit: Duration,
     mut tick: impl FnMut(),
@@ -67,7 +67,7 @@ pub(super) fn wait_for(
     None
 }
 
-pub(super) fn signal(pid: u32, sig: &str) {
+pub(crate) fn signal(pid: u32, sig: &str) {
     let _ = run_for(
         Command::new("kill").args(["-s", sig, &pid.to_string()]),
         Duration::from_secs(5),
@@ -75,7 +75,7 @@ pub(super) fn signal(pid: u32, sig: &str) {
 }
 
 /// A child that is killed (SIGKILL) and reaped if it is still there when this is dropped.
-pub(super) struct Owned(pub(super) Child);
+pub(crate) struct Owned(pub(crate) Child);
 
 impl Drop for Owned {
     fn drop(&mut self) {
@@ -86,6 +86,6 @@ impl Drop for Owned {
     }
 }
 
-pub(super) fn ip() -> PathBuf {
+pub(crate) fn ip() -> PathBuf {
     setup::which("ip").unwrap_or_else(|| PathBuf::from("ip"))
 }
