@@ -1,5 +1,5 @@
-//! A small JSON value (xtask depends on std only): parse what twtrace, bpftool and the loadgen
-//! print; write the benchmark's results.
+//! A small JSON value (xtask depends on std only): parse what twtrace, bpftool, the loadgen and
+//! cargo print; write the benchmark's results.
 //! `Json::parse` reads their output; `obj`, `num` and `opt` build results that `pretty` writes.
 
 #[derive(Debug, Clone, PartialEq)]

@@ -1,4 +1,4 @@
-//! `cargo +stable xtask <command>`: set-up, build, run, test, fuzz, bench, soak.
+//! `cargo +stable xtask <command>`: set-up, build, run, test, fuzz, bench, soak, vm-test.
 //!
 //! xtask itself builds with whatever stable Rust the machine has and depends on nothing but std,
 //! so that it runs on a fresh machine. It then installs what is missing, one line per step it
@@ -10,6 +10,7 @@ mod json;
 mod procs;
 mod setup;
 mod soak;
+mod vmtest;
 
 use std::{
     env,
@@ -24,7 +25,8 @@ pub const TOOLCHAIN: &str = "1.98.0";
 const USAGE: &str = "\
 usage: cargo +stable xtask <command>
 
-  setup                 install what is missing (toolchain, LLVM 22, bpf-linker, test tools)
+  setup                 install what is missing (toolchain, LLVM 22, bpf-linker, test tools,
+                        qemu and the guests' tools)
   build [--release]     build twtrace
   run [--release] -- ARGS
                         build and run twtrace ARGS (as root, through sudo when needed)
@@ -34,18 +36,22 @@ usage: cargo +stable xtask <command>
                         run the cargo-fuzz targets, N s each (default 30, all targets)
   bench [--quick]       twtrace's overhead next to the classic tools, A/B interleaved (root)
   soak [--minutes N] [--rate R]
-                        a long run at steady churn: RSS, owner map and counts must stay right";
+                        a long run at steady churn: RSS, owner map and counts must stay right
+  vm-test [--kernel 6.1,6.12,...] [--lockdown integrity|confidentiality] ...
+                        the integration tests on Debian's kernels, each booted under qemu:
+                        a matrix kernel x test (vm-test --help for every option)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup::ensure(setup::Need::Test),
+        Some("setup") => setup::ensure(setup::Need::All),
         Some("build") => setup::ensure(setup::Need::Build).and_then(|_| build(release(&args))),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("vm-test") => vmtest::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -139,7 +145,7 @@ fn build(release: bool) -> Result<(), String> {
     status(&mut cargo(&args))
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

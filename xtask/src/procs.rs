@@ -1,5 +1,6 @@
-//! Processes, every wait bounded: short commands run with a time limit, waits that kill the child
-//! after theirs, signals, and a child that is killed when dropped.
+//! Processes, every wait bounded (shared by the benchmark and vm-test): short commands run with a
+//! time limit, waits that kill the child after theirs, signals, and a child that is killed when
+//! dropped.
 
 use std::{
     io::Read,
@@ -13,14 +14,29 @@ use crate::setup;
 
 /// Runs a short command with a time limit; stdout on success.
 pub(crate) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+    output_for(cmd, limit).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs a short command with a time limit; stdout as bytes on success.
+pub(crate) fn output_for(cmd: &mut Command, limit: Duration) -> Result<Vec<u8>, String> {
+    capture(cmd, limit, Stdio::piped())
+}
+
+/// As `output_for`, with the command's stderr going to ours (cargo's progress, say).
+pub(crate) fn stdout_for(cmd: &mut Command, limit: Duration) -> Result<Vec<u8>, String> {
+    capture(cmd, limit, Stdio::inherit())
+}
+
+/// stdout on success; the error says why, with stderr when it was piped.
+fn capture(cmd: &mut Command, limit: Duration, stderr: Stdio) -> Result<Vec<u8>, String> {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let out = reader(child.stdout.take());
+    let out = byte_reader(child.stdout.take());
     let err = reader(child.stderr.take());
     let status = wait_for(&mut child, limit, || {});
     let out = out.join().unwrap_or_default();
@@ -39,6 +55,16 @@ pub(crate) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHand
             let _ = r.read_to_string(&mut s);
         }
         s
+    })
+}
+
+fn byte_reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut b);
+        }
+        b
     })
 }
 

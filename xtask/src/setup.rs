@@ -11,7 +11,7 @@ use std::{
 use crate::{status, TOOLCHAIN};
 
 /// What the caller is about to do.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// Build twtrace (toolchain, LLVM 22, bpf-linker).
     Build,
@@ -19,6 +19,25 @@ pub enum Need {
     Run,
     /// Also test it (ip, ss, bpftool, setpriv, tmux).
     Test,
+    /// Build it and test it in virtual machines (qemu, busybox, the guest's tools); nothing is
+    /// loaded into this machine's kernel, so tracefs is left alone.
+    VmTest,
+    /// Everything above (`xtask setup`).
+    All,
+}
+
+impl Need {
+    fn runs_here(self) -> bool {
+        matches!(self, Need::Run | Need::Test | Need::All)
+    }
+
+    fn tests_here(self) -> bool {
+        matches!(self, Need::Test | Need::All)
+    }
+
+    fn tests_in_vms(self) -> bool {
+        matches!(self, Need::VmTest | Need::All)
+    }
 }
 
 const COMPONENTS: [&str; 3] = ["rust-src", "clippy", "rustfmt"];
@@ -38,6 +57,31 @@ const TEST_TOOLS: [(&str, &str); 7] = [
 
 /// Debian packages the tests use that bring no command (Python modules), checked with dpkg.
 const TEST_PACKAGES: [&str; 2] = ["python3-yaml", "python3-kubernetes"];
+
+/// What `vm-test` runs on this machine, and the tools it copies into each guest (see
+/// xtask/src/vmtest/initramfs.rs), by the file that shows they are there.
+const VM_TOOLS: [(&str, &str); 15] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("dpkg-deb", "dpkg"),
+    ("strip", "binutils"),
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("bash", "bash"),
+    ("tmux", "tmux"),
+    ("pgrep", "procps"),
+    ("sysctl", "procps"),
+];
+/// The Debian archive's signing keys, for the guests' kernels (Ubuntu does not have them).
+const DEBIAN_KEYRING: (&str, &str) = (
+    "/usr/share/keyrings/debian-archive-keyring.gpg",
+    "debian-archive-keyring",
+);
 
 fn dpkg_installed(pkg: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
@@ -85,7 +129,7 @@ pub fn ensure(need: Need) -> Result<(), String> {
         }
         install_bpf_linker()?;
     }
-    if need >= Need::Test {
+    if need.tests_here() {
         for (cmd, pkg) in TEST_TOOLS {
             if which(cmd).is_none() {
                 apt.want(pkg);
@@ -100,7 +144,18 @@ pub fn ensure(need: Need) -> Result<(), String> {
         }
         apt.install("the tools the tests drive")?;
     }
-    if need >= Need::Run {
+    if need.tests_in_vms() {
+        for (cmd, pkg) in VM_TOOLS {
+            if which(cmd).is_none() {
+                apt.want(pkg);
+            }
+        }
+        if !Path::new(DEBIAN_KEYRING.0).exists() {
+            apt.want(DEBIAN_KEYRING.1);
+        }
+        apt.install("the virtual machines of vm-test")?;
+    }
+    if need.runs_here() {
         tracefs()?;
     }
     Ok(())
