@@ -13,7 +13,10 @@ use std::{
     time::Duration,
 };
 
-use super::{kernels::Kernel, suite::Build};
+use super::{
+    kernels::{create_dir, Kernel},
+    suite::{Build, Plan},
+};
 use crate::{procs::run_for, setup::which};
 
 /// The guest's `/init` (a shell script, run by the host's /bin/sh).
@@ -62,9 +65,9 @@ const LOCALE: &str = "/usr/lib/locale/C.utf8";
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// The archive every kernel shares: everything but the modules. `plan` is `/vmtest/plan`, the
-/// test executables to run (see guest-init.sh).
-pub fn base(build: &Build, plan: &str, work: &Path) -> Result<Vec<u8>, String> {
+/// The archive every kernel shares: everything but the kernel's own files. The plan's test
+/// executables are in it, and the plan as `/vmtest/plan` (see guest-init.sh).
+pub fn base(build: &Build, plan: &Plan, work: &Path) -> Result<Vec<u8>, String> {
     let mut a = Archive::default();
     for d in [
         "proc", "sys", "dev", "tmp", "run", "root", "sbin", "usr/bin", "usr/sbin",
@@ -73,7 +76,7 @@ pub fn base(build: &Build, plan: &str, work: &Path) -> Result<Vec<u8>, String> {
     }
     busybox(&mut a)?;
     a.file("init", 0o755, INIT.as_bytes());
-    a.file("vmtest/plan", 0o644, plan.as_bytes());
+    a.file("vmtest/plan", 0o644, plan.guest_file().as_bytes());
     a.file(
         "etc/passwd",
         0o644,
@@ -108,12 +111,16 @@ pub fn base(build: &Build, plan: &str, work: &Path) -> Result<Vec<u8>, String> {
     // The project's binaries, without their debug info (it is most of their size; the symbol
     // table stays, for backtraces).
     let stripped = work.join("stripped");
-    crate::vmtest::kernels::create_dir(&stripped)?;
+    create_dir(&stripped)?;
     let mut ours: Vec<(PathBuf, String)> = vec![
         (build.twtrace.clone(), format!("{GUEST_BUILD}/twtrace")),
         (build.churn.clone(), format!("{GUEST_BUILD}/twt-churn")),
     ];
-    for t in &build.tests {
+    for t in build
+        .tests
+        .iter()
+        .filter(|t| plan.runs.iter().any(|(exe, _)| *exe == t.name))
+    {
         ours.push((t.exe.clone(), format!("{GUEST_BUILD}/deps/{}", t.name)));
     }
     for (host, guest) in ours {

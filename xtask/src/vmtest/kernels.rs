@@ -186,12 +186,12 @@ impl Apt {
     }
 }
 
-/// apt's `E:` lines, which say what went wrong (`E: Release file for ... is expired`); the last
-/// line when there are none.
+/// apt's `E:` messages, which say what went wrong (`E: Release file for ... is expired`); the
+/// last line when there are none.
 fn apt_error(output: &str) -> String {
     let errors: Vec<&str> = output
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("E: "))
+        .filter_map(|l| l.split_once("E: ").map(|(_, e)| e.trim()))
         .collect();
     if errors.is_empty() {
         output.lines().last().unwrap_or("failed").trim().to_owned()
@@ -472,9 +472,7 @@ mod tests {
 
     #[test]
     fn apt_errors_in_one_line() {
-        let out = "\"apt-get\" \"update\" failed (exit status: 100): Get:1 http://deb.debian.org/debian sid InRelease [193 kB]\n\
-                   Reading package lists...\n\
-                   E: Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 23d 21h 22min 1s). Updates for this repository will not be applied.\n";
+        let out = "\"apt-get\" \"update\" failed (exit status: 100): E: Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 23d 21h 22min 1s). Updates for this repository will not be applied.\n";
         assert_eq!(
             apt_error(out),
             "Release file for http://deb.debian.org/debian/dists/sid/InRelease is expired (invalid since 23d 21h 22min 1s). Updates for this repository will not be applied."

@@ -423,8 +423,13 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// `6.1: `row`; 5.10: 8 tests`, in lane order.
+    /// Where it failed: `row on 6.1, 6.12` for one test, else `6.1: row; 5.10: 8 tests`.
     fn place(&self, quote: &str) -> String {
+        let (_, row) = self.cells[0];
+        if self.cells.iter().all(|(_, r)| *r == row) {
+            let lanes: Vec<&str> = self.cells.iter().map(|(l, _)| *l).collect();
+            return format!("{quote}{row}{quote} on {}", lanes.join(", "));
+        }
         let mut lanes: Vec<(&str, Vec<&str>)> = Vec::new();
         for (lane, row) in &self.cells {
             match lanes.iter_mut().find(|(l, _)| l == lane) {
@@ -850,7 +855,7 @@ VMTEST-DONE uptime=1215.0
             "{md}"
         );
         assert!(
-            md.contains("1. `assertion 'left == right' failed (tests/tests/watch.rs:170:5)`: 6.1: `watch::server_closes_first_births_go_to_the_server`\n"),
+            md.contains("1. `assertion 'left == right' failed (tests/tests/watch.rs:170:5)`: `watch::server_closes_first_births_go_to_the_server` on 6.1\n"),
             "{md}"
         );
         assert!(
@@ -859,6 +864,24 @@ VMTEST-DONE uptime=1215.0
         );
         assert!(md.ends_with("* `workflow::w`: python3\n"), "{md}");
         assert!(text.ends_with("  workflow::w: python3\n"), "{text}");
+    }
+
+    #[test]
+    fn one_test_failing_alike_on_several_lanes_is_one_cause() {
+        let p = plan();
+        let m = Matrix {
+            rows: p.rows(),
+            columns: ["6.1", "6.12"]
+                .map(|l| Column::from_boot(l, "k", false, &p, &boot(GUEST, "", End::Exited)))
+                .into(),
+            left: Vec::new(),
+        };
+        let md = m.markdown("2026-11-30");
+        assert!(
+            md.contains("`: `watch::server_closes_first_births_go_to_the_server` on 6.1, 6.12\n"),
+            "{md}"
+        );
+        assert!(md.contains("| **FAIL** (1) | **FAIL** (1) |"), "{md}");
     }
 
     #[test]

@@ -132,7 +132,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             .entry(lane.series.name)
             .or_insert_with(|| kernels::fetch(lane.series, &work));
     }
-    let base = initramfs::base(&build, &plan.guest_file(), &work)?;
+    let base = initramfs::base(&build, &plan, &work)?;
     let mut initrds: BTreeMap<&str, PathBuf> = BTreeMap::new();
     for (series, kernel) in &kernels {
         if let Ok(k) = kernel {
