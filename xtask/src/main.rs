@@ -1,4 +1,4 @@
-//! `cargo +stable xtask <command>`: set-up, build, run, test (and later bench, soak).
+//! `cargo +stable xtask <command>`: set-up, build, run, test, fuzz, bench, soak, vm-test.
 //!
 //! xtask itself builds with whatever stable Rust the machine has and depends on nothing but std,
 //! so that it runs on a fresh machine. It then installs what is missing, one line per step it
@@ -7,8 +7,11 @@
 mod bench;
 mod dist;
 mod fuzz;
+mod json;
+mod procs;
 mod setup;
 mod soak;
+mod vmtest;
 
 use std::{
     env,
@@ -23,7 +26,8 @@ pub const TOOLCHAIN: &str = "1.98.0";
 const USAGE: &str = "\
 usage: cargo +stable xtask <command>
 
-  setup                 install what is missing (toolchain, LLVM 22, bpf-linker, test tools)
+  setup                 install what is missing (toolchain, LLVM 22, bpf-linker, test tools,
+                        qemu and the guests' tools)
   build [--release]     build twtrace
   run [--release] -- ARGS
                         build and run twtrace ARGS (as root, through sudo when needed)
@@ -37,12 +41,15 @@ usage: cargo +stable xtask <command>
                         run the cargo-fuzz targets, N s each (default 30, all targets)
   bench [--quick]       twtrace's overhead next to the classic tools, A/B interleaved (root)
   soak [--minutes N] [--rate R]
-                        a long run at steady churn: RSS, owner map and counts must stay right";
+                        a long run at steady churn: RSS, owner map and counts must stay right
+  vm-test [--kernel 6.1,6.12,...] [--lockdown integrity|confidentiality] ...
+                        the integration tests on Debian's kernels, each booted under qemu:
+                        a matrix kernel x test (vm-test --help for every option)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup::ensure(setup::Need::Test),
+        Some("setup") => setup::ensure(setup::Need::All),
         Some("build") => setup::ensure(setup::Need::Build).and_then(|_| build(release(&args))),
         Some("run") => run(&args[1..]),
         Some("test") => test(&args[1..]),
@@ -52,6 +59,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
+        Some("vm-test") => vmtest::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -78,6 +86,14 @@ pub fn root() -> PathBuf {
         .parent()
         .expect("xtask sits in the workspace")
         .to_path_buf()
+}
+
+/// Where cargo builds: CARGO_TARGET_DIR (relative to the workspace) or target/.
+pub fn target_dir() -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
 }
 
 /// `cargo +TOOLCHAIN ...` in the workspace, free of what the outer `cargo +stable` set.
@@ -115,6 +131,20 @@ pub fn status(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
+/// The release binaries: twtrace, and the tests' `twt-churn` and `twt-loadgen`; their directory.
+pub fn build_release_bins() -> Result<PathBuf, String> {
+    status(&mut cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "twtrace",
+        "--package",
+        "twtrace-tests",
+        "--bins",
+    ]))?;
+    Ok(target_dir().join("release"))
+}
+
 fn build(release: bool) -> Result<(), String> {
     let mut args = vec!["build", "--package", "twtrace"];
     if release {
@@ -123,7 +153,7 @@ fn build(release: bool) -> Result<(), String> {
     status(&mut cargo(&args))
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -244,6 +274,12 @@ fn test(args: &[String]) -> Result<(), String> {
     }
 }
 
+/// `&str`s as the `String`s a command's arguments come as (for tests).
+#[cfg(test)]
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,8 +313,7 @@ mod tests {
 
     #[test]
     fn release_flag_only_before_the_separator() {
-        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(release(&a(&["run", "--release", "--", "watch"])));
-        assert!(!release(&a(&["run", "--", "watch", "--release"])));
+        assert!(release(&strings(&["run", "--release", "--", "watch"])));
+        assert!(!release(&strings(&["run", "--", "watch", "--release"])));
     }
 }

@@ -23,11 +23,24 @@ pub enum Need {
     /// ss, bpftool, ..., lintian, mmdebstrap, podman), a clean Debian root for the .deb test,
     /// and tracefs for the benchmark's classic peers (bpftrace, libbpf-tools' tcpstates).
     Test,
+    /// Build it and test it in virtual machines (qemu, busybox, the guest's tools); nothing is
+    /// loaded into this machine's kernel.
+    VmTest,
+    /// Everything above (`xtask setup`).
+    All,
 }
 
 impl Need {
+    fn tests_here(self) -> bool {
+        matches!(self, Need::Test | Need::All)
+    }
+
+    fn tests_in_vms(self) -> bool {
+        matches!(self, Need::VmTest | Need::All)
+    }
+
     fn dists(self) -> bool {
-        matches!(self, Need::Dist | Need::Test)
+        matches!(self, Need::Dist | Need::Test | Need::All)
     }
 }
 
@@ -79,6 +92,31 @@ pub fn debian_root() -> PathBuf {
         "target/dist-cache/debian-{DEBIAN_SUITE}-minbase.tar"
     ))
 }
+
+/// What `vm-test` runs on this machine, and the tools it copies into each guest (see
+/// xtask/src/vmtest/initramfs.rs), by the file that shows they are there.
+const VM_TOOLS: [(&str, &str); 15] = [
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+    ("dpkg-deb", "dpkg"),
+    ("strip", "binutils"),
+    ("ip", "iproute2"),
+    ("ss", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("bash", "bash"),
+    ("tmux", "tmux"),
+    ("pgrep", "procps"),
+    ("sysctl", "procps"),
+];
+/// The Debian archive's signing keys, for the guests' kernels (Ubuntu does not have them).
+const DEBIAN_KEYRING: (&str, &str) = (
+    "/usr/share/keyrings/debian-archive-keyring.gpg",
+    "debian-archive-keyring",
+);
 
 fn dpkg_installed(pkg: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
@@ -135,7 +173,7 @@ pub fn ensure(need: Need) -> Result<(), String> {
         }
         apt.install("the tools dist runs")?;
     }
-    if need == Need::Test {
+    if need.tests_here() {
         for (cmd, pkg) in TEST_TOOLS.iter().chain(&INSTALL_TEST_TOOLS) {
             if which(cmd).is_none() {
                 apt.want(pkg);
@@ -151,7 +189,18 @@ pub fn ensure(need: Need) -> Result<(), String> {
         apt.install("the tools the tests drive")?;
         debian_root_tarball()?;
     }
-    if need == Need::Test {
+    if need.tests_in_vms() {
+        for (cmd, pkg) in VM_TOOLS {
+            if which(cmd).is_none() {
+                apt.want(pkg);
+            }
+        }
+        if !Path::new(DEBIAN_KEYRING.0).exists() {
+            apt.want(DEBIAN_KEYRING.1);
+        }
+        apt.install("the virtual machines of vm-test")?;
+    }
+    if need.tests_here() {
         tracefs()?;
     }
     Ok(())

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{cargo, root, setup, status};
+use crate::{build_release_bins, root, setup, status};
 
 const NS: &str = "twt-soak";
 const SERVER: &str = "127.0.0.1:7300";
@@ -133,16 +133,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     setup::ensure(setup::Need::Test)?;
-    status(&mut cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "twtrace",
-        "--package",
-        "twtrace-tests",
-        "--bins",
-    ]))?;
-    let bin = root().join("target/release");
+    let bin = build_release_bins()?;
     let twtrace = bin.join("twtrace");
     let churn = bin.join("twt-churn");
 

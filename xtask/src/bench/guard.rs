@@ -9,11 +9,8 @@ use std::{
     time::Duration,
 };
 
-use super::{
-    kernel::parse_netstat,
-    procs::{ip, run_for, wait_for},
-    MAX_TW,
-};
+use super::{kernel::parse_netstat, MAX_TW};
+use crate::procs::{ip, run_for, wait_for};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 

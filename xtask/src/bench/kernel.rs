@@ -4,8 +4,8 @@
 
 use std::{collections::BTreeSet, fs, process::Command, time::Duration};
 
-use super::{json::Json, procs::run_for};
 use crate::setup;
+use crate::{json::Json, procs::run_for};
 
 /// utime + stime of a process in ms, and its state letter.
 pub(super) fn proc_cpu(pid: u32, clk_tck: f64) -> Option<(f64, char)> {

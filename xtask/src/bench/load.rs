@@ -13,12 +13,14 @@ use std::{
 
 use super::{
     guard::Netns,
-    json::Json,
     kernel::{counter, irq_work, others_cpu_ms, tw_slab_objects},
-    procs::{ip, reader, wait_for, Owned},
     scenario::Kind,
     tracer::{http_ok, TracerResult},
     Ctx, MAX_TW,
+};
+use crate::{
+    json::Json,
+    procs::{ip, reader, wait_for, Owned},
 };
 
 #[derive(Default, Clone)]

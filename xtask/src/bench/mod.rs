@@ -20,13 +20,12 @@
 //!
 //! One module per concern: `scenario` (what is compared), `load` (one run) and `tracer` (a tracer
 //! in it), `stats` (runs to a summary), `render` (the table and the JSON); under them `guard`
-//! (set-up undone on every exit), `kernel` (what /proc says), `procs` (bounded waits), `json`.
+//! (set-up undone on every exit) and `kernel` (what /proc says); bounded waits (`crate::procs`)
+//! and JSON (`crate::json`) are shared with the other commands.
 
 mod guard;
-mod json;
 mod kernel;
 mod load;
-mod procs;
 mod render;
 mod scenario;
 mod stats;
@@ -43,14 +42,16 @@ use std::{
 
 use self::{
     guard::{set_bpf_stats, Restore},
-    json::{num, obj, Json},
     load::Run,
-    procs::run_for,
     render::{f0, run_json, summary_json, table},
     scenario::Kind,
     stats::{summarize, Summary},
 };
-use crate::setup;
+use crate::{
+    json::{num, obj, Json},
+    procs::run_for,
+    setup,
+};
 
 const USAGE: &str = "\
 usage: cargo +stable xtask bench [--repeats N] [--seconds S] [--quick] [--threads N]
@@ -166,13 +167,6 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn target_dir() -> PathBuf {
-    match env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => crate::root().join(d),
-        None => crate::root().join("target"),
-    }
-}
-
 /// A tool that answers `--help` (or `--version`), or None with the reason printed.
 fn peer(name: &str, probe: &str) -> Option<PathBuf> {
     let found = setup::which(name).or_else(|| {
@@ -220,7 +214,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "--bin",
         "twt-loadgen",
     ]))?;
-    let target = target_dir();
+    let target = crate::target_dir();
     let release = target.join("release");
     let twtrace = release.join("twtrace");
     let wanted = |k: Kind| {

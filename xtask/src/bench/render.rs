@@ -2,12 +2,12 @@
 //! JSON of each run and of each scenario's summary, for target/bench.
 
 use super::{
-    json::{num, obj, opt, Json},
     load::Run,
     scenario::Kind,
     stats::{median, Summary},
     Opts, TARGET_CPU_MS_PER_1K, TARGET_RATIO, TARGET_RSS_MB, TARGET_STATE_NS, TARGET_TIMER_NS,
 };
+use crate::json::{num, obj, opt, Json};
 
 pub(super) fn f0(v: Option<f64>) -> String {
     match v {

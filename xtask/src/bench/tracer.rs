@@ -14,11 +14,13 @@ use std::{
 };
 
 use super::{
-    json::Json,
     kernel::{bpftool_prog, proc_cpu, proc_hwm_kb, proc_prog_ids},
-    procs::{signal, wait_for, Owned},
     scenario::{Kind, BPFTRACE_PROG, FLOOR_PROG},
     Ctx,
+};
+use crate::{
+    json::Json,
+    procs::{signal, wait_for, Owned},
 };
 
 /// A tracer while it runs.

@@ -1,5 +1,6 @@
-//! Processes, every wait bounded: short commands run with a time limit, waits that kill the child
-//! after theirs, signals, and a child that is killed when dropped.
+//! Processes, every wait bounded (shared by the benchmark and vm-test): short commands run with a
+//! time limit, waits that kill the child after theirs, signals, and a child that is killed when
+//! dropped.
 
 use std::{
     io::Read,
@@ -12,15 +13,30 @@ use std::{
 use crate::setup;
 
 /// Runs a short command with a time limit; stdout on success.
-pub(super) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+pub(crate) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, String> {
+    output_for(cmd, limit).map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Runs a short command with a time limit; stdout as bytes on success.
+pub(crate) fn output_for(cmd: &mut Command, limit: Duration) -> Result<Vec<u8>, String> {
+    capture(cmd, limit, Stdio::piped())
+}
+
+/// As `output_for`, with the command's stderr going to ours (cargo's progress, say).
+pub(crate) fn stdout_for(cmd: &mut Command, limit: Duration) -> Result<Vec<u8>, String> {
+    capture(cmd, limit, Stdio::inherit())
+}
+
+/// stdout on success; the error says why, with stderr when it was piped.
+fn capture(cmd: &mut Command, limit: Duration, stderr: Stdio) -> Result<Vec<u8>, String> {
     let what = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .map_err(|e| format!("cannot run {what}: {e}"))?;
-    let out = reader(child.stdout.take());
+    let out = byte_reader(child.stdout.take());
     let err = reader(child.stderr.take());
     let status = wait_for(&mut child, limit, || {});
     let out = out.join().unwrap_or_default();
@@ -32,7 +48,7 @@ pub(super) fn run_for(cmd: &mut Command, limit: Duration) -> Result<String, Stri
     }
 }
 
-pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
+pub(crate) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut s = String::new();
         if let Some(mut r) = r {
@@ -42,9 +58,19 @@ pub(super) fn reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHand
     })
 }
 
+fn byte_reader<R: Read + Send + 'static>(r: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut b);
+        }
+        b
+    })
+}
+
 /// Waits for a child up to `limit`, calling `tick` every 50 ms; kills it after the limit
 /// (None).
-pub(super) fn wait_for(
+pub(crate) fn wait_for(
     child: &mut Child,
     limit: Duration,
     mut tick: impl FnMut(),
@@ -67,7 +93,7 @@ pub(super) fn wait_for(
     None
 }
 
-pub(super) fn signal(pid: u32, sig: &str) {
+pub(crate) fn signal(pid: u32, sig: &str) {
     let _ = run_for(
         Command::new("kill").args(["-s", sig, &pid.to_string()]),
         Duration::from_secs(5),
@@ -75,7 +101,7 @@ pub(super) fn signal(pid: u32, sig: &str) {
 }
 
 /// A child that is killed (SIGKILL) and reaped if it is still there when this is dropped.
-pub(super) struct Owned(pub(super) Child);
+pub(crate) struct Owned(pub(crate) Child);
 
 impl Drop for Owned {
     fn drop(&mut self) {
@@ -86,6 +112,6 @@ impl Drop for Owned {
     }
 }
 
-pub(super) fn ip() -> PathBuf {
+pub(crate) fn ip() -> PathBuf {
     setup::which("ip").unwrap_or_else(|| PathBuf::from("ip"))
 }

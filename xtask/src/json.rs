@@ -1,8 +1,9 @@
-//! A small JSON value: parse what twtrace, bpftool and the loadgen print; write the results.
+//! A small JSON value (xtask depends on std only): parse what twtrace, bpftool, the loadgen and
+//! cargo print; write the benchmark's results.
 //! `Json::parse` reads their output; `obj`, `num` and `opt` build results that `pretty` writes.
 
 #[derive(Debug, Clone, PartialEq)]
-pub(super) enum Json {
+pub(crate) enum Json {
     Null,
     Bool(bool),
     Num(f64),
@@ -12,7 +13,7 @@ pub(super) enum Json {
 }
 
 impl Json {
-    pub(super) fn parse(s: &str) -> Result<Json, String> {
+    pub(crate) fn parse(s: &str) -> Result<Json, String> {
         let b = s.as_bytes();
         let mut i = 0;
         let v = parse_value(b, &mut i, 0)?;
@@ -23,14 +24,14 @@ impl Json {
         Ok(v)
     }
 
-    pub(super) fn get(&self, key: &str) -> Option<&Json> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Json> {
         match self {
             Json::Obj(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
             _ => None,
         }
     }
 
-    pub(super) fn num(&self) -> Option<f64> {
+    pub(crate) fn num(&self) -> Option<f64> {
         match self {
             Json::Num(n) => Some(*n),
             _ => None,
@@ -38,7 +39,7 @@ impl Json {
     }
 
     /// A number at this path of keys (0 when absent: bpftool omits zero counters).
-    pub(super) fn f(&self, path: &[&str]) -> f64 {
+    pub(crate) fn f(&self, path: &[&str]) -> f64 {
         let mut v = self;
         for k in path {
             match v.get(k) {
@@ -49,14 +50,14 @@ impl Json {
         v.num().unwrap_or(0.0)
     }
 
-    pub(super) fn str(&self) -> Option<&str> {
+    pub(crate) fn str(&self) -> Option<&str> {
         match self {
             Json::Str(s) => Some(s),
             _ => None,
         }
     }
 
-    pub(super) fn arr(&self) -> &[Json] {
+    pub(crate) fn arr(&self) -> &[Json] {
         match self {
             Json::Arr(a) => a,
             _ => &[],
@@ -119,7 +120,7 @@ impl Json {
         }
     }
 
-    pub(super) fn pretty(&self) -> String {
+    pub(crate) fn pretty(&self) -> String {
         let mut s = String::new();
         self.write(&mut s, 0);
         s.push('\n');
@@ -275,15 +276,15 @@ fn parse_value(b: &[u8], i: &mut usize, depth: usize) -> Result<Json, String> {
     }
 }
 
-pub(super) fn obj(fields: Vec<(&str, Json)>) -> Json {
+pub(crate) fn obj(fields: Vec<(&str, Json)>) -> Json {
     Json::Obj(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
 }
 
-pub(super) fn num(n: f64) -> Json {
+pub(crate) fn num(n: f64) -> Json {
     Json::Num(n)
 }
 
-pub(super) fn opt(n: Option<f64>) -> Json {
+pub(crate) fn opt(n: Option<f64>) -> Json {
     n.map_or(Json::Null, Json::Num)
 }
 

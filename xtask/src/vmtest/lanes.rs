@@ -1,0 +1,212 @@
+//! The kernels vm-test boots, in one place: each series and the Debian suite whose signed cloud
+//! kernel it is, and the lanes of the matrix (a series, booted with or without lockdown).
+
+use std::fmt;
+
+/// A kernel series: the newest signed `cloud-amd64` kernel of one Debian suite.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Series {
+    /// What `--kernel` takes and the matrix shows.
+    pub name: &'static str,
+    /// The Debian suite, fetched from deb.debian.org.
+    pub suite: &'static str,
+    /// Its security suite (debian-security), which carries the newest kernel of a stable
+    /// release; unstable has none.
+    pub security: Option<&'static str>,
+    /// A moving target (unstable): tried and shown, but when it cannot be fetched or does not
+    /// boot the run still passes; once it boots, its test results count like any other.
+    pub optional: bool,
+}
+
+/// The metapackage that depends on the current kernel of a suite. Its `Depends` names the
+/// versioned image, `linux-image-<abi>-cloud-amd64`: the signed one (the unsigned build is
+/// `...-unsigned`, and the archive drops old unsigned versions: bullseye-security's unsigned
+/// 5.10.262 is a 404). Signed matters: under lockdown only signed modules load.
+pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
+/// The prefix of the versioned image package the metapackage depends on.
+pub const IMAGE_PREFIX: &str = "linux-image-";
+
+pub const SERIES: [Series; 4] = [
+    Series {
+        name: "5.10",
+        suite: "bullseye",
+        security: Some("bullseye-security"),
+        optional: false,
+    },
+    Series {
+        name: "6.1",
+        suite: "bookworm",
+        security: Some("bookworm-security"),
+        optional: false,
+    },
+    // 6.12 is after "net: tcp: un-pin the tw_timer" (6.10): the TIME_WAIT timer is armed under
+    // the ehash lock and may expire on another CPU. 6.1 is before it: keep both.
+    Series {
+        name: "6.12",
+        suite: "trixie",
+        security: Some("trixie-security"),
+        optional: false,
+    },
+    Series {
+        name: "sid",
+        suite: "sid",
+        security: None,
+        optional: true,
+    },
+];
+
+/// `lockdown=` on the kernel command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lockdown {
+    /// What Secure Boot gives on Debian: no unsigned modules, no kernel writes.
+    Integrity,
+    /// Also no kernel reads: no `bpf_probe_read*` helpers in tracing programs, tracefs empty.
+    Confidentiality,
+}
+
+impl Lockdown {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "integrity" => Ok(Lockdown::Integrity),
+            "confidentiality" => Ok(Lockdown::Confidentiality),
+            _ => Err(format!(
+                "--lockdown takes integrity or confidentiality, not '{s}'"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Lockdown::Integrity => "integrity",
+            Lockdown::Confidentiality => "confidentiality",
+        }
+    }
+}
+
+/// One column of the matrix: a kernel series booted one way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lane {
+    pub series: &'static Series,
+    pub lockdown: Option<Lockdown>,
+}
+
+impl fmt::Display for Lane {
+    /// `6.1`, `6.1+integrity`: also the name of its log files.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self.lockdown {
+            None => f.write_str(self.series.name),
+            Some(l) => write!(f, "{}+{}", self.series.name, l.name()),
+        }
+    }
+}
+
+/// The full matrix, in the order of its columns: both sides of the timer change first, then the
+/// oldest kernel, the lockdown modes, and unstable.
+const MATRIX: [(&str, Option<Lockdown>); 6] = [
+    ("6.1", None),
+    ("6.12", None),
+    ("5.10", None),
+    ("6.1", Some(Lockdown::Integrity)),
+    ("6.1", Some(Lockdown::Confidentiality)),
+    ("sid", None),
+];
+
+pub fn series(name: &str) -> Result<&'static Series, String> {
+    SERIES.iter().find(|s| s.name == name).ok_or_else(|| {
+        let known: Vec<&str> = SERIES.iter().map(|s| s.name).collect();
+        format!(
+            "unknown kernel '{name}': --kernel takes {}",
+            known.join(", ")
+        )
+    })
+}
+
+/// The lanes to run: the whole matrix by default; `--kernel` alone the listed series as they
+/// are; `--lockdown` alone the matrix's lanes with that mode; both, each listed series with it.
+pub fn select(kernels: &[String], lockdown: Option<Lockdown>) -> Result<Vec<Lane>, String> {
+    let lanes: Vec<Lane> = if kernels.is_empty() {
+        MATRIX
+            .iter()
+            .filter(|(_, l)| lockdown.is_none() || *l == lockdown)
+            .map(|(s, l)| {
+                Ok(Lane {
+                    series: series(s)?,
+                    lockdown: *l,
+                })
+            })
+            .collect::<Result<_, String>>()?
+    } else {
+        kernels
+            .iter()
+            .map(|k| {
+                Ok(Lane {
+                    series: series(k)?,
+                    lockdown,
+                })
+            })
+            .collect::<Result<_, String>>()?
+    };
+    let mut unique: Vec<Lane> = Vec::new();
+    for l in lanes {
+        if !unique.contains(&l) {
+            unique.push(l);
+        }
+    }
+    Ok(unique)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::strings;
+
+    fn names(lanes: &[Lane]) -> Vec<String> {
+        lanes.iter().map(Lane::to_string).collect()
+    }
+
+    #[test]
+    fn the_default_is_the_whole_matrix() {
+        assert_eq!(
+            names(&select(&[], None).unwrap()),
+            [
+                "6.1",
+                "6.12",
+                "5.10",
+                "6.1+integrity",
+                "6.1+confidentiality",
+                "sid"
+            ]
+        );
+    }
+
+    #[test]
+    fn kernels_and_lockdown_combine() {
+        let k = strings(&["6.1", "6.12", "6.1"]);
+        assert_eq!(names(&select(&k, None).unwrap()), ["6.1", "6.12"]);
+        assert_eq!(
+            names(&select(&k, Some(Lockdown::Integrity)).unwrap()),
+            ["6.1+integrity", "6.12+integrity"]
+        );
+        assert_eq!(
+            names(&select(&[], Some(Lockdown::Confidentiality)).unwrap()),
+            ["6.1+confidentiality"]
+        );
+    }
+
+    #[test]
+    fn unknown_names_are_refused() {
+        let e = select(&strings(&["4.19"]), None).unwrap_err();
+        assert!(
+            e.contains("'4.19'") && e.contains("5.10, 6.1, 6.12, sid"),
+            "{e}"
+        );
+        assert!(Lockdown::parse("none").is_err());
+    }
+
+    #[test]
+    fn every_matrix_lane_names_a_known_series() {
+        for (s, _) in MATRIX {
+            series(s).unwrap();
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! What runs in the guest: the release build of twtrace, the integration test executables
+//! (found through cargo's JSON messages, their tests listed by themselves), minus those that
+//! cannot work there for reasons that are not the kernel's, each with its reason.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::{
+    build_release_bins, cargo,
+    json::Json,
+    procs::{run_for, stdout_for},
+};
+
+/// Tests that do not run in the guest: (executable, test or "" for all of it, why).
+pub const EXCLUDED: [(&str, &str, &str); 8] = [
+    (
+        "workflow",
+        "",
+        "parses .github/workflows/ci.yml of the source tree with python3 and PyYAML; loads nothing",
+    ),
+    (
+        "deploy_docker",
+        "",
+        "checks deploy/ files of the source tree (Dockerfile); loads nothing",
+    ),
+    (
+        "deploy_kubernetes",
+        "",
+        "checks deploy/ files of the source tree with python3-kubernetes; loads nothing",
+    ),
+    (
+        "deploy_prometheus",
+        "",
+        "checks deploy/ files of the source tree with promtool; loads nothing",
+    ),
+    (
+        "deploy_readme",
+        "",
+        "checks the README of the source tree; loads nothing",
+    ),
+    (
+        "deploy_systemd",
+        "",
+        "checks deploy/ files of the source tree with systemd-analyze; loads nothing",
+    ),
+    (
+        "serve",
+        "prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged",
+        "drives a real Prometheus server and promtool (Go programs of 100 MB and more); serve \
+         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
+    ),
+    (
+        "reliability",
+        "nothing_left_in_the_kernel_after_any_end",
+        "its failure injection (TWTRACE_TEST_PANIC, TWTRACE_TEST_FAIL_ATTACH) exists in debug \
+         builds only and the guest runs the release build; SIGTERM detaching everything runs in \
+         watch::sigterm_detaches_everything",
+    ),
+];
+
+/// The guest kills a test executable that runs longer than this (the tests bound every wait
+/// of their own; this catches a hang in the kernel or in a test's set-up).
+pub const EXECUTABLE_LIMIT: Duration = Duration::from_secs(20 * 60);
+
+/// Building the tests from scratch takes minutes on two cores; this is only the bound.
+const BUILD_LIMIT: Duration = Duration::from_secs(3600);
+
+/// One integration test executable (`tests/tests/<name>.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestExecutable {
+    pub name: String,
+    pub exe: PathBuf,
+    /// Every test it has, as `--list` prints them.
+    pub tests: Vec<String>,
+}
+
+/// The release build the guest runs.
+#[derive(Debug)]
+pub struct Build {
+    pub twtrace: PathBuf,
+    pub churn: PathBuf,
+    pub tests: Vec<TestExecutable>,
+}
+
+/// Which tests to run: all but the excluded; with `--only`, those whose `executable::test`
+/// contains one of the patterns.
+#[derive(Debug, Default, Clone)]
+pub struct Selection {
+    pub only: Vec<String>,
+}
+
+/// A test left out, and why (for the matrix's notes).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Left {
+    pub what: String,
+    pub why: &'static str,
+}
+
+/// The plan: per executable, the tests to run (`executable::test` rows of the matrix), and
+/// what was left out.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub runs: Vec<(String, Vec<String>)>,
+    pub left: Vec<Left>,
+}
+
+/// Builds twtrace, twt-churn and the integration tests in release mode (one cargo at a time)
+/// and lists each test executable's tests. Listing runs nothing: no program is loaded into
+/// this machine's kernel.
+pub fn build() -> Result<Build, String> {
+    let dir = build_release_bins()?;
+    let mut cmd = cargo(&[
+        "test",
+        "--release",
+        "--no-run",
+        "--message-format=json",
+        "--package",
+        "twtrace-tests",
+    ]);
+    // cargo's progress on the terminal, its JSON messages read here.
+    let messages = String::from_utf8_lossy(&stdout_for(&mut cmd, BUILD_LIMIT)?).into_owned();
+    let mut tests = Vec::new();
+    for (name, exe) in test_executables(&messages)? {
+        let list = run_for(
+            Command::new(&exe).args(["--list", "--format", "terse"]),
+            Duration::from_secs(60),
+        )?;
+        tests.push(TestExecutable {
+            name,
+            exe,
+            tests: parse_list(&list),
+        });
+    }
+    Ok(Build {
+        twtrace: dir.join("twtrace"),
+        churn: dir.join("twt-churn"),
+        tests,
+    })
+}
+
+/// (name, executable) of every integration test target in cargo's JSON messages.
+fn test_executables(messages: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut out = Vec::new();
+    for line in messages.lines().filter(|l| l.starts_with('{')) {
+        let m = Json::parse(line).map_err(|e| format!("cargo printed bad JSON ({e}): {line}"))?;
+        let target = m.get("target");
+        let kind = target.and_then(|t| t.get("kind")).map(Json::arr);
+        let is_test = kind.is_some_and(|k| k.len() == 1 && k[0].str() == Some("test"));
+        let name = target.and_then(|t| t.get("name")).and_then(Json::str);
+        let exe = m.get("executable").and_then(Json::str);
+        if let (true, Some(name), Some(exe)) = (is_test, name, exe) {
+            out.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    if out.is_empty() {
+        return Err("cargo test --no-run built no integration test executable".into());
+    }
+    Ok(out)
+}
+
+/// `NAME: test` lines of `--list --format terse`.
+fn parse_list(out: &str) -> Vec<String> {
+    out.lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The reason `table` gives for `exe::test`; `test` "" asks whether all of `exe` is listed.
+fn listed(table: &[(&str, &str, &'static str)], exe: &str, test: &str) -> Option<&'static str> {
+    table
+        .iter()
+        .find(|(e, t, _)| *e == exe && (t.is_empty() || *t == test))
+        .map(|(_, _, why)| *why)
+}
+
+pub fn plan(tests: &[TestExecutable], sel: &Selection) -> Plan {
+    let mut plan = Plan::default();
+    for t in tests {
+        if let Some(why) = listed(&EXCLUDED, &t.name, "").filter(|_| !t.tests.is_empty()) {
+            let n = t.tests.len();
+            let what = format!("{} ({n} test{})", t.name, if n == 1 { "" } else { "s" });
+            plan.left.push(Left { what, why });
+            continue;
+        }
+        let mut run = Vec::new();
+        for test in &t.tests {
+            let what = format!("{}::{test}", t.name);
+            if let Some(why) = listed(&EXCLUDED, &t.name, test) {
+                plan.left.push(Left { what, why });
+            } else if sel.only.is_empty() || sel.only.iter().any(|p| what.contains(p.as_str())) {
+                run.push(test.clone());
+            }
+        }
+        if !run.is_empty() {
+            plan.runs.push((t.name.clone(), run));
+        }
+    }
+    plan
+}
+
+impl Plan {
+    /// `/vmtest/plan`: one line per executable, `NAME LIMIT_S ARGS...` (guest-init.sh). One
+    /// test at a time: output in order, and the tests that count the programs in the kernel
+    /// take a lock of their own anyway. `--exact` with every test named: nothing else runs.
+    pub fn guest_file(&self) -> String {
+        self.runs
+            .iter()
+            .map(|(exe, tests)| {
+                format!(
+                    "{exe} {} --test-threads=1 --color=never --exact {}\n",
+                    EXECUTABLE_LIMIT.as_secs(),
+                    tests.join(" ")
+                )
+            })
+            .collect()
+    }
+
+    /// The matrix's rows: `executable::test`, in plan order.
+    pub fn rows(&self) -> Vec<String> {
+        self.runs
+            .iter()
+            .flat_map(|(exe, tests)| tests.iter().map(move |t| format!("{exe}::{t}")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integration_tests_are_found_in_cargos_messages() {
+        let messages = concat!(
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"twtrace_tests"},"executable":"/t/deps/twtrace_tests-1"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"twt-churn"},"executable":"/t/twt-churn"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"watch"},"profile":{"test":true},"executable":"/t/deps/watch-2e09"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"serde"},"executable":null}"#,
+            "\n",
+            r#"{"reason":"build-finished","success":true}"#,
+            "\n",
+        );
+        assert_eq!(
+            test_executables(messages).unwrap(),
+            [("watch".to_owned(), PathBuf::from("/t/deps/watch-2e09"))]
+        );
+        assert!(test_executables("").is_err());
+    }
+
+    #[test]
+    fn list_output_gives_test_names() {
+        let out = "a_new_syn: test\nipv6_loopback_births: test\n\n2 tests, 0 benchmarks\n";
+        assert_eq!(parse_list(out), ["a_new_syn", "ipv6_loopback_births"]);
+    }
+
+    fn exe(name: &str, tests: &[&str]) -> TestExecutable {
+        TestExecutable {
+            name: name.into(),
+            exe: PathBuf::from(format!("/t/{name}")),
+            tests: crate::strings(tests),
+        }
+    }
+
+    #[test]
+    fn the_plan_leaves_out_the_excluded_and_names_every_test() {
+        let all = [
+            exe("watch", &["births", "expiry"]),
+            exe("workflow", &["the_workflow_tests_as_root_and_guards_a_job"]),
+            exe(
+                "reliability",
+                &["btf_missing", "nothing_left_in_the_kernel_after_any_end"],
+            ),
+        ];
+        let p = plan(&all, &Selection::default());
+        assert_eq!(
+            p.rows(),
+            ["watch::births", "watch::expiry", "reliability::btf_missing"]
+        );
+        assert_eq!(
+            p.left.iter().map(|l| l.what.as_str()).collect::<Vec<_>>(),
+            [
+                "workflow (1 test)",
+                "reliability::nothing_left_in_the_kernel_after_any_end"
+            ]
+        );
+        assert_eq!(
+            p.guest_file(),
+            "watch 1200 --test-threads=1 --color=never --exact births expiry\n\
+             reliability 1200 --test-threads=1 --color=never --exact btf_missing\n"
+        );
+        let only = Selection {
+            only: vec!["watch::exp".into()],
+        };
+        assert_eq!(plan(&all, &only).rows(), ["watch::expiry"]);
+    }
+
+    #[test]
+    fn every_exclusion_has_a_reason() {
+        for (e, _, why) in EXCLUDED {
+            assert!(!e.is_empty() && why.len() > 20, "{e}: {why}");
+        }
+    }
+}
