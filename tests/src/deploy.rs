@@ -11,8 +11,9 @@
 //! Run them all with `cargo test -p twtrace-tests --test 'deploy_*'`.
 //!
 //! One capability set across all of them: the systemd, Kubernetes and Docker tests check what
-//! their target grants against [`CAPS`], the README test its capability table; and the image
-//! and the DaemonSet run the same [`CONTAINER_ARGV`].
+//! their target grants against [`CAPS`], the README test its capability table (and which rows
+//! are the collector's, [`COLLECTOR_CAPS`]); and the images and the DaemonSet run the same
+//! [`CONTAINER_ARGV`] (the DaemonSet and `xtask dist`'s image with [`IMAGE_USER`]).
 //!
 //! A missing tool fails the test and names the Debian package that brings it (`cargo +stable
 //! xtask setup` installs them). Nothing here needs root or the network.
@@ -25,9 +26,26 @@ use std::{
 };
 
 /// The capabilities `twtrace serve` needs, without the `CAP_` prefix: the one set every
-/// deployment must grant, no more, no less (see deploy/README.md for why each). Its programs
-/// are BTF tracepoints, attached through bpf(): no tracefs, so no DAC_READ_SEARCH.
-pub const CAPS: [&str; 5] = ["BPF", "PERFMON", "SYSLOG", "SETUID", "SETGID"];
+/// deployment must grant, no more, no less (see deploy/README.md for why each). It starts as
+/// root with all of them; its collector process keeps [`COLLECTOR_CAPS`]; serve itself then
+/// drops to nobody with none. Its programs are BTF tracepoints, attached through bpf(): no
+/// tracefs (DAC_READ_SEARCH is for other users' /proc/PID/fd, not for tracefs).
+pub const CAPS: [&str; 8] = [
+    "BPF",
+    "PERFMON",
+    "SYSLOG",
+    "SETUID",
+    "SETGID",
+    "SYS_ADMIN",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+];
+
+/// The part of [`CAPS`] that the collector process (`twtrace-collector`) keeps: setns(2) into
+/// each network namespace, other users' /proc/PID/ns/net and /proc/PID/fd. The same set as
+/// `twtrace::host::collect::COLLECTOR_CAPS` (by number there; `deploy_systemd.rs` compares the
+/// two through systemd's table of capability numbers).
+pub const COLLECTOR_CAPS: [&str; 3] = ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"];
 
 /// tracefs, which `serve` no longer reads: no deployment mounts it, depends on it or lists it.
 pub const TRACEFS: [&str; 3] = [
@@ -89,9 +107,14 @@ pub fn expected_caps() -> BTreeSet<String> {
 /// Where the unit, the image and the DaemonSet install the binary.
 pub const UNIT_BINARY: &str = "/usr/local/bin/twtrace";
 
-/// What the image and the DaemonSet run: `serve` on every address, since in a container the
+/// What the images and the DaemonSet run: `serve` on every address, since in a container the
 /// pod's port is the only way in (the unit, on the host, stays on loopback).
 pub const CONTAINER_ARGV: [&str; 4] = [UNIT_BINARY, "serve", "--listen", "0.0.0.0:9979"];
+
+/// What the image `xtask dist` builds and the DaemonSet add to [`CONTAINER_ARGV`]: that image
+/// has no /etc/passwd, so `nobody` goes by its number (the Dockerfile's Debian image, which has
+/// one, needs nothing added; its nobody is 65534 too).
+pub const IMAGE_USER: [&str; 2] = ["--user", "65534"];
 
 /// One alerting rule of alerts.yml, read line by line (the file is ours: one rule per
 /// `- alert:` item, `expr:` on one line).

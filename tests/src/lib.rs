@@ -642,9 +642,20 @@ impl ClientRun {
 
 /// The command line of a `twt-churn MODE ARGS` (in `ns` when given).
 fn churn(ns: Option<&Netns>, mode: &str, args: &[&str]) -> Command {
+    churn_as(ns, None, mode, args)
+}
+
+/// The same, as user and group `uid` with no supplementary group when given (`setpriv`, which
+/// keeps the pid, as `ip netns exec` does).
+fn churn_as(ns: Option<&Netns>, uid: Option<u32>, mode: &str, args: &[&str]) -> Command {
     let churn = churn_bin();
     let churn = churn.to_str().expect("utf-8 path");
-    let mut all = vec![churn, mode];
+    let ids = uid.map(|u| [format!("--reuid={u}"), format!("--regid={u}")]);
+    let mut all: Vec<&str> = Vec::new();
+    if let Some([reuid, regid]) = &ids {
+        all.extend(["setpriv", reuid.as_str(), regid.as_str(), "--clear-groups"]);
+    }
+    all.extend([churn, mode]);
     all.extend_from_slice(args);
     match ns {
         Some(ns) => ns.command(&all),
@@ -666,9 +677,16 @@ pub struct Holder {
 
 impl Holder {
     pub fn start(ns: Option<&Netns>, args: &[&str]) -> Self {
+        Self::start_as(ns, None, args)
+    }
+
+    /// The same, as user `uid` when given: its /proc/PID/fd (mode 0500, its own) and fd links
+    /// are then another user's, which root reads only with CAP_DAC_READ_SEARCH and
+    /// CAP_SYS_PTRACE.
+    pub fn start_as(ns: Option<&Netns>, uid: Option<u32>, args: &[&str]) -> Self {
         let mut all = args.to_vec();
         all.push("--leak");
-        let mut child = churn(ns, "client", &all)
+        let mut child = churn_as(ns, uid, "client", &all)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

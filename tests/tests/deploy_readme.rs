@@ -1,13 +1,15 @@
 //! deploy/README.md, read against what the deployments do: its capability table lists the one
-//! capability set every deployment grants, and it explains every alert of the Prometheus rules.
+//! capability set every deployment grants (and says which of them the collector process keeps),
+//! and it explains every alert of the Prometheus rules.
 //! Nothing here needs a tool, root or the network.
 
 use std::collections::BTreeSet;
 
-use twtrace_tests::deploy::{deploy, expected_caps, read, rules};
+use twtrace_tests::deploy::{COLLECTOR_CAPS, deploy, expected_caps, read, rules};
 
-/// The README's capability table lists exactly the capabilities granted, each with its reason,
-/// and every alert is explained.
+/// The README's capability table lists exactly the capabilities granted, each with its reason
+/// (the collector's own saying that `twtrace-collector` keeps it, no other saying so), and
+/// every alert is explained.
 #[test]
 fn readme_explains_every_capability_and_alert() {
     let readme = read(&deploy().join("README.md"));
@@ -32,6 +34,11 @@ fn readme_explains_every_capability_and_alert() {
             assert!(
                 table.insert(name.to_owned()),
                 "deploy/README.md: {name} twice"
+            );
+            assert_eq!(
+                cells[2].contains("`twtrace-collector`"),
+                COLLECTOR_CAPS.contains(&name),
+                "deploy/README.md: does the collector process keep {name}? {line}"
             );
         }
     }

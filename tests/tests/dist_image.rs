@@ -1,8 +1,11 @@
 //! The OCI image that `cargo +stable xtask dist` builds without a registry (buildah from
 //! scratch, written as an oci-archive): one layer holding the static binary and nothing else;
-//! podman runs it with the run line deploy/README.md documents (never `--privileged`);
-//! `twtrace serve` in it runs as nobody with no capability and counts connections made on
-//! loopback on /metrics; after `podman stop` no twtrace program stays loaded.
+//! podman runs it with the run line deploy/README.md documents (never `--privileged`) and its
+//! default seccomp profile; `twtrace serve` in it runs as nobody with no capability, its
+//! collector process as root with exactly three; with those alone it reads a network namespace
+//! the test made (connections counted there, the kernel's own figures there, the holder of
+//! CLOSE_WAIT sockets there running as another user); after `podman stop` no twtrace program
+//! stays loaded.
 //!
 //! Needs root (podman, and twtrace loads its programs).
 
@@ -16,14 +19,11 @@ use std::{
 
 use serde_json::Value;
 use twtrace_tests::{
-    Server, TempDir, client,
-    deploy::{CAPS, CONTAINER_ARGV, combined, deploy, output, read, tool},
+    Holder, Netns, Server, TempDir, client,
+    deploy::{CAPS, CONTAINER_ARGV, IMAGE_USER, combined, deploy, output, read, tool},
     dist, exclusive, http_get, proc_status, quiet_programs, require_root, run, settled_programs,
     twtrace_programs_loaded, unique_port,
 };
-
-/// What the image runs after CONTAINER_ARGV: it has no /etc/passwd, so `nobody` by number.
-const IMAGE_USER: [&str; 2] = ["--user", "65534"];
 
 fn json(path: &Path) -> Value {
     serde_json::from_str(&read(path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -162,44 +162,39 @@ fn limits_this_machine_allows(flags: &mut Vec<String>) {
     }
 }
 
-/// Podman's default seccomp profile (containers-common) allows bpf() only with CAP_SYS_ADMIN
-/// up to version 0.50 (Debian 12); newer ones, like Docker's since 23.0, also with CAP_BPF.
-/// Where it does not, deploy/README.md says to run with a profile that does, never with
-/// SYS_ADMIN: this is that profile, the default one with bpf() allowed to CAP_BPF.
-fn seccomp_profile(dir: &Path) -> Option<PathBuf> {
-    let default = Path::new("/usr/share/containers/seccomp.json");
-    let mut profile = json(default);
-    let rules = profile["syscalls"].as_array_mut().expect("syscalls");
-    let allows_bpf_to_cap_bpf = rules.iter().any(|r| {
-        r["action"] == "SCMP_ACT_ALLOW"
-            && r["names"]
-                .as_array()
-                .is_some_and(|n| n.contains(&"bpf".into()))
-            && r["includes"]["caps"]
-                .as_array()
-                .is_some_and(|c| c.contains(&"CAP_BPF".into()))
-    });
-    if allows_bpf_to_cap_bpf {
-        return None;
-    }
-    for rule in rules.iter_mut() {
-        // The rule that refuses bpf() (with EPERM) to containers without CAP_SYS_ADMIN.
-        let refuses = rule["action"] == "SCMP_ACT_ERRNO"
-            && rule["excludes"]["caps"]
-                .as_array()
-                .is_some_and(|c| c.contains(&"CAP_SYS_ADMIN".into()));
-        if refuses && let Some(names) = rule["names"].as_array_mut() {
-            names.retain(|n| n != "bpf");
-        }
-    }
-    rules.push(serde_json::json!({
-        "names": ["bpf"],
-        "action": "SCMP_ACT_ALLOW",
-        "includes": {"caps": ["CAP_BPF"]}
-    }));
-    let path = dir.join("seccomp.json");
-    std::fs::write(&path, profile.to_string()).unwrap();
-    Some(path)
+/// The process whose parent is `parent` and whose argv[0] is `name` (the collector runs under
+/// `twtrace-collector`; its comm stays the executable's, `twtrace`).
+fn child_named(parent: &str, name: &str) -> Option<String> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .find(|pid| {
+            let argv0 = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()
+                .and_then(|c| c.split(|&b| b == 0).next().map(<[u8]>::to_vec));
+            argv0.as_deref() == Some(name.as_bytes())
+                && std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+                    status
+                        .lines()
+                        .any(|l| l.strip_prefix("PPid:").map(str::trim) == Some(parent))
+                })
+        })
+}
+
+/// Every uid of the process (real, effective, saved, file system) is `uid`.
+fn assert_uids(pid: &str, uid: &str) {
+    let uids = proc_status(pid, "Uid");
+    assert!(
+        uids.split_whitespace().all(|u| u == uid),
+        "process {pid}: Uid {uids}, not {uid}"
+    );
+}
+
+/// The value of a sample of `text` (Prometheus' text format) named exactly `series`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// crun (podman's default runtime on Debian) refuses hosts whose cgroups are in hybrid mode
@@ -274,15 +269,26 @@ fn podman_runs_the_image_with_the_documented_capabilities_and_it_leaves_nothing(
     let i = flags.iter().position(|f| f == "--name").expect("--name");
     flags[i + 1] = name.clone();
     limits_this_machine_allows(&mut flags);
-    let dir = TempDir::new("podman");
-    if let Some(profile) = seccomp_profile(&dir.0) {
-        flags.push(format!("--security-opt=seccomp={}", profile.display()));
-    }
+    // No seccomp option: podman's default profile allows bpf() and setns() to a container that
+    // holds CAP_SYS_ADMIN, as deploy/README.md says (containers-common 0.50 included, which
+    // allows bpf() to no other capability).
+    assert!(!flags.iter().any(|f| f.contains("seccomp")), "{flags:?}");
+
+    // A network namespace of the test's own, as a container's or a pod's would be: a server in
+    // it, connections made inside it, and CLOSE_WAIT sockets held there by a process running as
+    // nobody. The container has a /run of its own: it finds the namespace through the
+    // processes inside, as it finds a pod's.
+    let ns = Netns::new("image");
+    let inode = ns.inode();
     let http_port = unique_port();
     let listen = format!("127.0.0.1:{http_port}");
     // Only our peer's port: TIME_WAIT left by earlier tests would otherwise take the exported
     // series (`--max-series`) before our peer appears.
     let peer_port = unique_port().to_string();
+    let peer = format!("127.0.0.1:{peer_port}");
+    let _server = Server::start(Some(&ns), &peer, &[]);
+    let closing = format!("127.0.0.1:{}", unique_port());
+    let _closing_server = Server::start(Some(&ns), &closing, &["--closer", "server"]);
     let out = output(
         podman()
             .arg("run")
@@ -292,51 +298,100 @@ fn podman_runs_the_image_with_the_documented_capabilities_and_it_leaves_nothing(
             .args(IMAGE_USER),
     );
     assert!(out.status.success(), "podman run: {}", combined(&out));
+    let logs = || combined(&output(podman().args(["logs", &name])));
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(&listen, "/healthz").0 != 200 {
         assert!(
             Instant::now() < deadline,
             "twtrace serve in the container did not answer in 30 s: {}",
-            combined(&output(podman().args(["logs", &name])))
+            logs()
         );
         thread::sleep(Duration::from_millis(200));
     }
-    // The kernel's view of the process in the container: nobody, no capability left.
+    // The kernel's view of the processes in the container. serve: nobody, no capability left,
+    // no_new_privs, under podman's default seccomp filter.
     let pid = state(&name, "Pid");
-    assert!(
-        proc_status(&pid, "Uid")
-            .split_whitespace()
-            .all(|u| u == "65534"),
-        "Uid: {}",
-        proc_status(&pid, "Uid")
-    );
+    assert_uids(&pid, "65534");
     assert_eq!(proc_status(&pid, "CapEff"), "0000000000000000");
+    assert_eq!(proc_status(&pid, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(&pid, "Seccomp"), "2", "a seccomp filter");
+    // Its collector: root with exactly the three capabilities it keeps, no inheritable or
+    // ambient one, and no_new_privs: no execve can give it another. (Its bounding set stays the
+    // container's: emptying it takes CAP_SETPCAP, which no deployment grants.)
+    let collector = child_named(&pid, twtrace::host::collect::COLLECTOR_NAME)
+        .unwrap_or_else(|| panic!("no twtrace-collector process under {pid}: {}", logs()));
+    assert_uids(&collector, "0");
+    let three: u64 = twtrace::host::collect::COLLECTOR_CAPS
+        .iter()
+        .map(|c| 1u64 << c)
+        .sum();
+    for (set, want) in [
+        ("CapEff", three),
+        ("CapPrm", three),
+        ("CapInh", 0),
+        ("CapAmb", 0),
+    ] {
+        assert_eq!(
+            proc_status(&collector, set),
+            format!("{want:016x}"),
+            "collector {set}"
+        );
+    }
+    assert_eq!(proc_status(&collector, "NoNewPrivs"), "1");
     assert_eq!(twtrace_programs_loaded(), before + 4);
 
-    // Known churn to one peer, counted on /metrics.
+    // Known churn to one peer inside the namespace, and CLOSE_WAIT held there by nobody.
     const N: u64 = 7;
-    let peer = format!("127.0.0.1:{peer_port}");
-    let _server = Server::start(None, &peer, &[]);
-    client(None, &["--to", &peer, "--count", &N.to_string()]);
-    // Every series of a group names its network namespace: this test's, the host's.
-    let netns = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata("/proc/self/ns/net").unwrap().ino()
-    };
-    let series = format!(
-        "twtrace_timewait_entered_total{{group=\"peer\",key=\"{peer}\",netns=\"{netns}\"}} {N}"
+    const HELD: u64 = 20;
+    client(Some(&ns), &["--to", &peer, "--count", &N.to_string()]);
+    let holder = Holder::start_as(
+        Some(&ns),
+        Some(65534),
+        &[
+            "--to",
+            &closing,
+            "--count",
+            &HELD.to_string(),
+            "--closer",
+            "server",
+        ],
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let netns = format!("netns=\"{inode}\"");
+    let entered =
+        format!("twtrace_timewait_entered_total{{group=\"peer\",key=\"{peer}\",{netns}}}");
+    let kernel = format!("twtrace_kernel_timewait_sockets{{{netns}}}");
+    let held = format!(
+        "twtrace_closewait_sockets{{pid=\"{}\",comm=\"twt-churn\",{netns},listener_port=\"\"}}",
+        holder.run.pid
+    );
+    // Counted in that namespace (the kernel programs see every one); the kernel's own count
+    // there, read inside it (setns: CAP_SYS_ADMIN); the holder named, a process of another user
+    // (its /proc/PID/fd: CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE); no namespace of the host left
+    // unread. Figures come once a second, CLOSE_WAIT every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (code, metrics) = http_get(&listen, "/metrics");
         assert_eq!(code, 200);
-        if metrics.lines().any(|l| l == series) {
+        let in_ns = ns.sockstat_tw();
+        let seen = [
+            sample(&metrics, &entered) == Some(N as f64),
+            in_ns >= N && sample(&metrics, &kernel) == Some(in_ns as f64),
+            sample(&metrics, &held) == Some(HELD as f64),
+            sample(&metrics, "twtrace_netns_unreadable") == Some(0.0),
+        ];
+        if seen.iter().all(|&s| s) {
             break;
         }
-        assert!(Instant::now() < deadline, "no `{series}` in:\n{metrics}");
-        thread::sleep(Duration::from_millis(200));
+        assert!(
+            Instant::now() < deadline,
+            "after 20 s, of `{entered} {N}`, `{kernel} {in_ns}` (the namespace's sockstat), \
+             `{held} {HELD}`, `twtrace_netns_unreadable 0`: {seen:?}\n{metrics}\n{}",
+            logs()
+        );
+        thread::sleep(Duration::from_millis(250));
     }
+    drop(holder);
 
     // podman stop sends the image's stop signal (SIGTERM): twtrace exits 0, detaching all.
     run(podman().args(["stop", "--time", "15", &name]));

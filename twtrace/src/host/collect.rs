@@ -232,8 +232,9 @@ impl Host {
 pub const COLLECTOR_CAPS: [u32; 3] = [2, 19, 21];
 
 /// Keeps only `COLLECTOR_CAPS` (those of them it has: one that is missing shows later as
-/// namespaces it cannot read, said once): the bounding set is emptied of everything else, the
-/// permitted and effective sets hold at most them, and no_new_privs keeps it so.
+/// namespaces it cannot read, said once): the permitted and effective sets hold at most them,
+/// inheritable and ambient nothing, and no_new_privs keeps it so. The bounding set is emptied of
+/// everything else only where CAP_SETPCAP allows it (plain root, not a container).
 fn keep_only_collector_caps() -> io::Result<()> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let permitted = status

@@ -45,8 +45,10 @@ pub fn lookup(user: &str) -> Result<Account, Failure> {
 }
 
 /// Drops to `account` for good: no supplementary groups, real/effective/saved ids changed (the
-/// kernel then clears the permitted and effective capabilities), an empty bounding set and
-/// no_new_privs so that nothing can bring them back.
+/// kernel then clears the permitted and effective capabilities), and no_new_privs so that no
+/// execve can bring them back. The bounding set is emptied too where twtrace holds CAP_SETPCAP
+/// (plain root); in a container without it, it stays as it was, which no_new_privs and the
+/// empty inheritable and ambient sets make harmless.
 pub fn drop_to(account: Account) -> Result<(), Failure> {
     if account.uid == 0 {
         return Err(Failure::new(
