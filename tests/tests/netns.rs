@@ -310,6 +310,75 @@ fn netns_filter_keeps_one_namespace_and_refuses_unknown_names() {
     );
 }
 
+/// A namespace bind-mounted nowhere and held only by another user's process: twtrace finds it
+/// through that process's /proc/PID/ns/net, which root may read only with CAP_SYS_PTRACE.
+/// Without it the namespace cannot be found, yet its TIME_WAIT are counted: twtrace counts it
+/// as unreadable instead of leaving its figures out in silence (seen in the deployments with
+/// podman: the count said 0).
+#[test]
+fn a_namespace_twtrace_cannot_find_is_counted_as_unreadable() {
+    require_root();
+    let _g = shared();
+    const N: u64 = 9;
+    let port = unique_port();
+    let args = ["report", "--json", "--duration", "5s", "--by", "netns"];
+    let full = Run::start(&args, "collecting");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.arg("--bounding-set=-sys_ptrace")
+        .arg(twtrace_bin())
+        .args(args);
+    let blind = Run::spawn(cmd, "collecting");
+    // `unshare -n` execs the shell: the namespace's holder, nobody after setpriv. (The server
+    // serves N connections, or until its stdin closes: 10 s at most.)
+    let churn = churn_bin();
+    let churn = churn.to_str().unwrap();
+    let script = format!(
+        "ip link set lo up && exec setpriv --reuid=65534 --regid=65534 --clear-groups sh -c \
+         'sleep 10 | {churn} server --listen 127.0.0.1:{port} --count {N} >/dev/null & \
+          sleep 0.3; {churn} client --to 127.0.0.1:{port} --count {N} >/dev/null && \
+          echo done && exec sleep 30'"
+    );
+    let mut holder = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    let inode = {
+        use std::os::unix::fs::MetadataExt;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "done", "the traffic ran");
+        std::fs::metadata(format!("/proc/{}/ns/net", holder.id()))
+            .unwrap()
+            .ino() as u32
+    };
+    let full = json(&full.finish(Duration::from_secs(30)));
+    let blind_run = blind.finish(Duration::from_secs(30));
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let blind = json(&blind_run);
+
+    // Both count the traffic; only the one that could find the namespace read it.
+    for doc in [&full, &blind] {
+        assert_eq!(
+            entry(&doc["groups"], "key", inode.to_string())["entered"],
+            N,
+            "{doc}"
+        );
+    }
+    let seen = entry(&full["namespaces"], "netns", inode);
+    assert_eq!(seen["kernel_time_wait"], N, "{seen}");
+    assert_eq!(full["namespaces_unreadable"], 0, "{full}");
+    let unseen = entry(&blind["namespaces"], "netns", inode);
+    assert!(unseen["kernel_time_wait"].is_null(), "{unseen}");
+    assert_eq!(unseen["in_time_wait"], N);
+    assert_eq!(blind["namespaces_unreadable"], 1, "{blind}");
+}
+
 fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))

@@ -197,6 +197,25 @@ impl Host {
         gone
     }
 
+    /// How many namespaces twtrace cannot read: those it found but may not enter (no
+    /// CAP_SYS_ADMIN), and those the trace shows alive (TIME_WAIT counted there; the kernel
+    /// kills a dismantled namespace's timewait sockets) that discovery cannot find, because the
+    /// processes inside are another user's and their /proc/PID/ns/net is not readable (no
+    /// CAP_SYS_PTRACE, or a security module's ptrace rule). `seen`: (namespace, TIME_WAIT
+    /// counted there), as the aggregate keeps them.
+    pub fn unreadable(&self, seen: impl Iterator<Item = (u32, u64)>) -> usize {
+        let denied = self.denied.iter().filter(|d| d.no_privilege).count();
+        let hidden = seen
+            .filter(|&(netns, tw)| {
+                netns != 0
+                    && tw > 0
+                    && !self.namespaces.contains_key(&netns)
+                    && !self.denied.iter().any(|d| d.netns == netns)
+            })
+            .count();
+        denied + hidden
+    }
+
     /// The name to show for a namespace.
     pub fn label(&self, inode: u32) -> String {
         self.namespaces
@@ -433,6 +452,24 @@ mod tests {
         // Unseen but with TIME_WAIT alive: not gone (its processes are out of sight).
         host.absent_since.insert(5, long_ago);
         assert_eq!(host.gone([(5, 3)].into_iter()), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn namespaces_alive_in_the_trace_but_not_found_count_as_unreadable() {
+        let mut host = Host::default();
+        host.apply(Reply {
+            namespaces: vec![ns(1), ns(2)],
+            denied: vec![Denied {
+                netns: 2,
+                no_privilege: true,
+                why: String::new(),
+            }],
+            ..Reply::default()
+        });
+        // 1 is read; 2 found but not enterable; 3 holds TIME_WAIT yet was not found; 4 has
+        // none left (it may be gone); 0 is unknown.
+        let seen = [(1, 5), (2, 1), (3, 7), (4, 0), (0, 2)];
+        assert_eq!(host.unreadable(seen.into_iter()), 2);
     }
 
     #[test]

@@ -419,7 +419,7 @@ pub fn table(
     }
     if ctx.unreadable > 0 {
         out.push_str(&format!(
-            "({} network namespaces could not be read: no privilege to enter them)\n",
+            "({} network namespaces could not be read: no privilege to enter or find them)\n",
             ctx.unreadable
         ));
     }

@@ -374,7 +374,9 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
             "duration_s": (duration_s * 10.0).round() / 10.0,
             "serious": serious,
             "namespaces": namespaces,
-            "namespaces_unreadable": host.denied.iter().filter(|d| d.no_privilege).count(),
+            // Only those found but not enterable: doctor keeps no count of live TIME_WAIT per
+            // namespace, so one that was born in and not found may just be gone.
+            "namespaces_unreadable": host.unreadable(std::iter::empty()),
             "lost_events": loss.total(),
             "findings": findings.iter().map(|f| json!({
                 "severity": f.severity.as_str(),

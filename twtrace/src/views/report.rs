@@ -66,7 +66,7 @@ pub fn context(
         now_sec: clock::monotonic_ns() / 1_000_000_000,
         loss: session.loss(),
         namespaces,
-        unreadable: host.denied.iter().filter(|d| d.no_privilege).count(),
+        unreadable: host.unreadable(agg.namespaces()),
         close_wait: host.close_wait.clone(),
     }
 }
