@@ -52,7 +52,7 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
     let filter = format!("10.{net}.0.0/16");
     let common = [
         "--duration",
-        "6s",
+        UNTIL_INTERRUPTED,
         "--json",
         "--peer",
         &filter,
@@ -89,12 +89,12 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
         &["--to", &peer(1), "--count", "6", "--name", "twt-client-b"],
     );
     assert_eq!(
-        clients.sockstat_tw(),
+        wait_for(3 + 5 + 7 + 6, || clients.sockstat_tw()),
         3 + 5 + 7 + 6,
         "the kernel's own count"
     );
 
-    let doc = report_json(by_peer.finish(Duration::from_secs(30)));
+    let doc = report_json(by_peer.interrupt(Duration::from_secs(30)));
     assert_eq!(doc["by"], "peer");
     assert_eq!(doc["totals"]["entered"], 21);
     assert_eq!(doc["totals"]["lost_events"], 0);
@@ -116,7 +116,7 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
     assert!(second.contains(&"twt-client-a") && second.contains(&"twt-client-b"));
 
     // Each client run is a process of its own: A's three runs and B's one.
-    let doc = report_json(by_process.finish(Duration::from_secs(30)));
+    let doc = report_json(by_process.interrupt(Duration::from_secs(30)));
     let g = groups(&doc);
     for (pid, n) in a_pids.iter().zip([3, 5, 7]) {
         let key = format!("twt-client-a[{pid}]");
@@ -177,7 +177,7 @@ fn short_lived_processes_add_up_by_comm_and_in_other() {
             "report".to_owned(),
             "--json".into(),
             "--duration".into(),
-            "5s".into(),
+            UNTIL_INTERRUPTED.into(),
             "--netns".into(),
             ns.name.clone(),
             "--by".into(),
@@ -204,8 +204,9 @@ fn short_lived_processes_add_up_by_comm_and_in_other() {
             .pid,
         );
     }
-    let p = report_json(by_process.finish(Duration::from_secs(30)));
-    let c = report_json(by_comm.finish(Duration::from_secs(30)));
+    assert_eq!(wait_for(12, || ns.sockstat_tw()), 12);
+    let p = report_json(by_process.interrupt(Duration::from_secs(30)));
+    let c = report_json(by_comm.interrupt(Duration::from_secs(30)));
     assert_eq!(p["groups"].as_array().unwrap().len(), 5, "{p}");
     assert_eq!(p["other"]["entered"], 12 - 5, "the rest, summed: {p}");
     assert_eq!(p["groups_total"], 12);
