@@ -24,8 +24,8 @@ const INIT: &str = include_str!("guest-init.sh");
 
 /// Where the project's binaries sit in the guest. The tests find `twtrace` and `twt-churn` next
 /// to the directory of their own executable (`target/<profile>/deps/<test>`), so the guest
-/// keeps that shape.
-pub const GUEST_BUILD: &str = "opt/twtrace/release";
+/// keeps that shape (guest-init.sh runs the tests from its `deps/`).
+pub const GUEST_BUILD: &str = "opt/twtrace/build";
 
 /// Commands the integration tests run, taken from the host with their shared libraries (busybox
 /// provides cat, mount, umount, seq, kill, sleep, insmod, timeout and poweroff; these need
@@ -108,14 +108,19 @@ pub fn base(build: &Build, plan: &Plan, work: &Path) -> Result<Vec<u8>, String> 
         a.tree(Path::new(LOCALE))?;
     }
 
-    // The project's binaries, without their debug info (it is most of their size; the symbol
-    // table stays, for backtraces).
+    // twtrace as it ships, byte for byte (static: no library).
+    a.file(
+        &format!("{GUEST_BUILD}/twtrace"),
+        0o755,
+        &read(&build.twtrace)?,
+    );
+    elves.push(build.twtrace.clone());
+    // The tests and their traffic generator, without their debug info (it is most of their
+    // size; the symbol table stays, for backtraces).
     let stripped = work.join("stripped");
     create_dir(&stripped)?;
-    let mut ours: Vec<(PathBuf, String)> = vec![
-        (build.twtrace.clone(), format!("{GUEST_BUILD}/twtrace")),
-        (build.churn.clone(), format!("{GUEST_BUILD}/twt-churn")),
-    ];
+    let mut ours: Vec<(PathBuf, String)> =
+        vec![(build.churn.clone(), format!("{GUEST_BUILD}/twt-churn"))];
     for t in build
         .tests
         .iter()

@@ -83,6 +83,93 @@ impl Lockdown {
     }
 }
 
+/// Tests that do not run in any guest: (executable, test or "" for all of it, why). Each
+/// checks files of the source tree or drives tools that are the host's business, or needs a
+/// debug build; none is a kernel's (`suite::plan` leaves them out, the matrix lists them).
+/// Everything else runs, so that a test that is the kernel's business cannot be left out by
+/// accident.
+pub const EXCLUDED: [(&str, &str, &str); 14] = [
+    (
+        "workflow",
+        "",
+        "parses .github/workflows/ci.yml of the source tree with python3 and PyYAML; loads nothing",
+    ),
+    (
+        "deploy_docker",
+        "",
+        "checks deploy/ files of the source tree (Dockerfile); loads nothing",
+    ),
+    (
+        "deploy_grafana",
+        "",
+        "checks deploy/grafana/twtrace.json of the source tree against docs/metrics.md; loads \
+         nothing",
+    ),
+    (
+        "deploy_kubernetes",
+        "",
+        "checks deploy/ files of the source tree with python3-kubernetes; loads nothing",
+    ),
+    (
+        "deploy_prometheus",
+        "",
+        "checks deploy/ files of the source tree with promtool; loads nothing",
+    ),
+    (
+        "deploy_readme",
+        "",
+        "checks the README of the source tree; loads nothing",
+    ),
+    (
+        "deploy_systemd",
+        "",
+        "checks deploy/ files of the source tree with systemd-analyze; loads nothing",
+    ),
+    (
+        "dist_docs",
+        "",
+        "compares the man pages and completions committed in deploy/ with the CLI, renders them \
+         with man, parses them with bash; loads nothing",
+    ),
+    (
+        "version",
+        "",
+        "compares `twtrace --version` with `git rev-parse` in the source tree; loads nothing \
+         (the guests' matrix names the version it ran)",
+    ),
+    (
+        "dist_deb",
+        "",
+        "lintian, and dpkg into a Debian root made by mmdebstrap, in a chroot: the host's \
+         packaging tools; the binary the package installs is the one the guests run",
+    ),
+    (
+        "dist_image",
+        "",
+        "podman (and runc or crun) running the OCI image: the host's container engine; the \
+         binary the image holds is the one the guests run",
+    ),
+    (
+        "dashboard",
+        "",
+        "drives a real Prometheus server (a Go program of 100 MB and more) against serve; serve \
+         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
+    ),
+    (
+        "serve",
+        "prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged",
+        "drives a real Prometheus server and promtool (Go programs of 100 MB and more); serve \
+         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
+    ),
+    (
+        "reliability",
+        "nothing_left_in_the_kernel_after_any_end",
+        "its failure injection (TWTRACE_TEST_PANIC, TWTRACE_TEST_FAIL_ATTACH) exists in debug \
+         builds only and the guests run the static binary that ships; SIGTERM detaching \
+         everything runs in watch::sigterm_detaches_everything",
+    ),
+];
+
 /// One column of the matrix: a kernel series booted one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lane {

@@ -116,7 +116,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         create_dir(&work.join(d))?;
     }
 
-    let build = suite::build()?;
+    let build = suite::build(&work.join("shipped"))?;
     let plan = suite::plan(&build.tests, &opts.selection);
     if plan.runs.is_empty() {
         return Err(format!(
@@ -184,6 +184,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     let m = Matrix {
+        tested: tested(&build),
         rows,
         columns,
         left: plan.left,
@@ -250,6 +251,24 @@ fn run_lane(
     column.how = format!("({}, {})", accel.name(), minutes(boot.wall));
     println!("vm-test: {name}: done in {}", minutes(boot.wall));
     Ok(column)
+}
+
+/// `twtrace 0.1.0 (git ..., ebpf ...)`, the static binary of `twtrace-...tar.gz`: what the
+/// guests ran (`--version` runs on any host: it loads nothing).
+fn tested(build: &suite::Build) -> String {
+    let version = std::process::Command::new(&build.twtrace)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "twtrace".into());
+    let tarball = build
+        .tarball
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("`{version}`, the static binary of `{tarball}`")
 }
 
 /// One line per executable as it ends, and each failure as it happens.
