@@ -219,6 +219,10 @@ pub struct ProbeArgs {
     /// When the kernel refuses a program, print the verifier's whole log
     #[arg(long, short = 'v')]
     pub verbose: bool,
+    /// Load the programs as under lockdown=confidentiality: typed loads only, no
+    /// bpf_probe_read_kernel (for the tests, on kernels without that lockdown)
+    #[arg(long, hide = true)]
+    pub typed_only: bool,
 }
 
 impl ProbeArgs {
@@ -229,6 +233,7 @@ impl ProbeArgs {
             hooks_only: self.hooks_only,
             debug_kernel: self.debug_kernel,
             verbose: self.verbose,
+            typed_only: self.typed_only,
             ..Default::default()
         }
     }

@@ -55,6 +55,9 @@ pub struct ProbeOptions {
     pub debug_kernel: bool,
     /// On a load failure, print the verifier's whole log, not its first line (`--verbose`).
     pub verbose: bool,
+    /// Load with typed loads only, as under `lockdown=confidentiality` (which turns it on by
+    /// itself): the hidden `--typed-only` lets the tests run that mode on any kernel.
+    pub typed_only: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -85,6 +88,9 @@ pub struct ProgramStats {
 pub struct Probes {
     ebpf: Ebpf,
     pub info: KernelInfo,
+    /// Loaded with typed loads only (`Config.typed_only`): the timer events carry no 4-tuple
+    /// and no substate.
+    pub typed_only: bool,
     /// The kernel programs' log lines (`--debug-kernel`), read when the ring buffer is.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -147,6 +153,7 @@ fn first_line(s: &str) -> String {
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
         let info = preflight::check()?;
+        let typed_only = opts.typed_only || info.confidentiality;
         raise_memlock_limit();
         let config = Config {
             tw_timer_fn: info.tw_timer_fn,
@@ -165,7 +172,8 @@ impl Probes {
             off_sk_err: info.off_sk_err,
             off_task_tgid: info.off_task_tgid,
             debug: opts.debug_kernel as u8,
-            _pad2: [0; 3],
+            typed_only: typed_only as u8,
+            _pad2: [0; 2],
             emit_states: opts.emit_states as u8,
             _pad: [0; 7],
             wakeup_bytes: (opts.ring_size / 16) as u64,
@@ -239,7 +247,12 @@ impl Probes {
         unsafe {
             libc::malloc_trim(0)
         };
-        Ok(Self { ebpf, info, logger })
+        Ok(Self {
+            ebpf,
+            info,
+            typed_only,
+            logger,
+        })
     }
 
     /// Prints what the programs logged since the last call (`--debug-kernel`).

@@ -72,10 +72,18 @@ impl Session {
             )
         })?;
         let hz = clock::kernel_hz(&probes.info.release);
+        if probes.info.confidentiality {
+            eprintln!(
+                "twtrace: {}",
+                crate::kernel::preflight::CONFIDENTIALITY_LIMITS
+            );
+        }
+        let mut lifecycle = Lifecycle::new();
+        lifecycle.set_hz(hz);
         let mut session = Self {
             probes,
             source,
-            lifecycle: Lifecycle::new(),
+            lifecycle,
             listening: HashSet::new(),
             host,
             collector: Some(collector),
