@@ -79,7 +79,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__doctor)
-            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --netns --duration --json --help"
+            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --duration --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -109,7 +109,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__exec)
-            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --netns --max-timewait --max-rate --json --help <CMD>..."
+            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --max-timewait --max-rate --json --help <CMD>..."
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -255,7 +255,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__report)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --by --sort --max-groups --duration --top --json --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --duration --top --json --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -317,7 +317,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__serve)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --by --sort --max-groups --listen --user --max-series --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --listen --user --max-series --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -383,7 +383,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__top)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --by --sort --max-groups --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -437,7 +437,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__watch)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --json --all-states --duration --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --json --all-states --duration --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

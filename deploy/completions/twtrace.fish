@@ -46,6 +46,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -s 6 -l ipv6 -d '
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -l json -d 'One JSON object per line'
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -l all-states -d 'Also stream every TCP state transition, with its owner where known'
 complete -c twtrace -n "__fish_twtrace_using_subcommand watch" -s h -l help -d 'Print help'
@@ -66,6 +67,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand report" -s 6 -l ipv6 -d 
 complete -c twtrace -n "__fish_twtrace_using_subcommand report" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand report" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand report" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand report" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand report" -l json -d 'Print JSON instead of a table'
 complete -c twtrace -n "__fish_twtrace_using_subcommand report" -s h -l help -d 'Print help'
 complete -c twtrace -n "__fish_twtrace_using_subcommand top" -l port -d 'Only connections with this local or remote port (repeatable)' -r
@@ -83,6 +85,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand top" -s 6 -l ipv6 -d 'On
 complete -c twtrace -n "__fish_twtrace_using_subcommand top" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand top" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand top" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand top" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand top" -s h -l help -d 'Print help'
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -l port -d 'Only connections with this local or remote port (repeatable)' -r
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -l peer -d 'Only connections whose remote address is in this network (repeatable)' -r
@@ -102,6 +105,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -s 6 -l ipv6 -d '
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand serve" -s h -l help -d 'Print help'
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l ring-size -d 'Ring buffer size between kernel and twtrace (a power of two, at least 4KiB)' -r
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l stats-json -d 'At the end, write what twtrace cost and saw (kernel counters, per-program run time and recursion misses, events received) to this file as JSON' -r -F
@@ -111,6 +115,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l max-rate -d 'Fa
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -l json -d 'Print the summary (on stderr) as one JSON line'
 complete -c twtrace -n "__fish_twtrace_using_subcommand exec" -s h -l help -d 'Print help'
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l ring-size -d 'Ring buffer size between kernel and twtrace (a power of two, at least 4KiB)' -r
@@ -120,6 +125,7 @@ complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l duration -d '
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l hooks-only -d 'Attach programs that return at once, on the same hooks, and trace nothing: what the hooks alone cost (the benchmark\'s floor)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l debug-kernel -d 'Print what the kernel programs see on their rare paths (a TIME_WAIT timer with no matching close, a close without TIME_WAIT, a full map), through aya-log, on stderr'
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -s v -l verbose -d 'When the kernel refuses a program, print the verifier\'s whole log'
+complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l typed-only -d 'Load the programs as under lockdown=confidentiality: typed loads only, no bpf_probe_read_kernel (for the tests, on kernels without that lockdown)'
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -l json -d 'Print JSON instead of text'
 complete -c twtrace -n "__fish_twtrace_using_subcommand doctor" -s h -l help -d 'Print help'
 complete -c twtrace -n "__fish_twtrace_using_subcommand help; and not __fish_seen_subcommand_from watch report top serve exec doctor help" -f -a "watch" -d 'Stream TIME_WAIT births and deaths (and, with --all-states, every TCP transition)'
