@@ -102,31 +102,34 @@ fn top_shows_the_rows_and_restores_the_terminal_on_q() {
     );
 }
 
+/// SIGTERM, SIGINT (from kill) and SIGHUP: top exits 0 and the terminal is restored.
 #[test]
-fn top_restores_the_terminal_on_sigterm() {
+fn top_restores_the_terminal_on_each_signal() {
     require_root();
     let _g = shared();
-    let cmd = format!(
-        "{} top; echo \"top exited $?\"; sleep 60",
-        twtrace_bin().display()
-    );
-    let tmux = Tmux::new(&cmd);
-    tmux.wait_for("top's title", |s| s.contains("twtrace top"));
-    let shell = run(Command::new("tmux").args([
-        "-L",
-        &tmux.socket,
-        "list-panes",
-        "-t",
-        "t",
-        "-F",
-        "#{pane_pid}",
-    ]));
-    let pid = run(Command::new("pgrep").args(["-P", shell.trim(), "twtrace"]));
-    run(Command::new("kill").args(["-TERM", pid.trim()]));
-    let after = tmux.wait_for("the exit", |s| s.contains("top exited"));
-    assert!(after.contains("top exited 0"), "{after}");
-    assert!(
-        !after.contains("twtrace top"),
-        "the alternate screen is gone:\n{after}"
-    );
+    for sig in ["TERM", "INT", "HUP"] {
+        let cmd = format!(
+            "{} top; echo \"top exited $?\"; sleep 60",
+            twtrace_bin().display()
+        );
+        let tmux = Tmux::new(&cmd);
+        tmux.wait_for("top's title", |s| s.contains("twtrace top"));
+        let shell = run(Command::new("tmux").args([
+            "-L",
+            &tmux.socket,
+            "list-panes",
+            "-t",
+            "t",
+            "-F",
+            "#{pane_pid}",
+        ]));
+        let pid = run(Command::new("pgrep").args(["-P", shell.trim(), "twtrace"]));
+        run(Command::new("kill").args([&format!("-{sig}"), pid.trim()]));
+        let after = tmux.wait_for("the exit", |s| s.contains("top exited"));
+        assert!(after.contains("top exited 0"), "SIG{sig}: {after}");
+        assert!(
+            !after.contains("twtrace top"),
+            "SIG{sig}: the alternate screen is gone:\n{after}"
+        );
+    }
 }

@@ -13,7 +13,8 @@
 //! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
 //! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
 //! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). `--linger0`
-//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--leak` never
+//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--bind ADDR`
+//! without a port leaves the port to connect() (IP_BIND_ADDRESS_NO_PORT), per destination. `--leak` never
 //! closes its side (with `--closer server`, CLOSE_WAIT in the client): it prints its line,
 //! then keeps the sockets until stdin closes. `--tolerate-errors` goes on after a failed
 //! connect(), counting the failures by errno name. The client prints one JSON line: its pid,
@@ -159,6 +160,20 @@ fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStr
                 size_of::<libc::c_int>() as u32,
             )
         };
+        if b.port() == 0 {
+            // The port is chosen at connect(), per (source, destination), as a load balancer
+            // with several source addresses does (IP_BIND_ADDRESS_NO_PORT).
+            // SAFETY: valid option value pointer and length.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IP,
+                    libc::IP_BIND_ADDRESS_NO_PORT,
+                    (&raw const one).cast(),
+                    size_of::<libc::c_int>() as u32,
+                )
+            };
+        }
         let (ss, len) = sockaddr(b);
         // SAFETY: ss holds a valid address of len bytes.
         if unsafe { libc::bind(fd, (&raw const ss).cast(), len) } != 0 {
