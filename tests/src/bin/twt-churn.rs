@@ -141,6 +141,21 @@ fn socket_for(addr: &SocketAddr) -> std::io::Result<i32> {
     Ok(fd)
 }
 
+/// Turns an integer socket option on.
+fn set_flag(fd: i32, level: libc::c_int, name: libc::c_int) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid option value pointer and length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
 /// connect() from an optional local address (SO_REUSEADDR so a fixed port can be reused while
 /// a TIME_WAIT of ours holds it: that is how tcp_tw_reuse gets exercised).
 fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStream> {
@@ -149,30 +164,11 @@ fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStr
     // SAFETY: fd is ours; from here on the TcpStream closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     if let Some(b) = bind {
-        let one: libc::c_int = 1;
-        // SAFETY: valid option value pointer and length.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as u32,
-            )
-        };
+        set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
         if b.port() == 0 {
             // The port is chosen at connect(), per (source, destination), as a load balancer
-            // with several source addresses does (IP_BIND_ADDRESS_NO_PORT).
-            // SAFETY: valid option value pointer and length.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::IPPROTO_IP,
-                    libc::IP_BIND_ADDRESS_NO_PORT,
-                    (&raw const one).cast(),
-                    size_of::<libc::c_int>() as u32,
-                )
-            };
+            // with several source addresses does.
+            set_flag(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT);
         }
         let (ss, len) = sockaddr(b);
         // SAFETY: ss holds a valid address of len bytes.

@@ -268,30 +268,8 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             failed = output::stdout_failure(&e);
         }
     }
-    if open {
-        say!("tracing TIME_WAIT; Ctrl-C to stop");
-        loop {
-            let events = tokio::select! {
-                r = &mut stop => { r?; break; }
-                r = session.next() => r?,
-            };
-            if let Err(e) = emit(
-                &mut out,
-                &mut renderer,
-                &selection,
-                args.json,
-                events,
-                &mut shown,
-            ) {
-                open = false;
-                failed = output::stdout_failure(&e);
-                break;
-            }
-        }
-    }
-    if open {
-        let events = session.finish();
-        if let Err(e) = emit(
+    let mut show = |events: &[Event]| -> bool {
+        match emit(
             &mut out,
             &mut renderer,
             &selection,
@@ -299,8 +277,28 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
             events,
             &mut shown,
         ) {
-            failed = output::stdout_failure(&e);
+            Ok(()) => true,
+            Err(e) => {
+                failed = output::stdout_failure(&e);
+                false
+            }
         }
+    };
+    if open {
+        say!("tracing TIME_WAIT; Ctrl-C to stop");
+        loop {
+            let events = tokio::select! {
+                r = &mut stop => { r?; break; }
+                r = session.next() => r?,
+            };
+            if !show(events) {
+                open = false;
+                break;
+            }
+        }
+    }
+    if open {
+        show(session.finish());
     }
     let loss = session.loss();
     let stats = session.write_stats(stats_file);
