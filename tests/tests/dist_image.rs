@@ -319,7 +319,14 @@ fn podman_runs_the_image_with_the_documented_capabilities_and_it_leaves_nothing(
     let peer = format!("127.0.0.1:{peer_port}");
     let _server = Server::start(None, &peer, &[]);
     client(None, &["--to", &peer, "--count", &N.to_string()]);
-    let series = format!("twtrace_timewait_entered_total{{group=\"peer\",key=\"{peer}\"}} {N}");
+    // Every series of a group names its network namespace: this test's, the host's.
+    let netns = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self/ns/net").unwrap().ino()
+    };
+    let series = format!(
+        "twtrace_timewait_entered_total{{group=\"peer\",key=\"{peer}\",netns=\"{netns}\"}} {N}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (code, metrics) = http_get(&listen, "/metrics");
