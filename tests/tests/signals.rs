@@ -215,3 +215,64 @@ fn a_full_standard_output_is_named() {
     );
     assert!(stderr.contains("events lost"), "{stderr}");
 }
+
+/// Ctrl-C in a terminal: the kernel sends SIGINT to the whole foreground process group, the
+/// command included, so exec does not send it again (a command that counts its SIGINTs, as
+/// "a second Ctrl-C forces" programs do, sees one).
+#[test]
+fn exec_does_not_double_a_terminal_s_ctrl_c() {
+    require_root();
+    let _g = shared();
+    let dir = TempDir::new("ctrlc");
+    let script = dir.0.join("count.py");
+    std::fs::write(
+        &script,
+        "import signal, sys, time\n\
+         n = [0]\n\
+         signal.signal(signal.SIGINT, lambda *a: n.__setitem__(0, n[0] + 1))\n\
+         print('command-ready', flush=True)\n\
+         end = time.time() + 4\n\
+         while time.time() < end:\n    time.sleep(0.1)\n\
+         print('INT', n[0], flush=True)\n",
+    )
+    .unwrap();
+    let socket = format!("twt-ctrlc-{}", std::process::id());
+    let tmux = |args: &[&str]| run(Command::new("tmux").arg("-L").arg(&socket).args(args));
+    let cmd = format!(
+        // The shell ignores the Ctrl-C itself, to be there to say how exec ended.
+        "trap '' INT; {} exec -- python3 {}; echo \"exec exited $?\"; sleep 60",
+        twtrace_bin().display(),
+        script.display()
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-x",
+        "100",
+        "-y",
+        "30",
+        "-s",
+        "t",
+        &cmd,
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", "t"]);
+    let wait = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no {what}:\n{s}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("command-ready");
+    tmux(&["send-keys", "-t", "t", "C-c"]);
+    let s = wait("exec exited");
+    let _ = Command::new("tmux")
+        .args(["-L", &socket, "kill-server"])
+        .status();
+    assert!(s.contains("INT 1"), "one SIGINT, not two:\n{s}");
+    assert!(s.contains("exec exited 0"), "{s}");
+}

@@ -7,8 +7,8 @@
 //! do not flap. An exported key is pinned in the aggregate (never folded) while exported.
 //! Everything else is summed into `key="other"`: the totals minus what the exported keys
 //! gained while exported, so `other`'s counters never go back, whichever keys come and go
-//! (a key that joins takes nothing away from `other`; one that leaves gives back what it
-//! gained). Every per-group series carries the inode number of its network namespace
+//! (a key that joins leaves in `other` what `other` already showed of it, and counts the rest;
+//! one that leaves gives back what it gained). Every per-group series carries the inode number of its network namespace
 //! (`netns`); `twtrace_netns_info` names them. The kernel's own figures are per namespace too,
 //! for at most `max_series` namespaces (most TIME_WAIT first).
 //!
@@ -18,7 +18,11 @@
 //! exported (the same hysteresis, and the highest of all always). Accepted connections hold
 //! the listener's port, not an ephemeral one: they never get a ratio.
 
-use std::{collections::BTreeMap, fmt, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+};
 
 use prometheus_client::{
     encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder},
@@ -44,10 +48,14 @@ pub struct Exporter {
     pub max_series: usize,
     exported: [Vec<Exported>; By::ALL.len()],
     ratios: Vec<(u32, SocketAddr)>,
-    /// Scraped at least once: `other` was shown, so a key that joins from now on must leave
-    /// what it had counted in it (before, there is nothing to keep).
-    scraped: bool,
+    /// Per grouping, the counts of every group not exported at the last scrape: what `other`
+    /// showed of each. A key that joins leaves that much in `other` (its base); what it counted
+    /// since then was never shown in `other` and goes to the key alone.
+    shown_in_other: [HashMap<Key, Counts>; By::ALL.len()],
 }
+
+/// A group's counters: births, and ends per reason.
+type Counts = (u64, [u64; 4]);
 
 /// Version and kernel for twtrace_build_info.
 #[derive(Debug, Clone, Default)]
@@ -121,7 +129,7 @@ impl Exporter {
             max_series,
             exported: Default::default(),
             ratios: Vec::new(),
-            scraped: false,
+            shown_in_other: Default::default(),
         }
     }
 
@@ -130,6 +138,9 @@ impl Exporter {
     pub fn forget_netns(&mut self, netns: u32) {
         for list in &mut self.exported {
             list.retain(|e| e.key.netns != netns);
+        }
+        for shown in &mut self.shown_in_other {
+            shown.retain(|k, _| k.netns != netns);
         }
         self.ratios.retain(|&(n, _)| n != netns);
     }
@@ -150,24 +161,26 @@ impl Exporter {
                 agg.unpin(by, k);
             }
             list.retain(|e| !removed.contains(&e.key));
+            let shown = &mut self.shown_in_other[by as usize];
             for k in added {
                 if !agg.pin(by, &k) {
                     continue;
                 }
-                let g = agg.group(by, &k).cloned().unwrap_or_default();
-                let (base_entered, base_exits) = if self.scraped {
-                    (g.entered, g.exits)
-                } else {
-                    (0, [0; 4])
-                };
+                let (base_entered, base_exits) = shown.get(&k).copied().unwrap_or_default();
                 list.push(Exported {
                     key: k,
                     base_entered,
                     base_exits,
                 });
             }
+            // What `other` shows of each group now, for the keys that join later.
+            shown.clear();
+            for (k, g) in agg.groups(by).0 {
+                if !list.iter().any(|e| &e.key == k) {
+                    shown.insert(k.clone(), (g.entered, g.exits));
+                }
+            }
         }
-        self.scraped = true;
     }
 
     /// The destinations whose usage ratio is exported, with it: (namespace, destination,
@@ -830,7 +843,8 @@ mod tests {
         );
         assert!(t.contains("twtrace_events_lost_total{cause=\"ring_full\"} 0"));
         // What matters now: a larger peer replaces the smallest exported one; `other` goes
-        // on up (the newcomer's births were in it, the leaver gives back what it gained).
+        // on up (the leaver gives back what it gained; the newcomer's births came after the
+        // last scrape: `other` never showed them, they are the newcomer's alone).
         {
             let mut s = state.lock().unwrap();
             for i in 0..10 {
@@ -852,7 +866,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("twtrace_timewait_entered_total{group=\"peer\",key=\"other\"} 14"),
+            t.contains("twtrace_timewait_entered_total{group=\"peer\",key=\"other\"} 4"),
             "{t}"
         );
     }

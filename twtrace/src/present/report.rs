@@ -758,17 +758,43 @@ mod tests {
             assert!(line.len() <= 80, "{} columns: {line}", line.len());
         }
         assert!(t.contains("kernel says 12345678;"), "{t}");
-        // The two namespaces' form too.
-        c.namespaces.push(NsContext {
-            netns: 2,
-            name: "other".into(),
-            ..c.namespaces[0].clone()
-        });
-        let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
+        // A busy host with several namespaces: 100,000 TIME_WAIT from before start and 20,000
+        // born since, in three namespaces (this line was 83 columns).
+        let mut big = Aggregator::new(100);
+        for i in 0..120_000u64 {
+            let netns = 1 + (i % 3) as u32;
+            big.on_event(&Event::Enter(TwEnter {
+                netns,
+                ts_ns: 10_000_000_000,
+                timer: i + 1,
+                conn: Conn {
+                    local: format!("10.{}.{}.1:{}", i / 60_000, netns, 1024 + i % 60_000)
+                        .parse()
+                        .unwrap(),
+                    remote: "10.9.0.2:6379".parse().unwrap(),
+                },
+                owner: None,
+                role: Role::Connected,
+                timeout_jiffies: 0,
+                seeded: i < 100_000,
+            }));
+        }
+        c.namespaces = (1..=3)
+            .map(|netns| NsContext {
+                netns,
+                name: format!("ns{netns}"),
+                kernel_time_wait: Some(40_000 + netns as u64 % 2),
+                ..c.namespaces[0].clone()
+            })
+            .collect();
+        let t = table(&big, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
         for line in t.lines() {
             assert!(line.len() <= 80, "{} columns: {line}", line.len());
         }
-        assert!(t.contains("kernel says 24691356 in 2 netns:"), "{t}");
+        assert!(
+            t.contains("now: 120000 in TIME_WAIT (100000 from before start),\nkernel says 120002 in 3 netns:"),
+            "{t}"
+        );
     }
 
     /// A process named with an escape sequence and a newline: one line, escaped.
