@@ -166,11 +166,13 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     let me = std::process::id();
     session.probes.track(me)?;
     // The handlers, before the command starts: a signal from then on reaches the command.
+    // Who sent it is recorded first (the actions run in the order they were registered), so
+    // that it is known by the time tokio wakes the loop.
+    record_origins()?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    record_origins()?;
     let started = Instant::now();
     let mut child = match tokio::process::Command::new(&args.command[0])
         .args(&args.command[1..])
