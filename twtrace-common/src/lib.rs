@@ -47,6 +47,13 @@ pub mod flags {
     /// The socket had its local port before connect() (bind() with or without a port, and no
     /// IP_BIND_ADDRESS_NO_PORT): that port is its source address's for every destination.
     pub const BOUND: u8 = 1 << 3;
+    /// A TW_CANCEL inside the `connect()` of the same task, right after its
+    /// `CLOSE -> SYN_SENT`, whose timewait socket could not be read (typed loads only): the
+    /// tuple holds that connect()'s destination (`daddr`, `dport`, in the header's family).
+    /// It was tcp_tw_reuse if that is the timewait socket's remote end, known from its birth;
+    /// otherwise (on loopback, the connect()'s own SYN killing a TIME_WAIT of the listener's
+    /// side) it was not.
+    pub const IN_CONNECT: u8 = 1 << 4;
 }
 
 /// Who the local side was in the connection.
@@ -226,7 +233,12 @@ pub struct Config {
     pub off_task_tgid: u32,
     /// Non-zero (`--debug-kernel`): log the rare paths through aya-log.
     pub debug: u8,
-    pub _pad2: [u8; 3],
+    /// Non-zero: load only what the tracepoints hand over, typed by BTF, and never call
+    /// `bpf_probe_read_kernel` (`lockdown=confidentiality` removes it: LOCKDOWN_BPF_READ_KERNEL).
+    /// The timer programs then cannot read the timewait socket behind a timer: userspace knows
+    /// it from its birth, by the timer's address.
+    pub typed_only: u8,
+    pub _pad2: [u8; 2],
     /// Non-zero (`--all-states`): emit every TCP state transition (`kind::STATE`), and record
     /// the caller of connect() and of the passive close too (only the closer matters to
     /// TIME_WAIT; these transitions' successors run in softirq).

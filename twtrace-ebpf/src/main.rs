@@ -28,7 +28,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns,
-            bpf_probe_read_kernel,
+            bpf_probe_read_kernel, bpf_skc_to_tcp_sock,
         },
     },
     macros::{btf_tracepoint, map},
@@ -89,7 +89,8 @@ static CONFIG: Config = Config {
     off_sk_err: 0,
     off_task_tgid: 0,
     debug: 0,
-    _pad2: [0; 3],
+    typed_only: 0,
+    _pad2: [0; 2],
     emit_states: 0,
     _pad: [0; 7],
     wakeup_bytes: 0,
@@ -151,6 +152,14 @@ fn debugging() -> bool {
     config!(debug) != 0
 }
 
+/// Whether only typed loads are allowed (`lockdown=confidentiality`: no `bpf_probe_read_kernel`).
+/// A frozen read-only value: the verifier never walks the branches it rules out, so a program
+/// whose helper calls all sit behind `!typed_only()` loads under that lockdown.
+#[inline(always)]
+fn typed_only() -> bool {
+    config!(typed_only) != 0
+}
+
 #[inline(always)]
 fn bump(slot: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(slot) {
@@ -190,28 +199,35 @@ fn submit_flags() -> u64 {
     }
 }
 
-/// Reserves a zeroed record in the ring buffer and lets `fill` write it in place (no copy of
-/// the event on the stack); counts it as lost when the ring is full.
-#[inline(always)]
-fn emit<T: 'static>(fill: impl FnOnce(&mut T)) {
-    match EVENTS.reserve::<T>(0) {
-        Some(mut entry) => {
-            let p = entry.as_mut_ptr();
-            // SAFETY: the reservation is size_of::<T>() bytes, 8-byte aligned, and every event
-            // type is a multiple of 8 bytes made of plain integers (all-zero is a valid value).
-            // Volatile stores: a memset here would become a call the verifier walks byte by byte.
-            unsafe {
-                let words = p.cast::<u64>();
-                for i in 0..size_of::<T>() / 8 {
-                    core::ptr::write_volatile(words.add(i), 0);
-                }
-                fill(&mut *p);
+/// Reserves a zeroed record of type `$t` in the ring buffer, runs `$body` with `$e` pointing
+/// at it (written in place: no copy of the event on the stack), and submits it; counts it as
+/// lost when the ring is full. A macro rather than a function taking a closure: a closure the
+/// compiler leaves out of line becomes a BPF subprogram, and LLVM may leave a stack pointer in
+/// r0 when such a `()` function returns, which the verifier refuses ("cannot return stack
+/// pointer to the caller").
+macro_rules! emit {
+    ($t:ty, |$e:ident| $body:block) => {
+        match EVENTS.reserve::<$t>(0) {
+            Some(mut entry) => {
+                let p = entry.as_mut_ptr();
+                // SAFETY: the reservation is size_of::<$t>() bytes, 8-byte aligned, and every
+                // event type is a multiple of 8 bytes made of plain integers (all-zero is a
+                // valid value). Volatile stores: a memset here would become a call the verifier
+                // walks byte by byte.
+                let $e: &mut $t = unsafe {
+                    let words = p.cast::<u64>();
+                    for i in 0..size_of::<$t>() / 8 {
+                        core::ptr::write_volatile(words.add(i), 0);
+                    }
+                    &mut *p
+                };
+                $body
+                entry.submit(submit_flags());
+                bump(counter::EMITTED);
             }
-            entry.submit(submit_flags());
-            bump(counter::EMITTED);
+            None => bump(counter::LOST),
         }
-        None => bump(counter::LOST),
-    }
+    };
 }
 
 #[inline(always)]
@@ -315,6 +331,12 @@ fn skc_tuple(skc: u64, head: &SkcHead, t: &mut Tuple) {
     }
 }
 
+/// `::ffff:a.b.c.d`: an IPv4 address in an IPv6 socket.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
 #[inline(always)]
 fn portpair(head: &SkcHead) -> u32 {
     (head.dport_be as u32) << 16 | head.num as u32
@@ -347,10 +369,34 @@ impl Socket {
     }
 
     /// From `inet_sock` (`skc_num` is already 0 at `-> CLOSE`: the port is released first).
-    /// Read only when needed: it lies beyond `struct sock`, a helper call.
+    /// It lies beyond `struct sock`, where the verifier allows no load from the tracepoint's
+    /// pointer: `bpf_skc_to_tcp_sock` hands the same socket back typed as a `tcp_sock` (whose
+    /// first member is the `inet_sock`), a load from it then is a typed load too (no
+    /// `bpf_probe_read_kernel`, so it works under lockdown=confidentiality). Read only when
+    /// needed.
     #[inline(always)]
     fn sport(&self) -> u16 {
-        u16::from_be(kread(self.sk + config!(off_inet_sport) as u64, 0u16).unwrap_or(0))
+        // SAFETY: `sk` is the tracepoint's typed socket; the helper checks it is a full TCP
+        // socket and returns null otherwise.
+        let tcp = unsafe { bpf_skc_to_tcp_sock(self.sk as *mut core::ffi::c_void) } as *const u8;
+        if tcp.is_null() {
+            return 0;
+        }
+        // SAFETY: typed `struct tcp_sock *`; `inet_sport` at its BTF offset inside it.
+        u16::from_be(unsafe {
+            core::ptr::read_volatile(tcp.add(config!(off_inet_sport) as usize).cast::<u16>())
+        })
+    }
+
+    /// An IPv6 address of `sock_common` (offset from BTF), in two typed loads.
+    #[inline(always)]
+    fn v6(&self, offset: u32) -> [u8; 16] {
+        let lo = sk_field::<u64>(self.sk as *const u8, offset as usize);
+        let hi = sk_field::<u64>(self.sk as *const u8, offset as usize + 8);
+        let mut a = [0u8; 16];
+        a[..8].copy_from_slice(&lo.to_ne_bytes());
+        a[8..].copy_from_slice(&hi.to_ne_bytes());
+        a
     }
 
     /// The socket's network namespace: `sk->__sk_common.skc_net.net->ns.inum`, two direct
@@ -381,11 +427,19 @@ impl Socket {
         (self.head.rcv_saddr, self.head.daddr)
     }
 
-    /// The 4-tuple and namespace, local side first, with the source port already read.
+    /// The 4-tuple and namespace, local side first, with the source port already read: all
+    /// typed loads from the tracepoint's socket.
     #[inline(always)]
     fn tuple(&self, sport: u16, t: &mut Tuple) {
-        skc_tuple(self.sk, &self.head, t);
         t.sport = sport;
+        t.dport = self.dport();
+        if self.head.family == AF_INET6 as u16 {
+            t.saddr = self.v6(config!(off_skc_v6_rcv_saddr));
+            t.daddr = self.v6(config!(off_skc_v6_daddr));
+        } else {
+            t.saddr[..4].copy_from_slice(&self.head.rcv_saddr);
+            t.daddr[..4].copy_from_slice(&self.head.daddr);
+        }
         t.netns = self.netns();
     }
 }
@@ -451,13 +505,16 @@ fn on_state(c: &Socket) {
             s.connect_family = family as u16;
             s.connect_dport = c.dport();
             if family == AF_INET6 {
-                // SAFETY: as in skc_tuple. A failed read leaves zeroes.
-                let _ = unsafe {
-                    bpf_probe_read_kernel_buf(
-                        (skaddr + config!(off_skc_v6_daddr) as u64) as *const u8,
-                        &mut s.connect_daddr,
-                    )
-                };
+                s.connect_daddr = c.v6(config!(off_skc_v6_daddr));
+                // To ::ffff:a.b.c.d an AF_INET6 socket connects over IPv4, and can take over
+                // an AF_INET timewait socket: remembered as IPv4.
+                if v4_mapped(&s.connect_daddr) {
+                    let d = s.connect_daddr;
+                    s.connect_family = AF_INET as u16;
+                    s.connect_daddr = [
+                        d[12], d[13], d[14], d[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ];
+                }
             } else {
                 s.connect_daddr = [0; 16];
                 s.connect_daddr[..4].copy_from_slice(&c.head.daddr);
@@ -500,7 +557,7 @@ fn on_state(c: &Socket) {
     }
 
     if all_states {
-        emit(|e: &mut SockEvent| {
+        emit!(SockEvent, |e| {
             let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
             e.header = header(kind::STATE, family, fl | flags::HAS_TUPLE);
             c.tuple(c.sport(), &mut e.tuple);
@@ -553,37 +610,13 @@ fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
 /// has this socket's 4-tuple (a re-armed timer followed by an unrelated close does not).
 #[inline(always)]
 fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
-    let family = c.family();
-    let tw = timer - config!(off_tw_timer) as u64;
-    let Some(head) = read_skc(tw) else {
+    let sport = c.sport();
+    let Some(substate) = birth_substate(c, sport, timer) else {
         bump(counter::BIRTH_UNMATCHED);
         return;
     };
-    let sport = c.sport();
-    let dport = c.dport();
-    let same = head.family == family as u16
-        && head.num == sport
-        && u16::from_be(head.dport_be) == dport
-        && (family != AF_INET || (head.rcv_saddr, head.daddr) == c.v4());
-    if !same {
-        bump(counter::BIRTH_UNMATCHED);
-        if debugging() {
-            debug!(
-                &(),
-                "TIME_WAIT timer {:x} started, then a CLOSE of another socket: ports {}/{} vs {}/{}",
-                timer,
-                head.num,
-                u16::from_be(head.dport_be),
-                sport,
-                dport
-            );
-        }
-        return;
-    }
-    // TIME_WAIT, or FIN_WAIT2 while the peer has not sent its FIN (tcp_time_wait's `state`).
-    let substate = kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0);
-    let skaddr = c.sk;
-    emit(|e: &mut SockEvent| {
+    let (skaddr, family) = (c.sk, c.family());
+    emit!(SockEvent, |e| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
         e.header = header(kind::TW_BIRTH, family, fl | flags::HAS_TUPLE);
         c.tuple(sport, &mut e.tuple);
@@ -597,6 +630,43 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
     });
 }
 
+/// Whether the timewait socket behind `timer` is this socket's, and its substate: TIME_WAIT,
+/// or FIN_WAIT2 while the peer has not sent its FIN (tcp_time_wait's `state`). None: another
+/// socket's.
+#[inline(always)]
+fn birth_substate(c: &Socket, sport: u16, timer: u64) -> Option<u8> {
+    if typed_only() {
+        // The timewait socket cannot be read: the order of events on this CPU is the join
+        // (tcp_time_wait arms the timer, then tcp_done closes the full socket, nothing
+        // between; it is only called from FIN_WAIT2 and CLOSING), and the substate is left to
+        // userspace (0: unknown).
+        return (c.old == st::FIN_WAIT2 || c.old == st::CLOSING).then_some(0);
+    }
+    let tw = timer - config!(off_tw_timer) as u64;
+    let head = read_skc(tw)?;
+    let dport = c.dport();
+    let family = c.family();
+    let same = head.family == family as u16
+        && head.num == sport
+        && u16::from_be(head.dport_be) == dport
+        && (family != AF_INET || (head.rcv_saddr, head.daddr) == c.v4());
+    if !same {
+        if debugging() {
+            debug!(
+                &(),
+                "TIME_WAIT timer {:x} started, then a CLOSE of another socket: ports {}/{} vs {}/{}",
+                timer,
+                head.num,
+                u16::from_be(head.dport_be),
+                sport,
+                dport
+            );
+        }
+        return None;
+    }
+    kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).or(Some(0))
+}
+
 /// `SYN_SENT -> CLOSE`: a connect() that never connected. Rare, so its cost does not matter;
 /// the event names who called connect() (recorded then), where, and the error.
 #[inline(always)]
@@ -606,7 +676,7 @@ fn on_connect_failed(c: &Socket) {
     let err = sk_field::<i32>(c.sk as *const u8, config!(off_sk_err) as usize);
     let skaddr = c.sk;
     let family = c.family();
-    emit(|e: &mut SockEvent| {
+    emit!(SockEvent, |e| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
         e.header = header(kind::CONNECT_FAIL, family, fl | flags::HAS_TUPLE);
         // No local port when none could be found (the failure path resets nothing else).
@@ -657,8 +727,15 @@ pub fn timer_start(ctx: BtfTracePointContext) -> i32 {
 
 fn on_tw_start(timer: u64) {
     let Some(s) = scratch() else { return };
-    // enqueue_timer() runs after `expires` is set.
-    let expires = kread(timer + config!(off_timer_expires) as u64, 0u64).unwrap_or(0);
+    // enqueue_timer() runs after `expires` is set. A typed load from the tracepoint's timer.
+    // SAFETY: as in timer_function.
+    let expires = unsafe {
+        core::ptr::read_volatile(
+            (timer as *const u8)
+                .add(config!(off_timer_expires) as usize)
+                .cast::<u64>(),
+        )
+    };
     // SAFETY: helper without arguments.
     let timeout = expires.wrapping_sub(unsafe { bpf_jiffies64() });
     bump(counter::TW_TIMER_STARTS);
@@ -668,10 +745,18 @@ fn on_tw_start(timer: u64) {
         // tcp_timewait_state_process sets the substate to TIME_WAIT before it re-arms for the
         // peer's FIN (inet_twsk_reschedule), so the substate read now is the new one.
         // The 4-tuple too: a socket born before twtrace started is known by it alone.
+        // (Not under typed_only: userspace knows the socket by its timer; any re-arm leaves it
+        // in TIME_WAIT.)
         let tw = timer - config!(off_tw_timer) as u64;
-        let substate = kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0);
-        let head = read_skc(tw);
-        emit(|e: &mut TimerEvent| {
+        let (substate, head) = if typed_only() {
+            (0, None)
+        } else {
+            (
+                kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0),
+                read_skc(tw),
+            )
+        };
+        emit!(TimerEvent, |e| {
             e.header = match &head {
                 Some(h) => {
                     skc_tuple(tw, h, &mut e.tuple);
@@ -702,11 +787,13 @@ fn on_reqsk_start(timer: u64) {
         return;
     }
     s.cancel_timer = 0;
-    let Some(head) = read_skc(timer - config!(off_rsk_timer) as u64) else {
-        return;
-    };
-    if portpair(&head) == s.cancel_portpair {
-        emit(|e: &mut TimerEvent| {
+    // Under typed_only the request socket cannot be read: the order alone says it (a SYN
+    // handled right after a timewait socket died on this CPU, not inside a connect()).
+    let same = typed_only()
+        || read_skc(timer - config!(off_rsk_timer) as u64)
+            .is_some_and(|head| portpair(&head) == s.cancel_portpair);
+    if same {
+        emit!(TimerEvent, |e| {
             e.header = header(kind::TW_SYN, 0, 0);
             e.timer = cancelled;
         });
@@ -725,6 +812,10 @@ pub fn timer_cancel(ctx: BtfTracePointContext) -> i32 {
 
 fn on_tw_cancel(timer: u64) {
     let Some(s) = scratch() else { return };
+    if typed_only() {
+        on_tw_cancel_typed(s, timer);
+        return;
+    }
     let tw = timer - config!(off_tw_timer) as u64;
     let Some(head) = read_skc(tw) else {
         if debugging() {
@@ -737,14 +828,14 @@ fn on_tw_cancel(timer: u64) {
     };
     let family = head.family as u8;
     // tcp_tw_reuse: __inet_hash_connect() kills the timewait socket inside the connect() that
-    // just went CLOSE -> SYN_SENT towards the same destination.
+    // just went CLOSE -> SYN_SENT towards the same destination. v4-mapped addresses compare as
+    // IPv4 on either side (the connect's was made IPv4 when recorded).
     let reuse = s.connect_pid_tgid == bpf_get_current_pid_tgid()
         && s.connect_dport == u16::from_be(head.dport_be)
-        && s.connect_family == head.family
         // SAFETY: helper without arguments.
         && unsafe { bpf_ktime_get_ns() }.wrapping_sub(s.connect_ts) < REUSE_WINDOW_NS
         && (if family == AF_INET {
-            s.connect_daddr[..4] == head.daddr
+            s.connect_family == AF_INET as u16 && s.connect_daddr[..4] == head.daddr
         } else {
             let mut daddr = [0u8; 16];
             // SAFETY: as in skc_tuple.
@@ -754,20 +845,52 @@ fn on_tw_cancel(timer: u64) {
                     &mut daddr,
                 )
             };
-            s.connect_daddr == daddr
+            if v4_mapped(&daddr) {
+                s.connect_family == AF_INET as u16 && s.connect_daddr[..4] == daddr[12..]
+            } else {
+                s.connect_family == AF_INET6 as u16 && s.connect_daddr == daddr
+            }
         });
     if reuse {
         s.connect_pid_tgid = 0;
     }
-    emit(|e: &mut TimerEvent| {
+    emit!(TimerEvent, |e| {
         let fl = if reuse { flags::REUSE } else { 0 };
         e.header = header(kind::TW_CANCEL, family, fl | flags::HAS_TUPLE);
         e.timer = timer;
         skc_tuple(tw, &head, &mut e.tuple);
         e.tuple.netns = skc_netns(tw);
     });
-    s.cancel_timer = timer;
+    // A reuse is never a SYN take-over: the connect()'s own SYN, handled on this CPU right
+    // after on loopback, must not be read as one.
+    s.cancel_timer = if reuse { 0 } else { timer };
     s.cancel_portpair = portpair(&head);
+    s.pending_timer = 0;
+}
+
+/// A cancel under `typed_only`: the socket behind the timer cannot be read, so the event
+/// carries the timer alone (userspace knows its socket from the birth). Inside the connect() of
+/// this task, right after its `CLOSE -> SYN_SENT`, it may be tcp_tw_reuse (__inet_hash_connect
+/// kills the timewait socket it takes over) or, on loopback, that connect()'s own SYN killing a
+/// TIME_WAIT of the listener's side in softirq: the event carries the connect()'s destination
+/// and userspace, which knows the socket's remote end, tells them apart. A reqsk timer start
+/// may follow either way (the SYN reaching the listener): the cancel stays pending for it.
+#[inline(always)]
+fn on_tw_cancel_typed(s: &mut CpuScratch, timer: u64) {
+    let in_connect = s.connect_pid_tgid == bpf_get_current_pid_tgid()
+        // SAFETY: helper without arguments.
+        && unsafe { bpf_ktime_get_ns() }.wrapping_sub(s.connect_ts) < REUSE_WINDOW_NS;
+    emit!(TimerEvent, |e| {
+        e.timer = timer;
+        if in_connect {
+            e.header = header(kind::TW_CANCEL, s.connect_family as u8, flags::IN_CONNECT);
+            e.tuple.daddr = s.connect_daddr;
+            e.tuple.dport = s.connect_dport;
+        } else {
+            e.header = header(kind::TW_CANCEL, 0, 0);
+        }
+    });
+    s.cancel_timer = timer;
     s.pending_timer = 0;
 }
 
@@ -787,8 +910,8 @@ fn on_tw_expire(timer: u64) {
         s.cancel_timer = 0;
     }
     let tw = timer - config!(off_tw_timer) as u64;
-    let head = read_skc(tw);
-    emit(|e: &mut TimerEvent| {
+    let head = if typed_only() { None } else { read_skc(tw) };
+    emit!(TimerEvent, |e| {
         e.timer = timer;
         e.header = match &head {
             Some(h) => {

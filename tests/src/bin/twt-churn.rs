@@ -14,7 +14,8 @@
 //! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
 //! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
 //! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). `--linger0`
-//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--leak` never
+//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--bind ADDR`
+//! without a port leaves the port to connect() (IP_BIND_ADDRESS_NO_PORT), per destination. `--leak` never
 //! closes its side (with `--closer server`, CLOSE_WAIT in the client): it prints its line,
 //! then keeps the sockets until stdin closes. `--tolerate-errors` goes on after a failed
 //! connect(), counting the failures by errno name. The client prints one JSON line: its pid,
@@ -152,6 +153,21 @@ fn socket_for(addr: &SocketAddr) -> std::io::Result<i32> {
     Ok(fd)
 }
 
+/// Turns an integer socket option on.
+fn set_flag(fd: i32, level: libc::c_int, name: libc::c_int) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid option value pointer and length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
 /// connect() from an optional local address (SO_REUSEADDR so a fixed port can be reused while
 /// a TIME_WAIT of ours holds it: that is how tcp_tw_reuse gets exercised).
 fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStream> {
@@ -160,17 +176,12 @@ fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStr
     // SAFETY: fd is ours; from here on the TcpStream closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     if let Some(b) = bind {
-        let one: libc::c_int = 1;
-        // SAFETY: valid option value pointer and length.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as u32,
-            )
-        };
+        set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        if b.port() == 0 {
+            // The port is chosen at connect(), per (source, destination), as a load balancer
+            // with several source addresses does.
+            set_flag(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT);
+        }
         let (ss, len) = sockaddr(b);
         // SAFETY: ss holds a valid address of len bytes.
         if unsafe { libc::bind(fd, (&raw const ss).cast(), len) } != 0 {

@@ -149,6 +149,9 @@ pub enum KernelEvent {
         conn: Option<Conn>,
         netns: u32,
         reuse: bool,
+        /// The destination of the connect() this cancel happened in, when the kernel could not
+        /// tell reuse itself (`flags::IN_CONNECT`): reuse if it is the socket's remote end.
+        in_connect_to: Option<std::net::SocketAddr>,
     },
     Expire {
         cpu: u32,
@@ -299,6 +302,14 @@ fn timer_conn(ev: &TimerEvent) -> Result<Option<Conn>, DecodeError> {
     conn(ev.header.family, &ev.tuple).map(Some)
 }
 
+/// The connect() destination an `IN_CONNECT` cancel carries in its tuple's remote half.
+fn connect_destination(ev: &TimerEvent) -> Result<Option<std::net::SocketAddr>, DecodeError> {
+    if ev.header.flags & flags::IN_CONNECT == 0 {
+        return Ok(None);
+    }
+    conn(ev.header.family, &ev.tuple).map(|c| Some(c.remote))
+}
+
 pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
     let &k = bytes.first().ok_or(DecodeError::Empty)?;
     if let Some(&v) = bytes.get(1)
@@ -363,6 +374,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent, DecodeError> {
                     conn: timer_conn(&ev)?,
                     netns,
                     reuse: ev.header.flags & flags::REUSE != 0,
+                    in_connect_to: connect_destination(&ev)?,
                 },
                 kind::TW_EXPIRE => KernelEvent::Expire {
                     cpu,

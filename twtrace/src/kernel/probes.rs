@@ -43,9 +43,11 @@ pub const HOOKS_ONLY: [(&str, &str); 4] = [
 /// Attached only when a process tree is tracked (`exec`).
 pub const FORK_PROGRAM: (&str, &str) = ("sched_process_fork", "sched_process_fork");
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProbeOptions {
     pub ring_size: u32,
+    /// `--ring-size` as the user typed it, for messages.
+    pub ring_size_typed: String,
     /// Emit every TCP state transition (watch --all-states).
     pub emit_states: bool,
     /// Follow a process tree through its forks (`exec`).
@@ -57,6 +59,9 @@ pub struct ProbeOptions {
     pub debug_kernel: bool,
     /// On a load failure, print the verifier's whole log, not its first line (`--verbose`).
     pub verbose: bool,
+    /// Load with typed loads only, as under `lockdown=confidentiality` (which turns it on by
+    /// itself): the hidden `--typed-only` lets the tests run that mode on any kernel.
+    pub typed_only: bool,
 }
 
 /// The kernel programs' own counters, summed over CPUs.
@@ -87,6 +92,9 @@ pub struct ProgramStats {
 pub struct Probes {
     ebpf: Ebpf,
     pub info: KernelInfo,
+    /// Loaded with typed loads only (`Config.typed_only`): the timer events carry no 4-tuple
+    /// and no substate.
+    pub typed_only: bool,
     /// The kernel programs' log lines (`--debug-kernel`), read when the ring buffer is.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Each attached program and its link, until `detach`.
@@ -151,6 +159,7 @@ fn first_line(s: &str) -> String {
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
         let info = preflight::check()?;
+        let typed_only = opts.typed_only || info.confidentiality;
         raise_memlock_limit();
         let config = Config {
             tw_timer_fn: info.tw_timer_fn,
@@ -169,7 +178,8 @@ impl Probes {
             off_sk_err: info.off_sk_err,
             off_task_tgid: info.off_task_tgid,
             debug: opts.debug_kernel as u8,
-            _pad2: [0; 3],
+            typed_only: typed_only as u8,
+            _pad2: [0; 2],
             emit_states: opts.emit_states as u8,
             _pad: [0; 7],
             wakeup_bytes: (opts.ring_size / 16) as u64,
@@ -185,10 +195,10 @@ impl Probes {
                 refused(
                     "create twtrace's maps",
                     format!(
-                        "{}; a smaller --ring-size (now {} bytes) or a higher memory limit for \
+                        "{}; a smaller --ring-size (now {}) or a higher memory limit for \
                          this cgroup may help",
                         one_line(&e),
-                        opts.ring_size
+                        opts.ring_size_typed
                     ),
                 )
             })?;
@@ -248,6 +258,7 @@ impl Probes {
         Ok(Self {
             ebpf,
             info,
+            typed_only,
             logger,
             links,
         })

@@ -74,6 +74,19 @@ impl Substate {
         }
     }
 
+    /// At a birth whose timewait socket could not be read (`substate` 0: under
+    /// lockdown=confidentiality), from its timer: TIME_WAIT lasts TCP_TIMEWAIT_LEN (60 s), the
+    /// FIN_WAIT2 substate tcp_fin_timeout (tcp_time_wait, net/ipv4/tcp_minisocks.c). A
+    /// difference of a jiffy or two is the clock ticking between arming and reading. With
+    /// tcp_fin_timeout at 60 s the two cannot be told apart: TIME_WAIT. `tw_len_jiffies`: 60 s in
+    /// jiffies (None: CONFIG_HZ unknown, TIME_WAIT).
+    pub fn at_birth(kernel: u8, timeout_jiffies: u32, tw_len_jiffies: Option<u32>) -> Self {
+        match (kernel, tw_len_jiffies) {
+            (0, Some(len)) if timeout_jiffies.abs_diff(len) > 2 => Substate::FinWait2,
+            _ => Self::from_kernel(kernel),
+        }
+    }
+
     /// The kernel's name, as `twtrace watch` and the JSON show it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -359,6 +372,11 @@ impl LiveSet {
         Some(self.slab[i as usize])
     }
 
+    fn get(&self, timer: u64) -> Option<&Live> {
+        let i = *self.index.get(&timer)?;
+        Some(&self.slab[i as usize])
+    }
+
     fn get_mut(&mut self, timer: u64) -> Option<&mut Live> {
         let i = *self.index.get(&timer)?;
         Some(&mut self.slab[i as usize])
@@ -489,6 +507,9 @@ pub struct LifecycleStats {
     pub replaced: u64,
     /// Seeded sockets ended by their deadline, their end unseen.
     pub overdue_seeds: u64,
+    /// Ends of timers born before start, whose socket the kernel could not read (typed loads
+    /// only): not counted as ends (the seeded sockets end at their deadline instead).
+    pub unknown_ends: u64,
 }
 
 #[derive(Default)]
@@ -500,11 +521,20 @@ pub struct Lifecycle {
     /// By namespace and 4-tuple: the same 4-tuple can live in several namespaces.
     seeds: HashMap<(u32, Conn), Seed>,
     stats: LifecycleStats,
+    /// TCP_TIMEWAIT_LEN in jiffies, when CONFIG_HZ is known: tells the substate of a birth the
+    /// kernel could not read (`Substate::at_birth`).
+    tw_len_jiffies: Option<u32>,
 }
 
 impl Lifecycle {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// With CONFIG_HZ (`hz`) known, a birth whose substate the kernel could not read is told
+    /// by its timeout.
+    pub fn set_hz(&mut self, hz: Option<u32>) {
+        self.tw_len_jiffies = hz.map(|hz| 60 * hz);
     }
 
     /// TIME_WAIT sockets born since start and not yet ended.
@@ -651,8 +681,11 @@ impl Lifecycle {
                     }
                     return;
                 }
+                // A reuse's own SYN may reach a listener on this CPU right after (loopback):
+                // the reuse stands.
                 KernelEvent::SynTakeover { timer, .. } if *timer == p.timer => {
-                    self.end(p.timer, Reason::Syn, p.ts_ns, p.conn, p.netns, out);
+                    let reason = if p.reuse { Reason::Reused } else { Reason::Syn };
+                    self.end(p.timer, reason, p.ts_ns, p.conn, p.netns, out);
                     return;
                 }
                 _ => self.end_early(p, out),
@@ -665,8 +698,17 @@ impl Lifecycle {
                 conn,
                 netns,
                 reuse,
+                in_connect_to,
                 ..
             } => {
+                // The kernel could not read the socket (typed loads only): tcp_tw_reuse if the
+                // connect() it happened in went to this socket's remote end.
+                let reuse = reuse
+                    || in_connect_to.is_some_and(|to| {
+                        self.live
+                            .get(timer)
+                            .is_some_and(|l| Conn::from(l.conn).remote == to)
+                    });
                 self.pending[cpu] = Some(PendingCancel {
                     timer,
                     ts_ns,
@@ -704,7 +746,7 @@ impl Lifecycle {
                     owner,
                     role,
                     timeout_jiffies,
-                    substate: Substate::from_kernel(substate),
+                    substate: Substate::at_birth(substate, timeout_jiffies, self.tw_len_jiffies),
                     bound,
                     seeded: false,
                 },
@@ -840,6 +882,13 @@ impl Lifecycle {
                 substate: live.substate,
                 seeded: false,
             },
+            // A timer born before start whose socket the kernel could not read (typed loads
+            // only): nothing says which socket ended. The seeded ones end at their deadline
+            // (`settle`), so this one is not counted twice.
+            None if conn.is_none() => {
+                self.stats.unknown_ends += 1;
+                return;
+            }
             None => {
                 let seed = conn.and_then(|c| self.seeds.remove(&(netns, c)));
                 TwExit {
@@ -908,6 +957,43 @@ impl Lifecycle {
     pub fn flush(&mut self, out: &mut Vec<Event>) {
         self.settle_cancels(u64::MAX, out);
     }
+
+    /// The time of the oldest cancel still waiting for its explanation: the end it becomes
+    /// will carry that time, so nothing later may be handed on before it (see `InOrder`).
+    pub fn oldest_pending_ns(&self) -> Option<u64> {
+        self.pending.iter().flatten().map(|p| p.ts_ns).min()
+    }
+}
+
+/// Hands events on in time order. An end is known only once its cancel is explained (by the
+/// next event from its CPU, or `SETTLE_NS` later), while other CPUs go on producing births: an
+/// `EXIT ... reused` stamped 09.266 could otherwise follow an `ENTER` of 09.267. Events wait
+/// here while a cancel older than them is pending; those released are sorted by time (stable).
+/// Bounded: a cancel waits at most `SETTLE_NS` (`settle` runs on every batch and tick).
+#[derive(Debug, Default)]
+pub struct InOrder {
+    held: Vec<Event>,
+}
+
+impl InOrder {
+    /// Where the lifecycle puts what it resolved.
+    pub fn input(&mut self) -> &mut Vec<Event> {
+        &mut self.held
+    }
+
+    /// Moves to `out`, in time order, every held event older than `pending` (the oldest cancel
+    /// still waiting; None: all of them).
+    pub fn release(&mut self, pending: Option<u64>, out: &mut Vec<Event>) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.held.sort_by_key(Event::ts_ns);
+        let n = match pending {
+            None => self.held.len(),
+            Some(t) => self.held.partition_point(|e| e.ts_ns() < t),
+        };
+        out.extend(self.held.drain(..n));
+    }
 }
 
 #[cfg(test)]
@@ -953,6 +1039,7 @@ mod tests {
             timer,
             conn: None,
             reuse,
+            in_connect_to: None,
         }
     }
 
@@ -1331,5 +1418,129 @@ mod tests {
         lc.feed(cancel(1, 5, 7, false), &mut out);
         lc.flush(&mut out);
         assert_eq!(exits(&out).len(), 1);
+    }
+
+    /// Typed loads only: a cancel inside a connect() is a reuse when that connect() went to
+    /// the socket's remote end, and the reuse stands even if a SYN take-over event follows (the
+    /// reusing connection's own SYN reaching the listener); one to elsewhere followed by a
+    /// reqsk start is a SYN take-over.
+    #[test]
+    fn a_cancel_inside_a_connect_is_a_reuse_only_towards_the_remote_end() {
+        let in_connect = |timer, to: &str| KernelEvent::Cancel {
+            netns: 0,
+            cpu: 0,
+            ts_ns: 5,
+            timer,
+            conn: None,
+            reuse: false,
+            in_connect_to: Some(to.parse().unwrap()),
+        };
+        let syn = |timer| KernelEvent::SynTakeover {
+            cpu: 0,
+            ts_ns: 6,
+            timer,
+        };
+        let (out, _) = run(vec![
+            birth(0, 1, 7, 1000),
+            in_connect(7, "127.0.0.1:80"),
+            syn(7),
+            birth(0, 2, 8, 1001),
+            in_connect(8, "127.0.0.1:9999"),
+            syn(8),
+            birth(0, 3, 9, 1002),
+            in_connect(9, "127.0.0.1:9999"),
+        ]);
+        let reasons: Vec<(u64, Reason)> = exits(&out).iter().map(|&(t, r, _)| (t, r)).collect();
+        assert_eq!(
+            reasons,
+            [(7, Reason::Reused), (8, Reason::Syn)],
+            "9's cancel waits for what follows: {out:?}"
+        );
+    }
+
+    /// Typed loads only: a birth whose substate the kernel could not read is told by its
+    /// timeout: 60 s is TIME_WAIT, anything else (tcp_fin_timeout) FIN_WAIT2.
+    #[test]
+    fn an_unread_substate_is_told_by_the_timeout() {
+        let hz = Some(250 * 60);
+        assert_eq!(Substate::at_birth(0, 15000, hz), Substate::TimeWait);
+        assert_eq!(
+            Substate::at_birth(0, 14999, hz),
+            Substate::TimeWait,
+            "a tick"
+        );
+        assert_eq!(Substate::at_birth(0, 1250, hz), Substate::FinWait2);
+        assert_eq!(Substate::at_birth(0, 1250, None), Substate::TimeWait);
+        assert_eq!(
+            Substate::at_birth(tcp_state::FIN_WAIT2, 15000, hz),
+            Substate::FinWait2,
+            "what the kernel read wins"
+        );
+    }
+
+    /// Typed loads only: the end of a timer nobody saw born carries no socket, and is not
+    /// counted (the seeded sockets end at their deadline instead).
+    #[test]
+    fn an_end_of_an_unknown_unread_timer_is_not_an_exit() {
+        let (out, lc) = run(vec![cancel(0, 1, 42, false), birth(0, 2, 7, 1000)]);
+        assert!(exits(&out).is_empty(), "{out:?}");
+        assert_eq!(lc.stats().unknown_ends, 1);
+    }
+
+    /// A reuse cancel on CPU 0 waits for its explanation while CPU 1 goes on: the later birth
+    /// is held back until the end is known, then both come out in time order.
+    #[test]
+    fn ends_come_out_before_later_births() {
+        let mut lc = Lifecycle::new();
+        let mut order = InOrder::default();
+        let mut out = Vec::new();
+        let mut step = |lc: &mut Lifecycle, order: &mut InOrder, ev: Option<KernelEvent>, now| {
+            if let Some(ev) = ev {
+                lc.feed(ev, order.input());
+            }
+            lc.settle(now, order.input());
+            order.release(lc.oldest_pending_ns(), &mut out);
+        };
+        step(
+            &mut lc,
+            &mut order,
+            Some(birth(0, 1_000, 0xa0, 40000)),
+            1_000,
+        );
+        // 09.266: connect() on CPU 0 takes the 4-tuple over; 09.267: a birth on CPU 1.
+        step(
+            &mut lc,
+            &mut order,
+            Some(cancel(0, 9_266_000_000, 0xa0, true)),
+            9_266_000_001,
+        );
+        step(
+            &mut lc,
+            &mut order,
+            Some(birth(1, 9_267_000_000, 0xb0, 40001)),
+            9_267_000_001,
+        );
+        // Nothing more from CPU 0: the cancel settles as an early end (reused).
+        step(&mut lc, &mut order, None, 9_266_000_000 + SETTLE_NS);
+        let seen: Vec<(u64, &str)> = out
+            .iter()
+            .map(|e| {
+                let kind = match e {
+                    Event::Enter(_) => "enter",
+                    Event::Exit(_) => "exit",
+                    Event::State(_) | Event::Rearm(_) | Event::ConnectFail(_) => "other",
+                };
+                (e.ts_ns(), kind)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (1_000, "enter"),
+                (9_266_000_000, "exit"),
+                (9_267_000_000, "enter")
+            ]
+        );
+        assert_eq!(exits(&out)[0].1, Reason::Reused);
     }
 }
