@@ -272,7 +272,7 @@ fn reuse_by_a_v4_mapped_ipv6_connect_is_reused() {
     let after = ns.tcpext();
     let r = w.stop_with(libc::SIGINT, seen);
     assert_eq!(
-        delta(&after, &before, "TWRecycled"),
+        tcpext_delta(&after, &before, "TWRecycled"),
         1,
         "the kernel saw one reuse"
     );
