@@ -364,7 +364,7 @@ fn doctor_models_bind_before_connect_per_source_address() {
         (r, watched_s, [c1.join().unwrap(), c2.join().unwrap()])
     });
     let doc: Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(r.status.code(), Some(1), "{doc}");
+    assert_eq!(r.status.code(), Some(9), "{doc}");
     let f: Vec<Value> = findings(&doc, "port_exhaustion")
         .into_iter()
         .filter(|f| f["data"]["allocation"] == "bind")
@@ -438,7 +438,7 @@ fn doctor_carries_the_failures_that_happen() {
     assert_eq!(run.local_ports.len(), 100);
     assert_eq!(run.errors.get("EADDRNOTAVAIL"), Some(&100));
     let doc: Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.status.code(), Some(9));
     let f = findings(&doc, "port_exhaustion");
     assert_eq!(f.len(), 1, "{doc}");
     let data = &f[0]["data"];
