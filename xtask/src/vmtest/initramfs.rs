@@ -63,6 +63,10 @@ const TERMINFO_DIRS: [&str; 3] = ["/etc/terminfo", "/lib/terminfo", "/usr/share/
 /// tmux refuses to start without a UTF-8 locale; glibc's C.UTF-8 is a directory of files.
 const LOCALE: &str = "/usr/lib/locale/C.utf8";
 
+/// tzdata, and the zones the tests name in `TZ` (cli_ux's local time: +05:45 all year).
+const ZONEINFO: &str = "/usr/share/zoneinfo";
+const ZONES: [&str; 1] = ["Asia/Kathmandu"];
+
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// The archive every kernel shares: everything but the kernel's own files. The plan's test
@@ -106,6 +110,13 @@ pub fn base(build: &Build, plan: &Plan, work: &Path) -> Result<Vec<u8>, String> 
     }
     if Path::new(LOCALE).is_dir() {
         a.tree(Path::new(LOCALE))?;
+    }
+    // The time zones tests set in `TZ` (the guest has no /etc/localtime: UTC otherwise).
+    for zone in ZONES {
+        let p = Path::new(ZONEINFO).join(zone);
+        if p.is_file() {
+            a.file(&guest_path(&p), 0o644, &read(&p)?);
+        }
     }
 
     // twtrace as it ships, byte for byte (static: no library).

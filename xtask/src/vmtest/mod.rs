@@ -39,7 +39,8 @@ usage: cargo +stable xtask vm-test [--kernel 6.1,6.12,5.10,sid] [--lockdown inte
                                    [--timeout MINUTES] [--update-readme]
 
   --kernel LIST     these kernel series (default: the whole matrix: 6.1, 6.12, 5.10,
-                    6.1 with lockdown=integrity and =confidentiality, and unstable's newest)
+                    6.1 with lockdown=integrity and =confidentiality, and unstable's newest);
+                    an entry may name a lane with its mode: 6.1+confidentiality
   --lockdown MODE   boot with lockdown=MODE (with --kernel: each of them; alone: the
                     matrix's lanes with that mode)
   --only PATTERN    only the tests whose executable::name contains PATTERN (repeatable)
