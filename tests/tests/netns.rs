@@ -240,7 +240,10 @@ fn doctor_in_one_namespace_judges_the_others_by_their_own_settings() {
         &["doctor", "--json", "--duration", UNTIL_INTERRUPTED],
         "watching",
     );
-    let run = client(Some(&b), &["--to", &addr, "--count", "900", "--rate", "150"]);
+    let run = client(
+        Some(&b),
+        &["--to", &addr, "--count", "900", "--rate", "150"],
+    );
     assert_eq!(run.local_ports.len(), 900);
     assert_eq!(wait_for(900, || b.sockstat_tw()), 900);
     let d = doctor.interrupt(Duration::from_secs(30));

@@ -35,7 +35,7 @@ use crate::{root, setup};
 
 const USAGE: &str = "\
 usage: cargo +stable xtask vm-test [--kernel 6.1,6.12,5.10,sid] [--lockdown integrity|confidentiality]
-                                   [--only PATTERN]... [--accel auto|kvm|tcg]
+                                   [--only PATTERN]... [--skip PATTERN]... [--accel auto|kvm|tcg]
                                    [--timeout MINUTES] [--update-readme]
 
   --kernel LIST     these kernel series (default: the whole matrix: 6.1, 6.12, 5.10,
@@ -44,6 +44,8 @@ usage: cargo +stable xtask vm-test [--kernel 6.1,6.12,5.10,sid] [--lockdown inte
   --lockdown MODE   boot with lockdown=MODE (with --kernel: each of them; alone: the
                     matrix's lanes with that mode)
   --only PATTERN    only the tests whose executable::name contains PATTERN (repeatable)
+  --skip PATTERN    not the tests whose executable::name contains PATTERN (repeatable;
+                    the matrix lists them as left out)
   --accel           auto: KVM when a short probe boots under it, else TCG (default)
   --timeout MIN     per lane, from qemu's start (default 60)
   --update-readme   put the matrix into README.md's \"Tested kernels\" block
@@ -90,6 +92,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             ),
             "--lockdown" => o.lockdown = Some(Lockdown::parse(&value()?)?),
             "--only" => o.selection.only.push(value()?),
+            "--skip" => o.selection.skip.push(value()?),
             "--accel" => o.accel = Accel::parse(&value()?)?,
             "--timeout" => {
                 let v = value()?;

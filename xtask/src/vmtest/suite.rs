@@ -52,7 +52,12 @@ pub struct Build {
 #[derive(Debug, Default, Clone)]
 pub struct Selection {
     pub only: Vec<String>,
+    /// `--skip`: tests left out of this run (the matrix lists them as such).
+    pub skip: Vec<String>,
 }
+
+/// Why a `--skip`ped test is not in the matrix.
+pub const SKIPPED: &str = "left out of this run by --skip (CI's subset: DEVELOPERS.md)";
 
 /// A test left out, and why (for the matrix's notes).
 #[derive(Debug, PartialEq, Eq)]
@@ -167,12 +172,25 @@ pub fn plan(tests: &[TestExecutable], sel: &Selection) -> Plan {
             continue;
         }
         let mut run = Vec::new();
+        let mut skipped = Vec::new();
         for test in &t.tests {
             let what = format!("{}::{test}", t.name);
             if let Some(why) = listed(&EXCLUDED, &t.name, test) {
                 plan.left.push(Left { what, why });
+            } else if sel.skip.iter().any(|p| what.contains(p.as_str())) {
+                skipped.push(what);
             } else if sel.only.is_empty() || sel.only.iter().any(|p| what.contains(p.as_str())) {
                 run.push(test.clone());
+            }
+        }
+        // A whole executable skipped is one line.
+        if !skipped.is_empty() && skipped.len() == t.tests.len() {
+            let n = skipped.len();
+            let what = format!("{} ({n} test{})", t.name, if n == 1 { "" } else { "s" });
+            plan.left.push(Left { what, why: SKIPPED });
+        } else {
+            for what in skipped {
+                plan.left.push(Left { what, why: SKIPPED });
             }
         }
         if !run.is_empty() {
@@ -279,8 +297,21 @@ mod tests {
         );
         let only = Selection {
             only: vec!["watch::exp".into()],
+            ..Selection::default()
         };
         assert_eq!(plan(&all, &only).rows(), ["watch::expiry"]);
+        let skip = Selection {
+            skip: vec!["watch::".into(), "btf".into()],
+            ..Selection::default()
+        };
+        let p = plan(&all, &skip);
+        assert!(p.rows().is_empty(), "{:?}", p.rows());
+        let left: Vec<(&str, &str)> = p.left.iter().map(|l| (l.what.as_str(), l.why)).collect();
+        assert!(left.contains(&("watch (2 tests)", SKIPPED)), "{left:?}");
+        assert!(
+            left.contains(&("reliability::btf_missing", SKIPPED)),
+            "{left:?}"
+        );
     }
 
     #[test]
