@@ -106,6 +106,20 @@ pub fn wait_for<T: PartialEq>(want: T, now: impl Fn() -> T) -> T {
     }
 }
 
+/// Polls `now` until `done` holds for its value (30 s at most) and returns its last value: for
+/// what a daemon shows a moment after the traffic (serve gathers its figures once a second, and
+/// a guest under emulation is several times slower).
+pub fn poll_until<T>(now: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = now();
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Checks that a failure doctor predicted came when it said, within 20 %. doctor counts the
 /// time left from the sockets it reads once its window has closed, before it exits: the moment
 /// its prediction starts from lies between its window's end (`duration_s`, which it reports)
