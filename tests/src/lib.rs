@@ -106,6 +106,25 @@ pub fn wait_for<T: PartialEq>(want: T, now: impl Fn() -> T) -> T {
     }
 }
 
+/// Whether the running kernel is locked down in confidentiality mode. twtrace loads there with
+/// typed loads only and says once, on stderr, what that costs (`CONFIDENTIALITY_LIMITS`; README,
+/// Requirements): the FIN_WAIT2 substate is told by its timeout alone (not when
+/// tcp_fin_timeout is 60 s, the default), and a TIME_WAIT born before start ends unseen, taken
+/// as expired at its deadline. The tests that meet those limits check exactly that there (the
+/// kernel matrix's `6.1+confidentiality` lane).
+pub fn confidentiality() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|t| twtrace::kernel::preflight::lockdown_confidentiality(&t))
+}
+
+/// The line twtrace prints on stderr under `lockdown=confidentiality`.
+pub fn confidentiality_line() -> String {
+    format!(
+        "twtrace: {}\n",
+        twtrace::kernel::preflight::CONFIDENTIALITY_LIMITS
+    )
+}
+
 /// Polls `now` until `done` holds for its value (30 s at most) and returns its last value: for
 /// what a daemon shows a moment after the traffic (serve gathers its figures once a second, and
 /// a guest under emulation is several times slower).

@@ -81,6 +81,11 @@ fn fin_wait2_sockets_are_counted_apart() {
     require_root();
     let _g = shared();
     let ns = Netns::new("fw2hold");
+    // Under lockdown=confidentiality the substate is told by its timeout alone: not with the
+    // default tcp_fin_timeout, which equals TIME_WAIT's 60 s.
+    if confidentiality() {
+        ns.sysctl("net.ipv4.tcp_fin_timeout", "30");
+    }
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(Some(&ns), &addr, &["--hold"]);
