@@ -33,12 +33,13 @@ use crate::{
     host::collect::{self, Reply, Request},
     host::privileges,
     present::api,
+    present::cost,
     present::metrics::{self, BuildInfo, Exporter},
     present::report::{self, Context},
     track::aggregate::Aggregator,
     track::filter::Filter,
     track::lifecycle::Event,
-    track::session::{self, Session},
+    track::session::{self, OwnCost, Session},
     views::report::{context, request},
 };
 
@@ -61,6 +62,8 @@ struct ServeState {
     info: BuildInfo,
     max_groups: usize,
     units: CgroupNames,
+    /// What tracing costs, refreshed once a second (`present::cost`).
+    cost: OwnCost,
 }
 
 impl ServeState {
@@ -95,7 +98,8 @@ impl Collector for MetricsSource {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let mut guard = lock(&self.0);
         let s = &mut *guard;
-        metrics::encode(&mut enc, &mut s.exporter, &mut s.main.agg, &s.ctx, &s.info)
+        metrics::encode(&mut enc, &mut s.exporter, &mut s.main.agg, &s.ctx, &s.info)?;
+        cost::encode(&mut enc, &s.cost)
     }
 }
 
@@ -262,6 +266,7 @@ async fn serve(
         },
         max_groups: args.group.max_groups,
         units: CgroupNames::new(),
+        cost: session.own_cost(),
     }));
     let (ask, mut replies) = collector_task(collector);
     let mut asked = false;
@@ -362,6 +367,7 @@ async fn serve(
                 }
                 let ctx = context(&session, &s.main.agg, &netns_filter, started);
                 s.ctx = ctx;
+                s.cost = session.own_cost();
             }
         }
     }
