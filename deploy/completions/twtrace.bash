@@ -79,7 +79,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__doctor)
-            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --duration --json --help"
+            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --duration --json --fail-on --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -101,6 +101,10 @@ _twtrace() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --fail-on)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 *)
                     COMPREPLY=()
                     ;;
@@ -109,7 +113,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__exec)
-            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --max-timewait --max-rate --json --help <CMD>..."
+            opts="-v -h --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --netns --max-timewait --max-rate --json --summary --help <CMD>..."
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -132,6 +136,10 @@ _twtrace() {
                     return 0
                     ;;
                 --max-rate)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --summary)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -255,7 +263,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__report)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --duration --top --json --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --duration --interval --top --json --output --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -305,7 +313,15 @@ _twtrace() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
+                --interval)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
                 --top)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --output)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -317,7 +333,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__serve)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --listen --user --max-series --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --by --sort --max-groups --listen --log-level --user --max-series --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -364,6 +380,10 @@ _twtrace() {
                     return 0
                     ;;
                 --listen)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --log-level)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -437,7 +457,7 @@ _twtrace() {
             return 0
             ;;
         twtrace__watch)
-            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --json --all-states --duration --help"
+            opts="-4 -6 -v -h --port --peer --pid --comm --ipv4 --ipv6 --netns --ring-size --stats-json --hooks-only --debug-kernel --verbose --typed-only --json --all-states --duration --new-only --utc --time --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -472,6 +492,10 @@ _twtrace() {
                     return 0
                     ;;
                 --duration)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --time)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

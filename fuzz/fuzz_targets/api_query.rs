@@ -5,11 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use twtrace::present::api::{MAX_QUERY, parse};
+use twtrace::present::api::{MAX_QUERY, ReportQuery, parse};
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
-    let Ok(q) = parse(Some(&s)) else {
+    let Ok(q) = parse(Some(&s), ReportQuery::default()) else {
         return;
     };
     assert!(s.len() <= MAX_QUERY, "{} bytes accepted", s.len());

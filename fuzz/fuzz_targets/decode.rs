@@ -84,7 +84,7 @@ impl Fields<'_> {
             daddr,
             sport: self.u16(),
             dport: self.u16(),
-            _pad: self.u32(),
+            netns: self.u32(),
         }
     }
 
@@ -153,7 +153,8 @@ fn check_tuple(family: u8, t: &Tuple, conn: &twtrace::kernel::decode::Conn) {
 }
 
 fn sock(f: &mut Fields) {
-    let header = f.header(&[kind::STATE, kind::TW_BIRTH]);
+    let kinds = [kind::STATE, kind::TW_BIRTH, kind::CONNECT_FAIL];
+    let header = f.header(&kinds);
     let ev = SockEvent {
         header,
         tuple: f.tuple(header.family),
@@ -164,12 +165,14 @@ fn sock(f: &mut Fields) {
         old_state: f.u8(),
         new_state: f.u8(),
         role: f.u8(),
-        _pad: f.u8(),
+        substate: f.u8(),
+        err: f.u32(),
+        _pad: f.u32(),
     };
     let rec = f.resize(bytes_of(&ev));
     let got = decode(&rec);
     let h = &ev.header;
-    if ![kind::STATE, kind::TW_BIRTH].contains(&h.kind) {
+    if !kinds.contains(&h.kind) {
         return; // an arbitrary kind byte: covered by mode 0
     }
     if let Some(e) = expect_header(h, rec.len(), size_of::<SockEvent>()) {
@@ -190,9 +193,11 @@ fn sock(f: &mut Fields) {
             new_state,
             owner,
             skaddr,
+            netns,
             ..
         } => {
             assert_eq!(h.kind, kind::STATE);
+            assert_eq!(netns, ev.tuple.netns);
             assert_eq!((cpu, ts_ns, skaddr), (h.cpu, h.ts_ns, ev.skaddr));
             assert_eq!((old_state, new_state), (ev.old_state, ev.new_state));
             assert_eq!(owner.is_some(), owner_known);
@@ -205,11 +210,17 @@ fn sock(f: &mut Fields) {
             conn,
             owner,
             timeout_jiffies,
+            substate,
+            bound,
+            netns,
             ..
         } => {
             assert_eq!(h.kind, kind::TW_BIRTH);
             assert_eq!((cpu, ts_ns, timer), (h.cpu, h.ts_ns, ev.timer));
             assert_eq!(timeout_jiffies, ev.timeout_jiffies);
+            assert_eq!(substate, ev.substate);
+            assert_eq!(bound, h.flags & flags::BOUND != 0);
+            assert_eq!(netns, ev.tuple.netns);
             if let Some(o) = owner {
                 assert!(owner_known);
                 assert_eq!(
@@ -225,6 +236,21 @@ fn sock(f: &mut Fields) {
             } else {
                 assert!(!owner_known);
             }
+            check_tuple(h.family, &ev.tuple, &conn);
+        }
+        KernelEvent::ConnectFail {
+            cpu,
+            ts_ns,
+            conn,
+            err,
+            bound,
+            netns,
+            ..
+        } => {
+            assert_eq!(h.kind, kind::CONNECT_FAIL);
+            assert_eq!((cpu, ts_ns, err), (h.cpu, h.ts_ns, ev.err));
+            assert_eq!(bound, h.flags & flags::BOUND != 0);
+            assert_eq!(netns, ev.tuple.netns);
             check_tuple(h.family, &ev.tuple, &conn);
         }
         other => panic!("a SockEvent decoded as {other:?}"),
@@ -244,7 +270,8 @@ fn timer(f: &mut Fields) {
         timer: f.u64(),
         tuple: f.tuple(header.family),
         timeout_jiffies: f.u32(),
-        _pad: f.u32(),
+        substate: f.u8(),
+        _pad: f.bytes(),
     };
     let rec = f.resize(bytes_of(&ev));
     let got = decode(&rec);
@@ -257,8 +284,11 @@ fn timer(f: &mut Fields) {
         return;
     }
     let has_tuple = h.flags & flags::HAS_TUPLE != 0;
-    let tuple_read = has_tuple && matches!(h.kind, kind::TW_CANCEL | kind::TW_EXPIRE);
-    if tuple_read && ip(h.family, &[0; 16]).is_none() {
+    let tuple_read =
+        has_tuple && matches!(h.kind, kind::TW_CANCEL | kind::TW_EXPIRE | kind::TW_REARM);
+    // A cancel inside a connect() carries the connect()'s destination in the tuple.
+    let in_connect = h.kind == kind::TW_CANCEL && h.flags & flags::IN_CONNECT != 0;
+    if (tuple_read || in_connect) && ip(h.family, &[0; 16]).is_none() {
         assert_eq!(got, Err(DecodeError::Family(h.family)));
         return;
     }
@@ -270,11 +300,13 @@ fn timer(f: &mut Fields) {
             timer,
             conn,
             reuse,
+            in_connect_to,
             ..
         } => {
             assert_eq!(h.kind, kind::TW_CANCEL);
             assert_eq!((ts_ns, timer), (h.ts_ns, ev.timer));
             assert_eq!(reuse, h.flags & flags::REUSE != 0);
+            assert_eq!(in_connect_to.is_some(), in_connect);
             conn
         }
         KernelEvent::Expire {
@@ -288,12 +320,15 @@ fn timer(f: &mut Fields) {
             ts_ns,
             timer,
             timeout_jiffies,
+            substate,
+            conn,
             ..
         } => {
             assert_eq!(h.kind, kind::TW_REARM);
             assert_eq!((ts_ns, timer), (h.ts_ns, ev.timer));
             assert_eq!(timeout_jiffies, ev.timeout_jiffies);
-            None
+            assert_eq!(substate, ev.substate);
+            conn
         }
         KernelEvent::SynTakeover { ts_ns, timer, .. } => {
             assert_eq!(h.kind, kind::TW_SYN);

@@ -124,11 +124,13 @@ fn others(s: &str) {
     if let Ok(d) = parse_duration(s) {
         assert!(!d.is_zero(), "{s:?} -> zero duration");
     }
-    if let Ok(n) = parse_ring_size(s) {
+    if let Ok(r) = parse_ring_size(s) {
+        let n = r.bytes;
         assert!(
-            n.is_power_of_two() && (4096..=1 << 30).contains(&n),
+            n.is_power_of_two() && (4096..=256 << 20).contains(&n),
             "{s:?} -> ring {n}"
         );
+        assert_eq!(r.typed, s, "the value as typed, for messages");
     }
     if let Ok(c) = parse_comm(s) {
         assert!((1..=15).contains(&c.len()) && c == s, "{s:?} -> comm {c:?}");

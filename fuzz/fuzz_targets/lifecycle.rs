@@ -8,14 +8,15 @@
 //! |------|---------|
 //! | 0    | operation, `% 16`: see `OPS` |
 //! | 1    | CPU (`% 4`) |
-//! | 2    | timer address (`% 8`) |
+//! | 2    | timer address (`% 8`), bit 3 the network namespace (one of two) |
 //! | 3    | 4-tuple: bit 7 IPv6, bits 0-1 local port, bits 2-3 remote host, bit 4 remote port, bits 5-6 more local ports |
-//! | 4    | bit 0 reuse, bit 1 the timer event carries its 4-tuple, bit 2 owner known, bits 3-4 which owner, bits 5-6 role |
+//! | 4    | bit 0 reuse, bit 1 the timer event carries its 4-tuple, bit 2 owner known, bits 3-4 which owner, bits 5-6 role, bit 7 bound (births) or inside a connect() to the 4-tuple's remote (cancels) |
 //! | 5    | time step, in units of byte 6 |
 //! | 6    | bits 0-1 unit (1 us, 1 ms, 10 ms, 1 s), bit 2 step back (events of other CPUs arrive late) |
-//! | 7    | extra: timeout (jiffies / 64), seed's remaining time (s), settle's delay (ms), states |
+//! | 7    | extra: timeout (jiffies / 64; bit 0 of a birth or re-arm: the FIN_WAIT2 substate), seed's remaining time (s), settle's delay (ms), states |
 //!
-//! Checked after every operation: totals.in_time_wait equals what the lifecycle knows alive,
+//! Checked after every operation: the aggregate's TIME_WAIT and FIN_WAIT2 substates equal what
+//! the lifecycle knows alive in each, also per namespace,
 //! each grouping's groups and `other` add up to the totals, and totals.entered counts the
 //! non-seeded `Enter` events fed. An underflow of a counter panics (debug assertions are on).
 #![no_main]
@@ -23,9 +24,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use twtrace::track::aggregate::{Aggregator, By};
 use twtrace::kernel::decode::{Conn, KernelEvent, Process, Role};
-use twtrace::track::lifecycle::{Event, Lifecycle};
+use twtrace::track::aggregate::{Aggregator, By};
+use twtrace::track::lifecycle::{Event, Lifecycle, Substate};
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -131,12 +132,21 @@ impl Run {
     fn check(&self) {
         let t = self.agg.totals();
         assert_eq!(t.entered, self.births, "totals.entered != births fed");
-        let alive = self.life.alive().count() as u64;
-        assert_eq!(
-            t.in_time_wait, alive,
-            "aggregate says {} in TIME_WAIT, lifecycle knows {alive} alive",
-            t.in_time_wait
-        );
+        for (substate, held) in [
+            (Substate::TimeWait, t.in_time_wait),
+            (Substate::FinWait2, t.in_fin_wait2),
+        ] {
+            let alive = self.life.alive().filter(|e| e.substate == substate).count() as u64;
+            assert_eq!(
+                held, alive,
+                "aggregate says {held} in {substate:?}, lifecycle knows {alive} alive"
+            );
+        }
+        for netns in [4026531840, 4026531841] {
+            let (tw, fw2) = self.agg.in_netns(netns);
+            let alive = self.life.alive().filter(|e| e.netns == netns).count() as u64;
+            assert_eq!(tw + fw2, alive, "namespace {netns}");
+        }
         // `Totals::seeded`: of those, how many were seeded at start (this target once found
         // it was not decremented when a seeded socket ended).
         let seeded = self.life.alive().filter(|e| e.seeded).count() as u64;
@@ -181,6 +191,9 @@ fuzz_target!(|data: &[u8]| {
         let cpu = (b[1] % 4) as u32;
         let timer = (b[2] % 8) as u64;
         let c = conn(b[3]);
+        let netns = 4026531840 + ((b[2] >> 3) & 1) as u32;
+        // tcp_states.h: FIN_WAIT2 5, TIME_WAIT 6.
+        let substate = if b[7] & 1 != 0 { 5 } else { 6 };
         let tuple = (b[4] & 2 != 0).then_some(c);
         let ev = match OPS[(b[0] % 16) as usize] {
             Op::Birth => KernelEvent::Birth {
@@ -191,25 +204,34 @@ fuzz_target!(|data: &[u8]| {
                 owner: owner(b[4]),
                 role: role(b[4]),
                 timeout_jiffies: b[7] as u32 * 64,
+                netns,
+                substate,
+                bound: b[4] & 0x80 != 0,
             },
             Op::Cancel => KernelEvent::Cancel {
                 cpu,
                 ts_ns: ts,
                 timer,
                 conn: tuple,
+                netns,
                 reuse: b[4] & 1 != 0,
+                in_connect_to: (b[4] & 0x80 != 0).then_some(c.remote),
             },
             Op::Expire => KernelEvent::Expire {
                 cpu,
                 ts_ns: ts,
                 timer,
                 conn: tuple,
+                netns,
             },
             Op::Rearm => KernelEvent::Rearm {
                 cpu,
                 ts_ns: ts,
                 timer,
+                conn: tuple,
+                netns,
                 timeout_jiffies: b[7] as u32 * 64,
+                substate,
             },
             Op::Syn => KernelEvent::SynTakeover {
                 cpu,
@@ -220,6 +242,7 @@ fuzz_target!(|data: &[u8]| {
                 cpu,
                 ts_ns: ts,
                 conn: c,
+                netns,
                 old_state: b[7] & 15,
                 new_state: b[7] >> 4,
                 owner: owner(b[4]),
@@ -238,8 +261,15 @@ fuzz_target!(|data: &[u8]| {
             }
             Op::Seed => {
                 // As at start-up: sock_diag's remaining time, at most a minute.
-                run.life
-                    .seed(c, role(b[4]), ts, (b[7] % 61) as u64 * 1000, &mut run.out);
+                run.life.seed(
+                    c,
+                    netns,
+                    role(b[4]),
+                    Substate::TimeWait,
+                    ts,
+                    (b[7] % 61) as u64 * 1000,
+                    &mut run.out,
+                );
                 run.drain();
                 continue;
             }
@@ -253,7 +283,11 @@ fuzz_target!(|data: &[u8]| {
     run.life.settle(u64::MAX, &mut run.out);
     run.drain();
     assert_eq!(run.agg.totals().seeded, 0);
-    assert_eq!(run.agg.totals().in_time_wait, run.life.live_count() as u64);
+    let t = run.agg.totals();
+    assert_eq!(
+        t.in_time_wait + t.in_fin_wait2,
+        run.life.live_count() as u64
+    );
     run.agg.tick();
     run.check();
 });

@@ -22,12 +22,26 @@ impl Drop for Prometheus {
 
 /// Starts Prometheus on `listen`, scraping `target` as job `twtrace` every second.
 pub fn start_prometheus(target: &str, listen: &str) -> Prometheus {
-    let dir = TempDir::new("prom");
+    start_prometheus_with_rules(target, listen, None)
+}
+
+/// The same, evaluating the alerting rules `rules` (the text of a rule file) every second.
+pub fn start_prometheus_with_rules(target: &str, listen: &str, rules: Option<&str>) -> Prometheus {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = TempDir::new(&format!("prom{n}"));
     let config = dir.0.join("prometheus.yml");
+    let rule_files = match rules {
+        Some(text) => {
+            std::fs::write(dir.0.join("rules.yml"), text).unwrap();
+            "rule_files:\n  - rules.yml\n"
+        }
+        None => "",
+    };
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n{rule_files}\
              scrape_configs:\n  - job_name: twtrace\n    static_configs:\n      - targets: ['{target}']\n"
         ),
     )

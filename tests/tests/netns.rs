@@ -134,7 +134,7 @@ fn close_wait_in_another_namespace_names_its_holder() {
         "{}",
         f[0]["title"]
     );
-    assert_eq!(d.status.code(), Some(1));
+    assert_eq!(d.status.code(), Some(9));
 }
 
 /// A namespace whose port range is narrower than the host's, a client running out of ports
@@ -169,7 +169,7 @@ fn doctor_judges_a_namespace_by_its_own_port_range_and_predicts_the_failure() {
         let watched_s = started.elapsed().as_secs_f64();
         (d, watched_s, churn.join().expect("client"))
     });
-    assert_eq!(d.status.code(), Some(1), "{}", d.stderr);
+    assert_eq!(d.status.code(), Some(9), "{}", d.stderr);
     let doc = json(&d);
     let f: Vec<&Value> = findings(&doc, "port_exhaustion")
         .into_iter()

@@ -101,6 +101,9 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
         assert_eq!(grp["in_time_wait"], n, "{grp}");
         assert_eq!(grp["exited"], 0);
         assert_eq!(grp["by"], "peer");
+        // A 6 s run has no 10 s or 60 s rate yet (a window longer than the run is null).
+        assert!(grp["rates"]["60s"].is_null(), "{grp}");
+        assert!(grp["rates"]["10s"].is_null(), "{grp}");
     }
     let second: Vec<&str> = g[&peer(1)]["processes"]
         .as_array()

@@ -239,6 +239,64 @@ fn reuse_by_connect_ends_the_time_wait_as_reused() {
     assert_eq!(births[1]["pid"], second.pid);
 }
 
+/// An IPv6 socket connecting to `::ffff:127.0.0.1` takes over, by tcp_tw_reuse, the TIME_WAIT
+/// an IPv4 socket left on the only port there is: the end is `reused`, as the kernel counts it
+/// (TWRecycled), not `killed`.
+#[test]
+fn reuse_by_a_v4_mapped_ipv6_connect_is_reused() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("map");
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1");
+    let cport = unique_port();
+    // One usable port: the second connect() must take the first one's TIME_WAIT over.
+    ns.sysctl("net.ipv4.ip_local_port_range", &format!("{cport} {cport}"));
+    let port = unique_port();
+    let before = ns.tcpext();
+    let w = Watch::start(&["--port", &port.to_string()]);
+    let _server = Server::start(Some(&ns), &format!("[::]:{port}"), &[]);
+    let first = client(
+        Some(&ns),
+        &["--to", &format!("127.0.0.1:{port}"), "--count", "1"],
+    );
+    assert_eq!(first.local_ports, vec![cport]);
+    thread::sleep(Duration::from_millis(1300));
+    let second = client(
+        Some(&ns),
+        &[
+            "--to",
+            &format!("[::ffff:127.0.0.1]:{port}"),
+            "--count",
+            "1",
+        ],
+    );
+    assert_eq!(second.local_ports, vec![cport], "the only port, taken over");
+    let mut seen = Vec::new();
+    w.wait_until(Duration::from_secs(5), &mut seen, |e| {
+        count(e, "tw_exit") >= 1 && count(e, "tw_enter") >= 2
+    });
+    let after = ns.tcpext();
+    let r = w.stop_with(libc::SIGINT, seen);
+    assert_eq!(
+        delta(&after, &before, "TWRecycled"),
+        1,
+        "the kernel saw one reuse"
+    );
+    let exits: Vec<&Value> = r.of_kind("tw_exit").collect();
+    assert_eq!(exits.len(), 1, "{:?}", r.events);
+    assert_eq!(exits[0]["reason"], "reused", "{}", exits[0]);
+    assert_eq!(exits[0]["local_port"], cport);
+    assert_eq!(exits[0]["pid"], first.pid);
+    // Both births, the second as IPv4 (v4-mapped counts as IPv4).
+    let births: Vec<&Value> = r.of_kind("tw_enter").collect();
+    assert_eq!(births.len(), 2);
+    assert!(
+        births
+            .iter()
+            .all(|b| b["family"] == 4 && b["local_port"] == cport)
+    );
+}
+
 /// Server closes first, then the client connects again from the same port: the SYN takes the
 /// server's TIME_WAIT 4-tuple over.
 #[test]

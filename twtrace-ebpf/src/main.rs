@@ -331,6 +331,12 @@ fn skc_tuple(skc: u64, head: &SkcHead, t: &mut Tuple) {
     }
 }
 
+/// `::ffff:a.b.c.d`: an IPv4 address in an IPv6 socket.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10] == [0; 10] && a[10] == 0xff && a[11] == 0xff
+}
+
 #[inline(always)]
 fn portpair(head: &SkcHead) -> u32 {
     (head.dport_be as u32) << 16 | head.num as u32
@@ -500,6 +506,15 @@ fn on_state(c: &Socket) {
             s.connect_dport = c.dport();
             if family == AF_INET6 {
                 s.connect_daddr = c.v6(config!(off_skc_v6_daddr));
+                // To ::ffff:a.b.c.d an AF_INET6 socket connects over IPv4, and can take over
+                // an AF_INET timewait socket: remembered as IPv4.
+                if v4_mapped(&s.connect_daddr) {
+                    let d = s.connect_daddr;
+                    s.connect_family = AF_INET as u16;
+                    s.connect_daddr = [
+                        d[12], d[13], d[14], d[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    ];
+                }
             } else {
                 s.connect_daddr = [0; 16];
                 s.connect_daddr[..4].copy_from_slice(&c.head.daddr);
@@ -813,14 +828,14 @@ fn on_tw_cancel(timer: u64) {
     };
     let family = head.family as u8;
     // tcp_tw_reuse: __inet_hash_connect() kills the timewait socket inside the connect() that
-    // just went CLOSE -> SYN_SENT towards the same destination.
+    // just went CLOSE -> SYN_SENT towards the same destination. v4-mapped addresses compare as
+    // IPv4 on either side (the connect's was made IPv4 when recorded).
     let reuse = s.connect_pid_tgid == bpf_get_current_pid_tgid()
         && s.connect_dport == u16::from_be(head.dport_be)
-        && s.connect_family == head.family
         // SAFETY: helper without arguments.
         && unsafe { bpf_ktime_get_ns() }.wrapping_sub(s.connect_ts) < REUSE_WINDOW_NS
         && (if family == AF_INET {
-            s.connect_daddr[..4] == head.daddr
+            s.connect_family == AF_INET as u16 && s.connect_daddr[..4] == head.daddr
         } else {
             let mut daddr = [0u8; 16];
             // SAFETY: as in skc_tuple.
@@ -830,7 +845,11 @@ fn on_tw_cancel(timer: u64) {
                     &mut daddr,
                 )
             };
-            s.connect_daddr == daddr
+            if v4_mapped(&daddr) {
+                s.connect_family == AF_INET as u16 && s.connect_daddr[..4] == daddr[12..]
+            } else {
+                s.connect_family == AF_INET6 as u16 && s.connect_daddr == daddr
+            }
         });
     if reuse {
         s.connect_pid_tgid = 0;

@@ -22,14 +22,20 @@ pub const VERSION: &str = concat!(
     ")"
 );
 
+/// The exit codes, for `--help` (README "Exit codes" is the full table).
+pub const EXIT_CODES: &str = "Exit codes: 0 ok (also after Ctrl-C, SIGTERM, SIGHUP or a closed \
+    pipe), 1 error, 2 bad usage, 4 missing privilege, 5 kernel lacks a feature, 7 the kernel \
+    refused to load or attach, 8 serve cannot listen (address in use), \
+    9 doctor found a problem (--fail-on), 101 a bug (twtrace panicked). exec passes on the \
+    command's own status: 124 a budget was exceeded, 125 twtrace's own error or bad usage, 126 \
+    the command cannot be run, 127 it was not found.";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "twtrace",
     version = VERSION,
     about = "Shows, live, where a Linux host's TCP TIME_WAIT sockets come from",
-    after_help = "Exit codes: 0 ok, 1 error, 2 bad usage, 3 budget exceeded (exec), \
-                  4 missing privilege, 5 kernel lacks a feature, \
-                  7 the kernel refused to load or attach."
+    after_help = EXIT_CODES
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -48,7 +54,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a command and count the TIME_WAIT its process tree causes; fail it over a budget
     Exec(ExecArgs),
-    /// Watch for a while, then say what is wrong and what to change (exit 1 when serious)
+    /// Watch for a while, then say what is wrong and what to change (exit 9 on a problem)
     Doctor(DoctorArgs),
 }
 
@@ -64,6 +70,29 @@ pub struct DoctorArgs {
     /// Print JSON instead of text
     #[arg(long)]
     pub json: bool,
+    /// Exit 9 when a finding is at least this severe: warning (warning or critical), critical,
+    /// or never
+    #[arg(long, value_name = "SEVERITY", default_value = "warning", value_parser = parse_fail_on)]
+    pub fail_on: FailOn,
+}
+
+/// `doctor --fail-on`: the least severe finding that makes doctor exit 9.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailOn {
+    Warning,
+    Critical,
+    Never,
+}
+
+pub fn parse_fail_on(s: &str) -> Result<FailOn, String> {
+    match s {
+        "warning" => Ok(FailOn::Warning),
+        "critical" => Ok(FailOn::Critical),
+        "never" => Ok(FailOn::Never),
+        _ => Err(format!(
+            "'{s}' is not a severity to fail on (warning, critical or never)"
+        )),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -72,15 +101,18 @@ pub struct ExecArgs {
     pub probe: ProbeArgs,
     #[command(flatten)]
     pub netns: NetnsArgs,
-    /// Fail (exit 3) when the command causes more than N TIME_WAIT sockets
+    /// Fail (exit 124) when the command causes more than N TIME_WAIT sockets
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub max_timewait: Option<u64>,
-    /// Fail (exit 3) when the command causes more than R TIME_WAIT births in one second
+    /// Fail (exit 124) when the command causes more than R TIME_WAIT births in one second
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub max_rate: Option<f64>,
-    /// Print the summary (on stderr) as one JSON line
+    /// Print the summary as one JSON line
     #[arg(long)]
     pub json: bool,
+    /// Write the summary to FILE instead of standard error (apart from the command's output)
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<std::path::PathBuf>,
     /// The command and its arguments
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -94,9 +126,13 @@ pub struct ServeArgs {
     pub probe: ProbeArgs,
     #[command(flatten)]
     pub group: GroupArgs,
-    /// Address to listen on (loopback unless told otherwise)
+    /// Address to listen on (loopback unless told otherwise; :PORT is every address)
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9979", value_parser = parse_listen)]
     pub listen: std::net::SocketAddr,
+    /// What to log on stderr: error, warn (also each failed request: one line per failed
+    /// scrape or refused query), info (also start and stop) or debug (also every request)
+    #[arg(long, value_name = "LEVEL", default_value = "info", value_parser = parse_log_level)]
+    pub log_level: LogLevel,
     /// Unprivileged user to run as once the probes are attached
     #[arg(long, value_name = "USER", default_value = "nobody")]
     pub user: String,
@@ -105,13 +141,47 @@ pub struct ServeArgs {
     pub max_series: usize,
 }
 
+/// `serve --log-level`: what serve writes to stderr, least first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+        }
+    }
+}
+
+pub fn parse_log_level(s: &str) -> Result<LogLevel, String> {
+    match s {
+        "error" => Ok(LogLevel::Error),
+        "warn" => Ok(LogLevel::Warn),
+        "info" => Ok(LogLevel::Info),
+        "debug" => Ok(LogLevel::Debug),
+        _ => Err(format!(
+            "'{s}' is not a log level (error, warn, info or debug)"
+        )),
+    }
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct GroupArgs {
     /// Group by: service (destination for connections out, port for connections in), peer,
-    /// port, process or netns (each group belongs to one network namespace)
+    /// port, process or netns (each group belongs to one network namespace); for serve, the
+    /// default of /api/v1/report
     #[arg(long, value_name = "GROUPING", default_value = "service", value_parser = parse_by)]
     pub by: By,
-    /// Sort by: tw (TIME_WAIT now), rate (births/s over 10 s) or births
+    /// Sort by: tw (TIME_WAIT now), rate (births/s over 10 s) or births; for serve, the default
+    /// of /api/v1/report
     #[arg(long, value_name = "ORDER", default_value = "tw", value_parser = parse_sort)]
     pub sort: Sort,
     /// Groups kept per grouping before the smallest are folded into 'other' (memory bound)
@@ -127,15 +197,22 @@ pub struct ReportArgs {
     pub probe: ProbeArgs,
     #[command(flatten)]
     pub group: GroupArgs,
-    /// How long to collect
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub duration: Duration,
+    /// How long to collect (default 30s; with --interval, until Ctrl-C)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print a report every DURATION, each about that interval (births since the last one;
+    /// TIME_WAIT now), like vmstat; with --json, one JSON document per line
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
     /// Show the N largest groups
     #[arg(long, value_name = "N", default_value = "20", value_parser = parse_positive)]
     pub top: usize,
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
+    /// Write the report to FILE instead of standard output (each --interval report appended)
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -201,9 +278,10 @@ impl FilterArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct ProbeArgs {
-    /// Ring buffer size between kernel and twtrace (a power of two, at least 4KiB)
+    /// Ring buffer size between kernel and twtrace (a power of two, 4KiB to 256MiB; it costs
+    /// up to twice its size in memory)
     #[arg(long, value_name = "BYTES", default_value = "4MiB", value_parser = parse_ring_size)]
-    pub ring_size: u32,
+    pub ring_size: RingSize,
     /// At the end, write what twtrace cost and saw (kernel counters, per-program run time and
     /// recursion misses, events received) to this file as JSON
     #[arg(long, value_name = "FILE")]
@@ -229,7 +307,8 @@ impl ProbeArgs {
     /// What to attach, for a view that needs no state transitions and no fork tracking.
     pub fn options(&self) -> crate::kernel::probes::ProbeOptions {
         crate::kernel::probes::ProbeOptions {
-            ring_size: self.ring_size,
+            ring_size: self.ring_size.bytes,
+            ring_size_typed: self.ring_size.typed.clone(),
             hooks_only: self.hooks_only,
             debug_kernel: self.debug_kernel,
             verbose: self.verbose,
@@ -254,6 +333,34 @@ pub struct WatchArgs {
     /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C or SIGTERM
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub duration: Option<Duration>,
+    /// Leave out the ends of TIME_WAIT sockets born before twtrace started
+    #[arg(long)]
+    pub new_only: bool,
+    /// Text times in UTC (default: local time, from TZ or /etc/localtime, like date(1))
+    #[arg(long)]
+    pub utc: bool,
+    /// Text time format: clock (HH:MM:SS.mmm, the default), iso (ISO 8601 with the date and
+    /// the UTC offset) or epoch (seconds since 1970, for scripts)
+    #[arg(long, value_name = "FORMAT", default_value = "clock", value_parser = parse_time_format)]
+    pub time: TimeFormat,
+}
+
+/// `watch --time`: how text lines show when an event happened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TimeFormat {
+    #[default]
+    Clock,
+    Iso,
+    Epoch,
+}
+
+pub fn parse_time_format(s: &str) -> Result<TimeFormat, String> {
+    match s {
+        "clock" => Ok(TimeFormat::Clock),
+        "iso" => Ok(TimeFormat::Iso),
+        "epoch" => Ok(TimeFormat::Epoch),
+        _ => Err(format!("'{s}' is not a time format (clock, iso or epoch)")),
+    }
 }
 
 pub fn parse_by(s: &str) -> Result<By, String> {
@@ -288,10 +395,25 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `ADDR:PORT`, `[ADDR]:PORT`, or `:PORT` for every address (IPv6 and IPv4: `[::]:PORT`, see
+/// `views::serve::bind`), as node_exporter takes it.
 pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
-    s.parse().map_err(|_| {
-        format!("'{s}' is not an address to listen on (like 127.0.0.1:9979 or [::1]:9979)")
-    })
+    let bad = || {
+        format!(
+            "'{s}' is not an address to listen on (like 127.0.0.1:9979, [::1]:9979 or :9979 \
+             for every address)"
+        )
+    };
+    match s.strip_prefix(':') {
+        Some(port) => match parse_port(port) {
+            Ok(p) => Ok(std::net::SocketAddr::new(
+                std::net::Ipv6Addr::UNSPECIFIED.into(),
+                p,
+            )),
+            Err(_) => Err(bad()),
+        },
+        None => s.parse().map_err(|_| bad()),
+    }
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {
@@ -321,10 +443,14 @@ pub fn parse_comm(s: &str) -> Result<String, String> {
     if s.is_empty() {
         Err("a process name cannot be empty".into())
     } else if s.len() > 15 {
+        // What twtrace will show for such a process: the kernel's 15 bytes, a character cut
+        // in two shown as '?' (see `decode::comm`).
+        let mut raw = [0u8; 16];
+        raw[..15].copy_from_slice(&s.as_bytes()[..15]);
         Err(format!(
             "'{s}' is longer than 15 bytes; the kernel keeps only the first 15 of a process \
              name: use '{}'",
-            s.get(..15).unwrap_or(s)
+            crate::kernel::decode::comm(&raw)
         ))
     } else {
         Ok(s.to_owned())
@@ -353,8 +479,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// `4096`, `64KiB`, `4MiB`, `1GiB` (also `K`, `M`, `G`): a power of two, 4 KiB to 1 GiB.
-pub fn parse_ring_size(s: &str) -> Result<u32, String> {
+/// A ring buffer size, and how the user wrote it (messages repeat it as typed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingSize {
+    pub bytes: u32,
+    pub typed: String,
+}
+
+/// The largest ring buffer: 256 MiB (the reader maps it twice, so up to 512 MB of memory; the
+/// default 4 MiB holds about 65,000 events).
+pub const MAX_RING_SIZE: u64 = 256 << 20;
+
+/// `4096`, `64KiB`, `4MiB`, `256MiB` (also `K`, `M`, `G`): a power of two, 4 KiB to 256 MiB.
+pub fn parse_ring_size(s: &str) -> Result<RingSize, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let bad = || format!("'{s}' is not a size (like 65536, 256KiB, 4MiB)");
@@ -371,12 +508,15 @@ pub fn parse_ring_size(s: &str) -> Result<u32, String> {
         _ => return Err(bad()),
     };
     let bytes = n.checked_mul(mult).ok_or_else(bad)?;
-    if !bytes.is_power_of_two() || !(4096..=1 << 30).contains(&bytes) {
+    if !bytes.is_power_of_two() || !(4096..=MAX_RING_SIZE).contains(&bytes) {
         return Err(format!(
-            "'{s}': the ring buffer size must be a power of two from 4KiB to 1GiB"
+            "'{s}': the ring buffer size must be a power of two from 4KiB to 256MiB"
         ));
     }
-    Ok(bytes as u32)
+    Ok(RingSize {
+        bytes: bytes as u32,
+        typed: s.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -408,13 +548,18 @@ mod tests {
 
     #[test]
     fn ring_sizes() {
-        assert_eq!(parse_ring_size("4MiB"), Ok(4 << 20));
-        assert_eq!(parse_ring_size("4096"), Ok(4096));
-        assert_eq!(parse_ring_size("64K"), Ok(64 << 10));
+        let bytes = |s| parse_ring_size(s).map(|r| r.bytes);
+        assert_eq!(bytes("4MiB"), Ok(4 << 20));
+        assert_eq!(bytes("4096"), Ok(4096));
+        assert_eq!(bytes("64K"), Ok(64 << 10));
+        assert_eq!(bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_ring_size("64K").unwrap().typed, "64K");
         for bad in [
             "3MiB",
             "1024",
             "2GiB",
+            "1GiB",
+            "512M",
             "abc",
             "",
             "4Mb",
@@ -433,9 +578,27 @@ mod tests {
                 .contains("'a-very-long-pr")
         );
         assert!(parse_comm("").is_err());
+        // Cut inside a character: the suggestion is what twtrace shows for such a process.
+        let e = parse_comm("aaaaaaaaaaaaaaé-long").unwrap_err();
+        assert!(e.ends_with("use 'aaaaaaaaaaaaaa?'"), "{e}");
+        let e = parse_comm("ééééééééé").unwrap_err();
+        assert!(e.ends_with("use 'ééééééé?'"), "{e}");
+        assert_eq!(parse_comm("ééééééé?"), Ok("ééééééé?".into()));
         assert_eq!(parse_pid("1"), Ok(1));
         assert!(parse_pid("0").unwrap_err().contains("'0'"));
         assert!(parse_pid("x").is_err());
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen(":9979"), Ok("[::]:9979".parse().unwrap()));
+        assert_eq!(
+            parse_listen("127.0.0.1:9979"),
+            Ok("127.0.0.1:9979".parse().unwrap())
+        );
+        for bad in [":", ":0", ":99999", "9979", "127.0.0.1"] {
+            assert!(parse_listen(bad).unwrap_err().contains(&format!("'{bad}'")));
+        }
     }
 
     #[test]

@@ -8,10 +8,9 @@ use std::fmt;
 pub enum Code {
     /// Anything unexpected.
     Error = 1,
-    /// Bad usage (clap uses 2 too).
+    /// Bad usage (clap uses 2 too): a value that does not parse, an output file that cannot
+    /// be written.
     Usage = 2,
-    /// `exec`: a budget was exceeded.
-    Budget = 3,
     /// Not root and not the needed capabilities.
     Privilege = 4,
     /// The kernel lacks something twtrace needs (version, BTF, a symbol, visible addresses).
@@ -20,6 +19,24 @@ pub enum Code {
     // number is not reused, so that scripts written for it never misread another failure.
     /// The kernel refused to load a program, create a map or attach.
     Refused = 7,
+    /// `serve` cannot listen on its address (in use, or not on this host): it may be free in a
+    /// moment, so a supervisor should restart it (not bad usage).
+    Listen = 8,
+    /// `doctor`: a finding at least as severe as `--fail-on`.
+    Findings = 9,
+}
+
+/// `exec`'s own exit codes, out of the way of the command's, as timeout(1) and env(1) do.
+pub mod exec_code {
+    /// A budget was exceeded (the command's own status is in the summary).
+    pub const BUDGET: u8 = 124;
+    /// twtrace itself failed: an unexpected error or bad usage (the message says which; the
+    /// environment's codes 4 to 7 keep their meaning).
+    pub const FAILED: u8 = 125;
+    /// The command was found but cannot be run (permission, format).
+    pub const CANNOT_RUN: u8 = 126;
+    /// The command was not found.
+    pub const NOT_FOUND: u8 = 127;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

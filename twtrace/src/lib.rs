@@ -9,6 +9,7 @@ pub mod cli;
 pub mod failure;
 pub mod host;
 pub mod kernel;
+pub mod output;
 pub mod present;
 pub mod track;
 pub mod views;

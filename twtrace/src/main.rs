@@ -16,14 +16,28 @@ fn main() -> ExitCode {
     {
         return host::collect::child_main();
     }
-    let cli = Cli::parse();
+    // `exec` keeps the low codes for its command's own status: its own errors and bad usage
+    // are 125, as env(1) and timeout(1) do (README "Exit codes").
+    let exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let code = match (e.use_stderr(), exec) {
+                (false, _) => 0,
+                (true, true) => failure::exec_code::FAILED,
+                (true, false) => failure::Code::Usage as u8,
+            };
+            return ExitCode::from(code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("twtrace: cannot start the async runtime: {e}");
+            twtrace::say!("cannot start the async runtime: {e}");
             return ExitCode::from(failure::Code::Error as u8);
         }
     };
@@ -32,9 +46,17 @@ fn main() -> ExitCode {
         Err(err) => {
             let (code, message) = failure::report(&err);
             if let Some(message) = message {
-                eprintln!("twtrace: {message}");
+                twtrace::say!("{message}");
             }
-            ExitCode::from(code)
+            // exec: an error or bad usage of twtrace's own is 125; the environment's codes
+            // (4 to 7, found before the command starts) keep their meaning.
+            let own_failure = !err.is::<failure::ExitWith>()
+                && (code == failure::Code::Error as u8 || code == failure::Code::Usage as u8);
+            ExitCode::from(if exec && own_failure {
+                failure::exec_code::FAILED
+            } else {
+                code
+            })
         }
     }
 }

@@ -14,7 +14,10 @@
 //! the TIME_WAIT stays with the client. `--closer server`: the server closes after reading the
 //! request and the TIME_WAIT stays with the server. `--keepalive` carries every request over
 //! one connection. `--hold` accepts and never closes (CLOSE_WAIT on the server). `--linger0`
-//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--leak` never
+//! closes the client's side with a reset (SO_LINGER 0: no TIME_WAIT at all). `--bind ADDR`
+//! without a port binds before connect() with port 0 (bind() picks the port, exclusive to that
+//! source address across destinations); with `--bind-no-port` it leaves the port to connect()
+//! instead (IP_BIND_ADDRESS_NO_PORT: per destination, as a load balancer does). `--leak` never
 //! closes its side (with `--closer server`, CLOSE_WAIT in the client): it prints its line,
 //! then keeps the sockets until stdin closes. `--tolerate-errors` goes on after a failed
 //! connect(), counting the failures by errno name. The client prints one JSON line: its pid,
@@ -51,6 +54,7 @@ struct Opts {
     listen: Option<SocketAddr>,
     to: Option<SocketAddr>,
     bind: Option<SocketAddr>,
+    bind_no_port: bool,
     count: u64,
     closer: Closer,
     keepalive: bool,
@@ -70,6 +74,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         listen: None,
         to: None,
         bind: None,
+        bind_no_port: false,
         count: 0,
         closer: Closer::Client,
         keepalive: false,
@@ -100,6 +105,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     .map_err(|e| format!("--bind: {e}"))?;
                 o.bind = Some(addr);
             }
+            "--bind-no-port" => o.bind_no_port = true,
             "--count" => o.count = val()?.parse().map_err(|e| format!("--count: {e}"))?,
             "--closer" => {
                 o.closer = match val()?.as_str() {
@@ -152,25 +158,39 @@ fn socket_for(addr: &SocketAddr) -> std::io::Result<i32> {
     Ok(fd)
 }
 
+/// Turns an integer socket option on.
+fn set_flag(fd: i32, level: libc::c_int, name: libc::c_int) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid option value pointer and length.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
 /// connect() from an optional local address (SO_REUSEADDR so a fixed port can be reused while
 /// a TIME_WAIT of ours holds it: that is how tcp_tw_reuse gets exercised).
-fn connect(to: &SocketAddr, bind: Option<&SocketAddr>) -> std::io::Result<TcpStream> {
+fn connect(
+    to: &SocketAddr,
+    bind: Option<&SocketAddr>,
+    no_port: bool,
+) -> std::io::Result<TcpStream> {
     use std::os::fd::FromRawFd;
     let fd = socket_for(to)?;
     // SAFETY: fd is ours; from here on the TcpStream closes it.
     let stream = unsafe { TcpStream::from_raw_fd(fd) };
     if let Some(b) = bind {
-        let one: libc::c_int = 1;
-        // SAFETY: valid option value pointer and length.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as u32,
-            )
-        };
+        set_flag(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+        if no_port && b.port() == 0 {
+            // The port is chosen at connect(), per (source, destination), as a load balancer
+            // with several source addresses does.
+            set_flag(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT);
+        }
         let (ss, len) = sockaddr(b);
         // SAFETY: ss holds a valid address of len bytes.
         if unsafe { libc::bind(fd, (&raw const ss).cast(), len) } != 0 {
@@ -282,7 +302,7 @@ fn client(o: &Opts) -> Result<(), String> {
         }
         let mut s = match keep.take() {
             Some(s) => s,
-            None => match connect(&to, o.bind.as_ref()) {
+            None => match connect(&to, o.bind.as_ref(), o.bind_no_port) {
                 Ok(s) => {
                     ports.push(s.local_addr().map_err(|e| e.to_string())?.port());
                     s
@@ -437,7 +457,7 @@ fn one_namespace(connections: u64) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:7000").map_err(|e| format!("bind: {e}"))?;
     let to = listener.local_addr().map_err(|e| e.to_string())?;
     for _ in 0..connections {
-        let mut c = connect(&to, None).map_err(|e| format!("connect: {e}"))?;
+        let mut c = connect(&to, None, false).map_err(|e| format!("connect: {e}"))?;
         let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
         c.write_all(b"x").map_err(|e| e.to_string())?;
         let mut b = [0u8; 1];

@@ -43,7 +43,62 @@ impl WallClock {
     }
 }
 
-/// `HH:MM:SS.mmm` in UTC for the text views.
+/// How the text views show a time: `--time clock|iso|epoch`, in local time (TZ or
+/// /etc/localtime, like date(1); UTC when neither says) or, with `--utc`, in UTC.
+#[derive(Clone, Debug)]
+pub struct TimeStyle {
+    format: crate::cli::TimeFormat,
+    tz: jiff::tz::TimeZone,
+}
+
+impl TimeStyle {
+    pub fn new(format: crate::cli::TimeFormat, utc: bool) -> Self {
+        let tz = if utc {
+            jiff::tz::TimeZone::UTC
+        } else {
+            jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC)
+        };
+        Self { format, tz }
+    }
+
+    /// A fixed zone, for tests.
+    pub fn in_zone(format: crate::cli::TimeFormat, tz: jiff::tz::TimeZone) -> Self {
+        Self { format, tz }
+    }
+
+    /// Characters every formatted time takes (the TIME column's width).
+    pub fn width(&self) -> usize {
+        use crate::cli::TimeFormat;
+        match self.format {
+            TimeFormat::Clock => 12,
+            TimeFormat::Iso => 29,
+            TimeFormat::Epoch => 14,
+        }
+    }
+
+    /// `14:53:19.373`, `2026-11-30T14:53:19.373+01:00` or `1764514399.373`.
+    pub fn format(&self, epoch_ns: u64) -> String {
+        use crate::cli::TimeFormat;
+        let ms = (epoch_ns / 1_000_000) % 1000;
+        if self.format == TimeFormat::Epoch {
+            return format!("{}.{ms:03}", epoch_ns / 1_000_000_000);
+        }
+        let Ok(ts) = jiff::Timestamp::from_nanosecond(epoch_ns as i128) else {
+            return hms_millis(epoch_ns);
+        };
+        let zoned = ts.to_zoned(self.tz.clone());
+        match self.format {
+            TimeFormat::Clock => format!("{}.{ms:03}", zoned.strftime("%H:%M:%S")),
+            _ => format!(
+                "{}.{ms:03}{}",
+                zoned.strftime("%Y-%m-%dT%H:%M:%S"),
+                zoned.strftime("%:z")
+            ),
+        }
+    }
+}
+
+/// `HH:MM:SS.mmm` in UTC.
 pub fn hms_millis(epoch_ns: u64) -> String {
     let ms = epoch_ns / 1_000_000;
     let s = ms / 1000;
@@ -92,6 +147,25 @@ mod tests {
         let w = WallClock::with_offset(1_000);
         assert_eq!(w.epoch_ns(5), 1_005);
         assert_eq!(WallClock::with_offset(-10).epoch_ns(5), 0);
+    }
+
+    #[test]
+    fn local_time_utc_and_scripts() {
+        use crate::cli::TimeFormat;
+        // 2025-11-30 14:53:19.373 UTC.
+        let t = 1_764_514_399_373_000_000u64;
+        let tz = |name| jiff::tz::TimeZone::get(name).unwrap();
+        let kathmandu = TimeStyle::in_zone(TimeFormat::Clock, tz("Asia/Kathmandu"));
+        assert_eq!(kathmandu.format(t), "20:38:19.373");
+        let iso = TimeStyle::in_zone(TimeFormat::Iso, tz("Asia/Kathmandu"));
+        assert_eq!(iso.format(t), "2025-11-30T20:38:19.373+05:45");
+        assert_eq!(iso.format(t).len(), iso.width());
+        let utc = TimeStyle::in_zone(TimeFormat::Iso, jiff::tz::TimeZone::UTC);
+        assert_eq!(utc.format(t), "2025-11-30T14:53:19.373+00:00");
+        let epoch = TimeStyle::in_zone(TimeFormat::Epoch, jiff::tz::TimeZone::UTC);
+        assert_eq!(epoch.format(t), "1764514399.373");
+        assert_eq!(epoch.format(t).len(), epoch.width());
+        assert_eq!(kathmandu.format(t).len(), kathmandu.width());
     }
 
     #[test]

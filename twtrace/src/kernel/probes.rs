@@ -41,9 +41,11 @@ pub const HOOKS_ONLY: [(&str, &str); 4] = [
 /// Attached only when a process tree is tracked (`exec`).
 pub const FORK_PROGRAM: (&str, &str) = ("sched_process_fork", "sched_process_fork");
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ProbeOptions {
     pub ring_size: u32,
+    /// `--ring-size` as the user typed it, for messages.
+    pub ring_size_typed: String,
     /// Emit every TCP state transition (watch --all-states).
     pub emit_states: bool,
     /// Follow a process tree through its forks (`exec`).
@@ -189,10 +191,10 @@ impl Probes {
                 refused(
                     "create twtrace's maps",
                     format!(
-                        "{}; a smaller --ring-size (now {} bytes) or a higher memory limit for \
+                        "{}; a smaller --ring-size (now {}) or a higher memory limit for \
                          this cgroup may help",
                         one_line(&e),
-                        opts.ring_size
+                        opts.ring_size_typed
                     ),
                 )
             })?;

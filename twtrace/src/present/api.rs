@@ -79,10 +79,11 @@ fn parse_netns_inode(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Parses `by=peer&top=10&port=443&peer=10.0.0.0/8&...`. Unknown or repeated-when-single
-/// parameters are refused, each error naming the parameter and the value.
-pub fn parse(query: Option<&str>) -> Result<ReportQuery, String> {
-    let mut q = ReportQuery::default();
+/// Parses `by=peer&top=10&port=443&peer=10.0.0.0/8&...` over `defaults` (serve's `--by` and
+/// `--sort`). Unknown or repeated-when-single parameters are refused, each error naming the
+/// parameter and the value.
+pub fn parse(query: Option<&str>, defaults: ReportQuery) -> Result<ReportQuery, String> {
+    let mut q = defaults;
     let Some(query) = query.filter(|s| !s.is_empty()) else {
         return Ok(q);
     };
@@ -157,9 +158,12 @@ mod tests {
 
     #[test]
     fn parses_everything_the_cli_does() {
-        let q = parse(Some(
-            "by=peer&top=5&sort=rate&port=443&port=80&peer=10.0.0.0%2F8&pid=7&comm=my+app&family=4",
-        ))
+        let q = parse(
+            Some(
+                "by=peer&top=5&sort=rate&port=443&port=80&peer=10.0.0.0%2F8&pid=7&comm=my+app&family=4",
+            ),
+            ReportQuery::default(),
+        )
         .unwrap();
         assert_eq!(q.by, By::Peer);
         assert_eq!(q.top, 5);
@@ -169,8 +173,23 @@ mod tests {
         assert_eq!(q.filter.pids, vec![7]);
         assert_eq!(q.filter.comms, vec!["my app".to_owned()]);
         assert_eq!(q.filter.family, Some(4));
-        assert_eq!(parse(None), Ok(ReportQuery::default()));
-        assert_eq!(parse(Some("")), Ok(ReportQuery::default()));
+        assert_eq!(
+            parse(None, ReportQuery::default()),
+            Ok(ReportQuery::default())
+        );
+        assert_eq!(
+            parse(Some(""), ReportQuery::default()),
+            Ok(ReportQuery::default())
+        );
+        // serve --by port --sort births: the defaults of a query that does not say.
+        let serve = ReportQuery {
+            by: By::Port,
+            sort: Sort::Entered,
+            ..ReportQuery::default()
+        };
+        let q = parse(Some("top=3"), serve.clone()).unwrap();
+        assert_eq!((q.by, q.sort, q.top), (By::Port, Sort::Entered, 3));
+        assert_eq!(parse(Some("by=peer"), serve).unwrap().by, By::Peer);
     }
 
     #[test]
@@ -188,12 +207,20 @@ mod tests {
             ("port=%+8", "bad escape"),
             ("comm=%ff", "bad escape"),
         ] {
-            let e = parse(Some(bad)).unwrap_err();
+            let e = parse(Some(bad), ReportQuery::default()).unwrap_err();
             assert!(e.contains(needle), "{bad}: {e}");
         }
         let long = "port=1&".repeat(400);
-        assert!(parse(Some(&long)).unwrap_err().contains("longer than"));
+        assert!(
+            parse(Some(&long), ReportQuery::default())
+                .unwrap_err()
+                .contains("longer than")
+        );
         let many = "port=1&".repeat(40);
-        assert!(parse(Some(&many)).unwrap_err().contains("at most 32"));
+        assert!(
+            parse(Some(&many), ReportQuery::default())
+                .unwrap_err()
+                .contains("at most 32")
+        );
     }
 }

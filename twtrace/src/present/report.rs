@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{
     host::{cgroup::Unit, close_wait::CloseWait},
+    output::printable,
     track::aggregate::{Aggregator, By, Group, Key, REASONS, merge},
     track::lifecycle::FailReason,
     track::session::Loss,
@@ -126,9 +127,11 @@ pub struct Row {
     pub in_fin_wait2: u64,
     /// Indexed like `FailReason::ALL`.
     pub connect_failures: [u64; 6],
-    pub rate_1s: f64,
-    pub rate_10s: f64,
-    pub rate_60s: f64,
+    /// Births per second over the last 1, 10 and 60 complete seconds; None until the run has
+    /// lasted that long (a window that started before the run would count too little).
+    pub rate_1s: Option<f64>,
+    pub rate_10s: Option<f64>,
+    pub rate_60s: Option<f64>,
     /// Births per second over the whole run.
     pub rate_avg: f64,
     pub p50_ms: Option<u64>,
@@ -138,6 +141,21 @@ pub struct Row {
     pub exits: [u64; 4],
     pub processes: Vec<(u32, String)>,
     pub cgroup_id: Option<u64>,
+}
+
+/// Births per second over the `window` complete seconds before now, when they all lie
+/// within the run: the run must have lasted one second more (its first second is partial).
+fn windowed(g: &Group, ctx: &Context, window: u64) -> Option<f64> {
+    (ctx.duration_s >= (window + 1) as f64).then(|| g.rate(ctx.now_sec, window))
+}
+
+/// Births per second over the run so far.
+fn average(g: &Group, ctx: &Context) -> f64 {
+    if ctx.duration_s > 0.0 {
+        g.entered as f64 / ctx.duration_s
+    } else {
+        0.0
+    }
 }
 
 fn row(key: String, netns: u32, g: &Group, ctx: &Context) -> Row {
@@ -150,14 +168,10 @@ fn row(key: String, netns: u32, g: &Group, ctx: &Context) -> Row {
         in_time_wait: g.in_time_wait,
         in_fin_wait2: g.in_fin_wait2,
         connect_failures: g.connect_failures,
-        rate_1s: g.rate(ctx.now_sec, 1),
-        rate_10s: g.rate(ctx.now_sec, 10),
-        rate_60s: g.rate(ctx.now_sec, 59),
-        rate_avg: if ctx.duration_s > 0.0 {
-            g.entered as f64 / ctx.duration_s
-        } else {
-            0.0
-        },
+        rate_1s: windowed(g, ctx, 1),
+        rate_10s: windowed(g, ctx, 10),
+        rate_60s: windowed(g, ctx, 60),
+        rate_avg: average(g, ctx),
         p50_ms: g.lifetimes.quantile_ms(0.5),
         p99_ms: g.lifetimes.quantile_ms(0.99),
         max_ms: g.lifetimes.max_ms(),
@@ -190,7 +204,8 @@ pub fn rows(
         .map(|(k, g)| {
             let primary = match sort {
                 Sort::TimeWait => g.in_time_wait as f64,
-                Sort::Rate => g.rate(ctx.now_sec, 10),
+                // Before 10 s have passed: the rate over the run so far.
+                Sort::Rate => windowed(g, ctx, 10).unwrap_or_else(|| average(g, ctx)),
                 Sort::Entered => g.entered as f64,
             };
             (primary, k.to_string(), k, g)
@@ -239,7 +254,7 @@ fn row_json(by: By, r: &Row, unit: Option<Unit>) -> Value {
         "in_fin_wait2": r.in_fin_wait2,
         "connect_failures": failures_json(&r.connect_failures),
         "rate_per_s": round2(r.rate_avg),
-        "rates": {"1s": round2(r.rate_1s), "10s": round2(r.rate_10s), "60s": round2(r.rate_60s)},
+        "rates": {"1s": r.rate_1s.map(round2), "10s": r.rate_10s.map(round2), "60s": r.rate_60s.map(round2)},
         "lifetime_ms": {"p50": r.p50_ms, "p99": r.p99_ms, "max": r.max_ms},
         "exits": exits_json(&r.exits),
         "processes": r.processes.iter().map(|(pid, comm)| json!({"pid": pid, "comm": comm})).collect::<Vec<_>>(),
@@ -346,7 +361,7 @@ fn owners(r: &Row) -> String {
     let mut s = r
         .processes
         .iter()
-        .map(|(pid, comm)| format!("{comm}[{pid}]"))
+        .map(|(pid, comm)| format!("{}[{pid}]", printable(comm)))
         .collect::<Vec<_>>()
         .join(" ");
     if s.is_empty() {
@@ -369,53 +384,54 @@ pub fn table(
     let t = agg.totals();
     let mut out = String::new();
     let num = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
-    out.push_str(&format!(
-        "{:.0}s: {} TIME_WAIT births, {} ends ({} expired, {} reused, {} syn, {} killed)\n",
-        ctx.duration_s, t.entered, t.exited, t.exits[0], t.exits[1], t.exits[2], t.exits[3]
-    ));
+    fit(
+        &mut out,
+        &[
+            format!(
+                "{:.0}s: {} TIME_WAIT births, {} ends",
+                ctx.duration_s, t.entered, t.exited
+            ),
+            format!(
+                "({} expired, {} reused, {} syn, {} killed)",
+                t.exits[0], t.exits[1], t.exits[2], t.exits[3]
+            ),
+        ],
+    );
     // sockstat's `tw` counts both substates: the kernel figure is beside their sum.
     let now = if t.in_fin_wait2 > 0 {
         format!(
-            "now: {} in TIME_WAIT + {} in FIN_WAIT2 ({} from before start), kernel says {}",
-            t.in_time_wait,
-            t.in_fin_wait2,
-            t.seeded,
-            num(ctx.kernel_time_wait())
+            "now: {} in TIME_WAIT + {} in FIN_WAIT2 ({} from before start),",
+            t.in_time_wait, t.in_fin_wait2, t.seeded
         )
     } else {
         format!(
-            "now: {} in TIME_WAIT ({} from before start), kernel says {}",
-            t.in_time_wait,
-            t.seeded,
-            num(ctx.kernel_time_wait())
+            "now: {} in TIME_WAIT ({} from before start),",
+            t.in_time_wait, t.seeded
         )
     };
-    out.push_str(&now);
+    let kernel = format!("kernel says {}", num(ctx.kernel_time_wait()));
     if ctx.several_namespaces() {
-        out.push_str(&format!(" in {} netns:\n", ctx.namespaces.len()));
+        fit(
+            &mut out,
+            &[now, format!("{kernel} in {} netns:", ctx.namespaces.len())],
+        );
         for n in &ctx.namespaces {
             let (tw, fw2) = agg.in_netns(n.netns);
             let twtrace = tw + fw2;
             out.push_str(&format!(
                 "  {:<16} {:>7} timewait, kernel {:>7}; ephemeral ports {}\n",
-                clip(&n.name, 16),
+                clip(&printable(&n.name), 16),
                 twtrace,
                 num(n.kernel_time_wait),
                 num(n.ephemeral_ports.map(u64::from))
             ));
         }
     } else {
-        // 80 columns: the ports go on a line of their own when they would not fit.
         let ports = format!(
             "ephemeral ports {}",
             num(ctx.ephemeral_ports().map(u64::from))
         );
-        let sep = if now.len() + 2 + ports.len() <= 80 {
-            "; "
-        } else {
-            "\n"
-        };
-        out.push_str(&format!("{sep}{ports}\n"));
+        fit(&mut out, &[now, format!("{kernel};"), ports]);
     }
     if ctx.unreadable > 0 {
         out.push_str(&format!(
@@ -485,15 +501,21 @@ pub fn table(
         }
     ));
     for r in rows.iter().chain(other.iter()) {
+        // Keys, names and units are the world's (a process may name itself with escape
+        // sequences or a newline): escaped for the terminal.
         let key = if by == By::Netns && r.netns != 0 {
-            clip(&r.netns_name, kw)
+            clip(&printable(&r.netns_name), kw)
         } else {
-            r.key.clone()
+            printable(&r.key).into_owned()
         };
         let line = format!(
             "{:<kw$} {}{:>nw$} {:>nw$} {:>nw$.1} {:>nw$} {} {}",
             key,
-            ns(if r.netns == 0 { "" } else { &r.netns_name }),
+            ns(&if r.netns == 0 {
+                String::new()
+            } else {
+                printable(&r.netns_name).into_owned()
+            }),
             r.in_time_wait,
             r.entered,
             r.rate_avg,
@@ -505,7 +527,7 @@ pub fn table(
             if by == By::Process {
                 r.cgroup_id
                     .and_then(&mut *unit_of)
-                    .map_or_else(|| "-".into(), |u| u.label)
+                    .map_or_else(|| "-".into(), |u| printable(&u.label).into_owned())
             } else {
                 owners(r)
             }
@@ -523,20 +545,40 @@ pub fn table(
         out.push_str("\nCLOSE_WAIT now (the process never called close()):\n");
         for c in &ctx.close_wait {
             let place = if ctx.several_namespaces() {
-                format!(" (netns {})", ctx.netns_name(c.netns))
+                format!(" (netns {})", printable(&ctx.netns_name(c.netns)))
             } else {
                 String::new()
             };
+            let comm = printable(&c.comm);
             match c.listener_port {
                 Some(port) => out.push_str(&format!(
-                    "  {}[{}]: {} not accepted on port {port}{place}\n",
-                    c.comm, c.pid, c.sockets
+                    "  {comm}[{}]: {} not accepted on port {port}{place}\n",
+                    c.pid, c.sockets
                 )),
-                None => out.push_str(&format!("  {}[{}]: {}{place}\n", c.comm, c.pid, c.sockets)),
+                None => out.push_str(&format!("  {comm}[{}]: {}{place}\n", c.pid, c.sockets)),
             }
         }
     }
     out
+}
+
+/// Pieces joined by spaces into lines of at most 80 columns (a piece is never cut), each line
+/// ended: the report promises 80x24.
+fn fit(out: &mut String, pieces: &[String]) {
+    let mut line = String::new();
+    for p in pieces {
+        if !line.is_empty() && line.len() + 1 + p.len() > 80 {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(p);
+    }
+    out.push_str(&line);
+    out.push('\n');
 }
 
 /// At most `width` characters (a longer text keeps its end, which tells names apart).
@@ -731,6 +773,126 @@ mod tests {
         assert_eq!(v["namespaces"][1]["in_time_wait"], 1);
         assert_eq!(v["totals"]["kernel_time_wait"], 3);
         assert_eq!(v["totals"]["ephemeral_ports"], 1000);
+    }
+
+    /// Rate windows longer than the run are null, not a rate over a window that was partly
+    /// before it started (rates.60s used to divide a 6 s run's births by 59).
+    #[test]
+    fn rate_windows_longer_than_the_run_are_null() {
+        let a = agg();
+        let six = Context {
+            duration_s: 6.0,
+            now_sec: 11,
+            ..Context::default()
+        };
+        let v = json(&a, By::Peer, Sort::TimeWait, 10, &six, &mut |_| None);
+        let rates = &v["groups"][0]["rates"];
+        assert_eq!(rates["1s"], 5.0, "{rates}");
+        assert!(rates["10s"].is_null() && rates["60s"].is_null(), "{rates}");
+        let long = Context {
+            duration_s: 61.0,
+            now_sec: 70,
+            ..Context::default()
+        };
+        let v = json(&a, By::Peer, Sort::TimeWait, 10, &long, &mut |_| None);
+        let rates = &v["groups"][0]["rates"];
+        // 5 births at second 10: over the 60 complete seconds 10..69.
+        assert_eq!(rates["60s"], round2(5.0 / 60.0), "{rates}");
+        assert_eq!(rates["10s"], 0.0, "{rates}");
+    }
+
+    /// Every line of the table fits 80 columns, whatever the figures.
+    #[test]
+    fn header_lines_fit_80_columns_with_large_figures() {
+        let a = agg();
+        let mut c = Context {
+            duration_s: 86_400.0,
+            now_sec: 11,
+            ..Context::default()
+        };
+        c.namespaces = vec![NsContext {
+            netns: 1,
+            name: "host".into(),
+            kernel_time_wait: Some(12_345_678),
+            ephemeral_ports: Some(28232),
+            max_tw_buckets: None,
+            skipped_overflow: 0,
+        }];
+        c.loss.ring_full = 0;
+        let t = table(&a, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
+        for line in t.lines() {
+            assert!(line.len() <= 80, "{} columns: {line}", line.len());
+        }
+        assert!(t.contains("kernel says 12345678;"), "{t}");
+        // A busy host with several namespaces: 100,000 TIME_WAIT from before start and 20,000
+        // born since, in three namespaces (this line was 83 columns).
+        let mut big = Aggregator::new(100);
+        for i in 0..120_000u64 {
+            let netns = 1 + (i % 3) as u32;
+            big.on_event(&Event::Enter(TwEnter {
+                netns,
+                ts_ns: 10_000_000_000,
+                timer: i + 1,
+                conn: Conn {
+                    local: format!("10.{}.{}.1:{}", i / 60_000, netns, 1024 + i % 60_000)
+                        .parse()
+                        .unwrap(),
+                    remote: "10.9.0.2:6379".parse().unwrap(),
+                },
+                owner: None,
+                role: Role::Connected,
+                timeout_jiffies: 0,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                bound: false,
+                seeded: i < 100_000,
+            }));
+        }
+        c.namespaces = (1..=3)
+            .map(|netns| NsContext {
+                netns,
+                name: format!("ns{netns}"),
+                kernel_time_wait: Some(40_000 + netns as u64 % 2),
+                ..c.namespaces[0].clone()
+            })
+            .collect();
+        let t = table(&big, By::Peer, Sort::TimeWait, 10, &c, &mut |_| None);
+        for line in t.lines() {
+            assert!(line.len() <= 80, "{} columns: {line}", line.len());
+        }
+        assert!(
+            t.contains("now: 120000 in TIME_WAIT (100000 from before start),\nkernel says 120002 in 3 netns:"),
+            "{t}"
+        );
+    }
+
+    /// A process named with an escape sequence and a newline: one line, escaped.
+    #[test]
+    fn table_escapes_control_characters() {
+        let mut a = Aggregator::new(100);
+        a.on_event(&Event::Enter(TwEnter {
+            netns: 0,
+            ts_ns: 10_000_000_000,
+            timer: 1,
+            conn: Conn {
+                local: "10.0.0.1:40000".parse().unwrap(),
+                remote: "10.0.0.2:80".parse().unwrap(),
+            },
+            owner: Some(Process {
+                pid: 7,
+                tid: 7,
+                comm: "\x1b[31mred\nx".into(),
+                cgroup_id: 0,
+            }),
+            role: Role::Connected,
+            timeout_jiffies: 0,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
+            seeded: false,
+        }));
+        let t = table(&a, By::Process, Sort::TimeWait, 10, &ctx(), &mut |_| None);
+        assert!(!t.contains('\x1b'), "{t:?}");
+        assert!(t.contains("\\e[31mred\\nx[7]"), "{t}");
+        assert_eq!(t.lines().filter(|l| l.contains("[7]")).count(), 1, "{t}");
     }
 
     #[test]

@@ -14,7 +14,12 @@
 //! at most `2 * cap` groups per grouping of about `GROUP_BYTES` each, plus about
 //! `LIVE_TW_BYTES` per TIME_WAIT socket alive (the kernel bounds those by tcp_max_tw_buckets).
 
-use std::{collections::HashSet, fmt, net::SocketAddr, str::FromStr};
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+};
 
 // Every birth and end looks up the live map and four group maps: a fast seeded hash rather than
 // SipHash. The live map's keys are kernel addresses; the group maps hold at most 2 * cap keys.
@@ -153,50 +158,58 @@ impl fmt::Display for Key {
     }
 }
 
+/// Seconds the rate ring keeps: the 60 complete seconds of the longest window, and the one
+/// being counted.
+const RATE_SLOTS: u64 = 61;
+
 /// Births per second over the last minute, one slot per second, rotated lazily.
 #[derive(Clone, Debug)]
 struct RateRing {
-    slots: [u32; 60],
-    /// The second (monotonic) that `slots[head % 60]` counts.
+    slots: [u32; RATE_SLOTS as usize],
+    /// The second (monotonic) that `slots[head % RATE_SLOTS]` counts.
     head: u64,
 }
 
 impl Default for RateRing {
     fn default() -> Self {
         Self {
-            slots: [0; 60],
+            slots: [0; RATE_SLOTS as usize],
             head: 0,
         }
     }
 }
 
 impl RateRing {
+    fn slot(sec: u64) -> usize {
+        (sec % RATE_SLOTS) as usize
+    }
+
     fn advance(&mut self, sec: u64) {
         if sec <= self.head {
             return;
         }
-        let steps = (sec - self.head).min(60);
+        let steps = (sec - self.head).min(RATE_SLOTS);
         for i in 1..=steps {
-            self.slots[((self.head + i) % 60) as usize] = 0;
+            self.slots[Self::slot(self.head + i)] = 0;
         }
         self.head = sec;
     }
 
     fn record(&mut self, sec: u64) {
         self.advance(sec);
-        if self.head - sec < 60 {
-            let slot = &mut self.slots[(sec % 60) as usize];
+        if self.head - sec < RATE_SLOTS {
+            let slot = &mut self.slots[Self::slot(sec)];
             *slot = slot.saturating_add(1);
         }
     }
 
-    /// Births per second over the `window` complete seconds before `now_sec`.
+    /// Births per second over the `window` complete seconds before `now_sec` (1 to 60).
     fn rate(&self, now_sec: u64, window: u64) -> f64 {
-        let window = window.clamp(1, 59);
+        let window = window.clamp(1, RATE_SLOTS - 1);
         let mut sum = 0u64;
         for s in now_sec.saturating_sub(window)..now_sec {
-            if s <= self.head && self.head - s < 60 {
-                sum += self.slots[(s % 60) as usize] as u64;
+            if s <= self.head && self.head - s < RATE_SLOTS {
+                sum += self.slots[Self::slot(s)] as u64;
             }
         }
         sum as f64 / window as f64
@@ -205,10 +218,10 @@ impl RateRing {
     fn merge(&mut self, other: &RateRing) {
         let head = self.head.max(other.head);
         self.advance(head);
-        for s in head.saturating_sub(59)..=head {
-            if s <= other.head && other.head - s < 60 {
-                let v = other.slots[(s % 60) as usize];
-                let slot = &mut self.slots[(s % 60) as usize];
+        for s in head.saturating_sub(RATE_SLOTS - 1)..=head {
+            if s <= other.head && other.head - s < RATE_SLOTS {
+                let v = other.slots[Self::slot(s)];
+                let slot = &mut self.slots[Self::slot(s)];
                 *slot = slot.saturating_add(v);
             }
         }
@@ -441,7 +454,7 @@ impl Group {
         self.lifetimes.merge(&g.lifetimes);
     }
 
-    /// Births per second over the last `window` seconds (1 to 59) before `now_sec`.
+    /// Births per second over the last `window` seconds (1 to 60) before `now_sec`.
     pub fn rate(&self, now_sec: u64, window: u64) -> f64 {
         self.rates.rate(now_sec, window)
     }
@@ -742,7 +755,21 @@ pub struct Aggregator {
     /// (namespace, local port) with a listener: tells accepted from connected when the kernel
     /// programs did not see the connection open (sockets born before start).
     listening: HashSet<(u32, u16)>,
+    /// When tracked (`track_ports`, serve): outgoing TIME_WAIT alive now per (namespace,
+    /// source address, destination), exact whatever the folding. Each (source, destination)
+    /// pair has the namespace's ephemeral ports to itself; at most one entry per live socket.
+    ports: Option<HashMap<(u32, IpAddr, SocketAddr), u32>>,
     cap: usize,
+}
+
+/// One outgoing destination's ports: its busiest source address and how many TIME_WAIT
+/// sockets that source holds towards it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestinationPorts {
+    pub netns: u32,
+    pub destination: SocketAddr,
+    pub source: IpAddr,
+    pub in_time_wait: u32,
 }
 
 fn sec_of(ts_ns: u64) -> u64 {
@@ -773,8 +800,66 @@ impl Aggregator {
             totals: Totals::default(),
             namespaces: HashMap::new(),
             listening: HashSet::new(),
+            ports: None,
             cap,
         }
+    }
+
+    /// Counts, from now on, the outgoing TIME_WAIT per (source address, destination): see
+    /// `destinations`.
+    pub fn track_ports(&mut self) {
+        self.ports.get_or_insert_with(HashMap::new);
+    }
+
+    /// The (namespace, source, destination) a socket holds a local port towards, when it was
+    /// opened by this host (an accepted connection's port is the listener's, not ephemeral).
+    fn port_key(&self, role: Role, netns: u32, conn: &Conn) -> Option<(u32, IpAddr, SocketAddr)> {
+        (self.role_of(role, netns, conn) == Role::Connected)
+            .then(|| (netns, conn.local.ip(), conn.remote))
+    }
+
+    fn count_port(&mut self, role: Role, netns: u32, conn: &Conn, up: bool) {
+        if self.ports.is_none() {
+            return;
+        }
+        let Some(key) = self.port_key(role, netns, conn) else {
+            return;
+        };
+        let ports = self.ports.as_mut().expect("tracked");
+        if up {
+            *ports.entry(key).or_default() += 1;
+        } else if let Some(n) = ports.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                ports.remove(&key);
+            }
+        }
+    }
+
+    /// Every outgoing destination with TIME_WAIT now, with its busiest source (None unless
+    /// `track_ports`): a destination runs out of ports when one of its sources does.
+    pub fn destinations(&self) -> Vec<DestinationPorts> {
+        let Some(ports) = &self.ports else {
+            return Vec::new();
+        };
+        let mut worst: HashMap<(u32, SocketAddr), (IpAddr, u32)> = HashMap::new();
+        for (&(netns, source, destination), &n) in ports {
+            let e = worst.entry((netns, destination)).or_insert((source, n));
+            if (n, std::cmp::Reverse(source)) > (e.1, std::cmp::Reverse(e.0)) {
+                *e = (source, n);
+            }
+        }
+        worst
+            .into_iter()
+            .map(
+                |((netns, destination), (source, in_time_wait))| DestinationPorts {
+                    netns,
+                    destination,
+                    source,
+                    in_time_wait,
+                },
+            )
+            .collect()
     }
 
     pub fn cap(&self) -> usize {
@@ -925,6 +1010,13 @@ impl Aggregator {
                 }
                 self.count(e.netns, held.substate, -1);
                 self.totals.seeded -= 1;
+                // The seed was counted with the role sock_diag gave it.
+                let seed_role = if self.listening.contains(&(e.netns, e.conn.local.port())) {
+                    Role::Accepted
+                } else {
+                    Role::Connected
+                };
+                self.count_port(seed_role, e.netns, &e.conn, false);
             }
         }
         let sec = sec_of(e.ts_ns);
@@ -947,6 +1039,7 @@ impl Aggregator {
             self.live.insert(e.timer, held);
         }
         self.count(e.netns, e.substate, 1);
+        self.count_port(e.role, e.netns, &e.conn, true);
         if counted {
             self.totals.entered += 1;
         }
@@ -969,6 +1062,9 @@ impl Aggregator {
         self.count(x.netns, held.substate, -1);
         if x.seeded {
             self.totals.seeded -= 1;
+        }
+        if let Some(c) = &x.conn {
+            self.count_port(x.role, x.netns, c, false);
         }
         let lifetime_ms = x.lifetime_ns.map(|ns| ns / 1_000_000);
         for by in By::ALL {
@@ -998,6 +1094,9 @@ impl Aggregator {
     /// purges them when the namespace is dismantled); any still counted are kept until their end.
     pub fn forget_netns(&mut self, netns: u32) {
         self.namespaces.remove(&netns);
+        if let Some(ports) = &mut self.ports {
+            ports.retain(|k, _| k.0 != netns);
+        }
         for t in &mut self.tables {
             t.fold_netns(netns);
         }
@@ -1036,6 +1135,11 @@ impl Aggregator {
         true
     }
 
+    /// Lets the group of `key` be folded again (it is no longer exported).
+    pub fn unpin(&mut self, by: By, key: &Key) {
+        self.tables[by.index()].pinned.remove(key);
+    }
+
     /// The group of `key`, when it has one of its own.
     pub fn group(&self, by: By, key: &Key) -> Option<&Group> {
         let t = &self.tables[by.index()];
@@ -1054,6 +1158,9 @@ impl Aggregator {
             + self.live.capacity() * (8 + size_of::<Held>() + 1)
             + self.seeded.capacity() * (4 + size_of::<Conn>() + size_of::<Held>() + 1)
             + self.namespaces.capacity() * (4 + 16 + 1)
+            + self.ports.as_ref().map_or(0, |p| {
+                p.capacity() * (size_of::<(u32, IpAddr, SocketAddr)>() + 4 + 1)
+            })
     }
 }
 
@@ -1208,8 +1315,11 @@ mod tests {
         assert_eq!(g.rate(161, 1), 30.0);
         assert_eq!(g.rate(161, 10), (9.0 * 10.0 + 30.0) / 10.0);
         assert_eq!(g.rate(160, 59), 10.0);
+        // The whole minute 100..159, while second 160 is being counted.
+        assert_eq!(g.rate(160, 60), 10.0);
+        assert_eq!(g.rate(161, 60), (59.0 * 10.0 + 30.0) / 60.0);
         // A minute of silence empties the window.
-        assert_eq!(g.rate(300, 59), 0.0);
+        assert_eq!(g.rate(300, 60), 0.0);
     }
 
     #[test]

@@ -62,28 +62,43 @@ impl FromStr for Cidr {
                 _ => return Err(format!("'{s}': prefix length must be 0 to {max}")),
             },
         };
-        // An IPv4-mapped address is shown (and matched) as IPv4.
-        let addr = match addr {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) if prefix >= 96 => {
-                    return Cidr::from_str(&format!("{v4}/{}", prefix - 96));
-                }
-                _ => IpAddr::V6(v6),
-            },
-            v4 => v4,
-        };
         let net = Cidr { addr, prefix };
+        // Checked as typed, so that a message names what the user wrote.
         if !net.contains_exactly_network() {
             return Err(format!(
                 "'{s}' has host bits set; did you mean {}?",
-                net.network()
+                net.network().typed()
             ));
         }
-        Ok(net)
+        // An IPv4-mapped address is shown (and matched) as IPv4.
+        Ok(match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) if prefix >= 96 => Cidr {
+                    addr: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                },
+                _ => net,
+            },
+            IpAddr::V4(_) => net,
+        })
     }
 }
 
 impl Cidr {
+    /// As the user would write it: a v4-mapped network keeps its `::ffff:` form.
+    fn typed(&self) -> String {
+        match self.addr {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+                format!(
+                    "::ffff:{}/{}",
+                    v6.to_ipv4_mapped().expect("mapped"),
+                    self.prefix
+                )
+            }
+            _ => self.to_string(),
+        }
+    }
+
     fn network(&self) -> Cidr {
         let zero = |octets: &mut [u8]| {
             for (i, b) in octets.iter_mut().enumerate() {
@@ -195,6 +210,8 @@ mod tests {
         assert!(any.contains("8.8.8.8".parse().unwrap()));
         let mapped: Cidr = "::ffff:10.0.0.0/104".parse().unwrap();
         assert_eq!(mapped.to_string(), "10.0.0.0/8");
+        let all_v4: Cidr = "::ffff:0.0.0.0/96".parse().unwrap();
+        assert_eq!(all_v4.to_string(), "0.0.0.0/0");
     }
 
     #[test]
@@ -208,6 +225,12 @@ mod tests {
             ("banana", "'banana' is not an IP"),
             ("", "is not an IP"),
             ("10.0.0.0/8/8", "prefix length"),
+            // Named as typed, never as the IPv4 it stands for.
+            (
+                "::ffff:10.0.0.0/96",
+                "'::ffff:10.0.0.0/96' has host bits set; did you mean ::ffff:0.0.0.0/96?",
+            ),
+            ("::ffff:10.0.0.1/104", "did you mean ::ffff:10.0.0.0/104?"),
         ] {
             let err = bad.parse::<Cidr>().unwrap_err();
             assert!(err.contains(needle), "{bad}: {err}");

@@ -957,6 +957,43 @@ impl Lifecycle {
     pub fn flush(&mut self, out: &mut Vec<Event>) {
         self.settle_cancels(u64::MAX, out);
     }
+
+    /// The time of the oldest cancel still waiting for its explanation: the end it becomes
+    /// will carry that time, so nothing later may be handed on before it (see `InOrder`).
+    pub fn oldest_pending_ns(&self) -> Option<u64> {
+        self.pending.iter().flatten().map(|p| p.ts_ns).min()
+    }
+}
+
+/// Hands events on in time order. An end is known only once its cancel is explained (by the
+/// next event from its CPU, or `SETTLE_NS` later), while other CPUs go on producing births: an
+/// `EXIT ... reused` stamped 09.266 could otherwise follow an `ENTER` of 09.267. Events wait
+/// here while a cancel older than them is pending; those released are sorted by time (stable).
+/// Bounded: a cancel waits at most `SETTLE_NS` (`settle` runs on every batch and tick).
+#[derive(Debug, Default)]
+pub struct InOrder {
+    held: Vec<Event>,
+}
+
+impl InOrder {
+    /// Where the lifecycle puts what it resolved.
+    pub fn input(&mut self) -> &mut Vec<Event> {
+        &mut self.held
+    }
+
+    /// Moves to `out`, in time order, every held event older than `pending` (the oldest cancel
+    /// still waiting; None: all of them).
+    pub fn release(&mut self, pending: Option<u64>, out: &mut Vec<Event>) {
+        if self.held.is_empty() {
+            return;
+        }
+        self.held.sort_by_key(Event::ts_ns);
+        let n = match pending {
+            None => self.held.len(),
+            Some(t) => self.held.partition_point(|e| e.ts_ns() < t),
+        };
+        out.extend(self.held.drain(..n));
+    }
 }
 
 #[cfg(test)]
@@ -1448,5 +1485,62 @@ mod tests {
         let (out, lc) = run(vec![cancel(0, 1, 42, false), birth(0, 2, 7, 1000)]);
         assert!(exits(&out).is_empty(), "{out:?}");
         assert_eq!(lc.stats().unknown_ends, 1);
+    }
+
+    /// A reuse cancel on CPU 0 waits for its explanation while CPU 1 goes on: the later birth
+    /// is held back until the end is known, then both come out in time order.
+    #[test]
+    fn ends_come_out_before_later_births() {
+        let mut lc = Lifecycle::new();
+        let mut order = InOrder::default();
+        let mut out = Vec::new();
+        let mut step = |lc: &mut Lifecycle, order: &mut InOrder, ev: Option<KernelEvent>, now| {
+            if let Some(ev) = ev {
+                lc.feed(ev, order.input());
+            }
+            lc.settle(now, order.input());
+            order.release(lc.oldest_pending_ns(), &mut out);
+        };
+        step(
+            &mut lc,
+            &mut order,
+            Some(birth(0, 1_000, 0xa0, 40000)),
+            1_000,
+        );
+        // 09.266: connect() on CPU 0 takes the 4-tuple over; 09.267: a birth on CPU 1.
+        step(
+            &mut lc,
+            &mut order,
+            Some(cancel(0, 9_266_000_000, 0xa0, true)),
+            9_266_000_001,
+        );
+        step(
+            &mut lc,
+            &mut order,
+            Some(birth(1, 9_267_000_000, 0xb0, 40001)),
+            9_267_000_001,
+        );
+        // Nothing more from CPU 0: the cancel settles as an early end (reused).
+        step(&mut lc, &mut order, None, 9_266_000_000 + SETTLE_NS);
+        let seen: Vec<(u64, &str)> = out
+            .iter()
+            .map(|e| {
+                let kind = match e {
+                    Event::Enter(_) => "enter",
+                    Event::Exit(_) => "exit",
+                    Event::State(_) | Event::Rearm(_) | Event::ConnectFail(_) => "other",
+                };
+                (e.ts_ns(), kind)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (1_000, "enter"),
+                (9_266_000_000, "exit"),
+                (9_267_000_000, "enter")
+            ]
+        );
+        assert_eq!(exits(&out)[0].1, Reason::Reused);
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     kernel::decode::{KernelEvent, Role},
     kernel::probes::{ProbeOptions, Probes, ProgramStats},
     kernel::source::Source,
-    track::lifecycle::{Event, Lifecycle, Substate},
+    track::lifecycle::{Event, InOrder, Lifecycle, LifecycleStats, Substate},
 };
 
 /// Everything that was not seen, and why.
@@ -68,6 +68,8 @@ pub struct Session {
     /// CONFIG_HZ, when the kernel config says.
     pub hz: Option<u32>,
     batch: Vec<KernelEvent>,
+    /// Resolved events held until no earlier end can still come (see `InOrder`).
+    in_order: InOrder,
     events: Vec<Event>,
     ring_size: u32,
 }
@@ -81,6 +83,7 @@ impl Session {
         let mut collector = Collector::new();
         let mut host = Host::default();
         host.apply(collector.handle(&Request::default()));
+        let ring_size = opts.ring_size;
         let mut probes = Probes::attach(opts)?;
         let ring = probes.take_ring()?;
         let source = Source::new(ring).map_err(|e| {
@@ -109,8 +112,9 @@ impl Session {
             wall: WallClock::now(),
             hz,
             batch: Vec::with_capacity(4096),
+            in_order: InOrder::default(),
             events: Vec::with_capacity(4096),
-            ring_size: opts.ring_size,
+            ring_size,
         };
         if seed {
             session.seed().map_err(|e| {
@@ -202,21 +206,30 @@ impl Session {
         &self.events
     }
 
+    /// Resolves the batch; hands on, in time order, the events no cancel still waiting for
+    /// its explanation can come before (an end is only known once its cancel is explained).
     fn resolve(&mut self, last: bool) {
+        let held = self.in_order.input();
         for ev in self.batch.drain(..) {
-            self.lifecycle.feed(ev, &mut self.events);
+            self.lifecycle.feed(ev, held);
         }
         if last {
-            self.lifecycle.flush(&mut self.events);
+            self.lifecycle.flush(held);
         } else {
-            self.lifecycle
-                .settle(clock::monotonic_ns(), &mut self.events);
+            self.lifecycle.settle(clock::monotonic_ns(), held);
         }
+        self.in_order
+            .release(self.lifecycle.oldest_pending_ns(), &mut self.events);
     }
 
     /// Every TIME_WAIT socket alive now that the session knows of.
     pub fn alive(&self) -> impl Iterator<Item = crate::track::lifecycle::TwEnter> + '_ {
         self.lifecycle.alive()
+    }
+
+    /// Births and ends seen in all traffic.
+    pub fn counts(&self) -> LifecycleStats {
+        self.lifecycle.stats()
     }
 
     /// `N births, M ends, K still in TIME_WAIT` (all traffic, before any filter).
@@ -271,33 +284,43 @@ impl Session {
         })
     }
 
-    /// Writes `stats()` to `path` when asked for.
-    pub fn write_stats(&self, path: Option<&std::path::Path>) -> anyhow::Result<()> {
-        if let Some(path) = path {
-            std::fs::write(path, self.stats().to_string())
-                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    /// Writes `stats()` to the `--stats-json` file (opened before the run, see
+    /// `output::create`) when asked for.
+    pub fn write_stats(&self, file: Option<std::fs::File>) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        if let Some(mut f) = file {
+            f.write_all(self.stats().to_string().as_bytes())
+                .map_err(|e| anyhow::anyhow!("cannot write --stats-json: {e}"))?;
         }
         Ok(())
     }
 }
 
-/// Resolves on SIGINT, SIGTERM, or after `limit`.
-pub async fn stop_signal(limit: Option<Duration>) -> io::Result<()> {
+/// Resolves on SIGINT, SIGTERM, SIGHUP (the terminal went away: stop cleanly, as for the
+/// others), or after `limit`. The handlers are installed at once, before the first poll: a
+/// signal that arrives before the view waits on this future still stops it.
+pub fn stop_signal(
+    limit: Option<Duration>,
+) -> io::Result<impl std::future::Future<Output = io::Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let timeout = async {
-        match limit {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        let timeout = async {
+            match limit {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+            _ = timeout => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = timeout => {}
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// `N events lost (...)` for stderr at the end of a run.

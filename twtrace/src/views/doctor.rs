@@ -1,7 +1,7 @@
 //! `twtrace doctor`: reads the settings and counters that govern TIME_WAIT in every network
 //! namespace, watches the traffic for a while, and says what is wrong and what to change, each
-//! namespace judged by its own numbers. Exit code 1 when a finding is serious, so that scripts
-//! can use it.
+//! namespace judged by its own numbers. Exit code 9 when a finding is at least as severe as
+//! `--fail-on` (warning by default), so that scripts can use it.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -12,8 +12,8 @@ use std::{
 use serde_json::json;
 
 use crate::{
-    cli::DoctorArgs,
-    failure::ExitWith,
+    cli::{DoctorArgs, FailOn},
+    failure::{Code, ExitWith},
     host::{
         close_wait::CloseWait,
         collect::Request,
@@ -21,8 +21,12 @@ use crate::{
         sockdiag::{self, DiagSocket, state},
     },
     kernel::decode::Role,
+    output::{self, printable},
     present::allocator::Allocation,
-    present::diagnose::{self, Destination, Evidence, FailedConnects, Finding, ServerPort},
+    present::diagnose::{
+        self, Destination, Evidence, FailedConnects, Finding, ServerPort, Severity,
+    },
+    say,
     track::lifecycle::{Event, FailReason},
     track::session::{self, Session},
 };
@@ -237,8 +241,22 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
     lines
 }
 
+/// Whether the findings fail the run (`--fail-on`).
+pub fn fails(findings: &[Finding], fail_on: FailOn) -> bool {
+    let least = match fail_on {
+        FailOn::Warning => Severity::Warning,
+        FailOn::Critical => Severity::Critical,
+        FailOn::Never => return false,
+    };
+    findings.iter().any(|f| f.severity >= least)
+}
+
 pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     let only = args.netns.netns.clone();
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    // The handlers first: a signal from now on (while attaching too) ends the run cleanly.
+    let stop = session::stop_signal(Some(args.duration))?;
+    tokio::pin!(stop);
     // Seeded: the listeners of every namespace (accepted from connected), and the baseline of
     // every namespace's counters.
     let mut session = Session::start(args.probe.options(), true)?;
@@ -247,19 +265,17 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         close_wait: Some(only.clone()),
     });
     if let Some(line) = session.host.tell_once() {
-        eprintln!("twtrace: {line}");
+        say!("{line}");
     }
     let close_wait_start = session.host.close_wait.clone();
     let listening = session.listening.clone();
-    eprintln!(
-        "twtrace: watching for {}s; Ctrl-C to stop early",
+    say!(
+        "watching for {}s; Ctrl-C to stop early",
         args.duration.as_secs_f64()
     );
     let started = std::time::Instant::now();
     let mut traffic = Traffic::default();
     let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
-    let stop = session::stop_signal(Some(args.duration));
-    tokio::pin!(stop);
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
@@ -348,7 +364,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     let loss = session.loss();
     let serious = findings.iter().filter(|f| f.severity.serious()).count();
-    let mut out = std::io::stdout().lock();
+    let mut out: Vec<u8> = Vec::new();
     if args.json {
         let namespaces: Vec<_> = judged
             .iter()
@@ -398,15 +414,16 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         if loss.total() > 0 {
             writeln!(out, "(incomplete: {})", session::loss_line(&loss))?;
         }
+        // Titles and evidence name processes and namespaces: escaped for the terminal.
         for f in &findings {
             writeln!(
                 out,
                 "\n{:<8} {}",
                 f.severity.as_str().to_uppercase(),
-                f.title
+                printable(&f.title)
             )?;
             for e in &f.evidence {
-                for line in wrap(e, 80 - 9) {
+                for line in wrap(&printable(e), 80 - 9) {
                     writeln!(out, "         {line}")?;
                 }
             }
@@ -418,9 +435,16 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
             writeln!(out, "nothing to report")?;
         }
     }
-    session.write_stats(args.probe.stats_json.as_deref())?;
-    if serious > 0 {
-        return Err(ExitWith(1).into());
+    let written = {
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        output::stdout_result(stdout.write_all(&out).and_then(|()| stdout.flush()))
+    };
+    session.write_stats(stats_file)?;
+    written?;
+    if fails(&findings, args.fail_on) {
+        // The findings said it all.
+        return Err(ExitWith(Code::Findings as u8).into());
     }
     Ok(())
 }

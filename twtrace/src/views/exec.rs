@@ -1,9 +1,15 @@
 //! `twtrace exec [budgets] -- CMD ARGS...`: runs CMD and charges it with the TIME_WAIT its own
 //! process tree causes (children included, followed in the kernel from the moment they fork),
-//! then says so and exits with CMD's exit code, or 3 when a budget was exceeded. Made to guard
-//! a CI job against a change that stops reusing connections.
+//! then says so and exits with CMD's exit code, or 124 when a budget was exceeded (125 when
+//! twtrace itself fails, 126 or 127 when CMD cannot be run, as timeout(1) and env(1) do). Made
+//! to guard a CI job against a change that stops reusing connections.
 //!
-//! The summary goes to stderr (text, or one JSON line with `--json`): CMD's stdout stays CMD's.
+//! The summary goes to stderr, or to `--summary FILE` (text, or one JSON line with `--json`):
+//! CMD's stdout stays CMD's.
+//!
+//! SIGINT, SIGTERM and SIGHUP are passed on to CMD, each time one arrives, unless CMD got it
+//! already: a signal the kernel sent (a Ctrl-C in the terminal goes to the whole foreground
+//! process group, CMD included) or that CMD sent. twtrace returns only once CMD has exited.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -17,9 +23,11 @@ use serde_json::json;
 
 use crate::{
     cli::ExecArgs,
-    failure::{Code, ExitWith, Failure},
+    failure::{ExitWith, exec_code},
     host::collect::Request,
     kernel::probes::ProbeOptions,
+    output::{self, printable},
+    say,
     track::lifecycle::{Event, FailReason},
     track::session::{self, Session},
 };
@@ -110,6 +118,37 @@ pub fn exceeded(c: &Charge, max_timewait: Option<u64>, max_rate: Option<f64>) ->
     out
 }
 
+/// The signals passed on to the command, and who sent each last (`si_code << 32 | si_pid`),
+/// recorded by a handler of our own beside tokio's (both through signal-hook-registry).
+const FORWARDED: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+static ORIGIN: [std::sync::atomic::AtomicI64; 3] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; 3];
+/// `si_code` of a signal the kernel sent itself: a terminal's Ctrl-C, sent to the whole
+/// foreground process group.
+const SI_KERNEL: i32 = 0x80;
+
+fn record_origins() -> std::io::Result<()> {
+    for (i, &sig) in FORWARDED.iter().enumerate() {
+        // SAFETY: the action only stores into an atomic, which is async-signal-safe.
+        unsafe {
+            signal_hook_registry::register_sigaction(sig, move |info: &libc::siginfo_t| {
+                let pid = info.si_pid() as u32 as i64;
+                ORIGIN[i].store(
+                    ((info.si_code as i64) << 32) | pid,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the command must be sent the signal twtrace just received: not when the kernel
+/// sent it (the command's process group got it too) nor when the command sent it.
+pub fn should_forward(si_code: i32, si_pid: u32, child: u32) -> bool {
+    si_code != SI_KERNEL && si_pid != child
+}
+
 fn exit_code(status: &ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
         (Some(c), _) => c as u8,
@@ -119,6 +158,8 @@ fn exit_code(status: &ExitStatus) -> u8 {
 }
 
 pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    let summary_file = output::create_opt("--summary", args.summary.as_ref())?;
     let mut session = Session::start(
         ProbeOptions {
             track_forks: true,
@@ -129,39 +170,51 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     // twtrace itself is the root of the tree: the command, forked from it, joins at birth.
     let me = std::process::id();
     session.probes.track(me)?;
-    let started = Instant::now();
-    let mut child = tokio::process::Command::new(&args.command[0])
-        .args(&args.command[1..])
-        .spawn()
-        .map_err(|e| {
-            Failure::new(
-                Code::Usage,
-                format!("cannot run '{}': {e}", args.command[0]),
-            )
-        })?;
-    let child_pid = child.id();
-    let mut charge = Charge::default();
-    let mut known: HashSet<u32> = HashSet::new();
-    let only = args.netns.netns.clone();
-    let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
-    // SIGINT, SIGTERM and SIGHUP are passed on to the command, each time one arrives; only its
-    // exit ends the run (a command that ignores them keeps twtrace waiting, as env(1) would).
+    // The handlers, before the command starts: a signal from then on reaches the command.
+    // Who sent it is recorded first (the actions run in the order they were registered), so
+    // that it is known by the time tokio wakes the loop.
+    record_origins()?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let forward = |sig: i32| {
-        if let Some(pid) = child_pid {
+    let started = Instant::now();
+    let mut child = match tokio::process::Command::new(&args.command[0])
+        .args(&args.command[1..])
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            say!("cannot run '{}': {e}", args.command[0]);
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                exec_code::NOT_FOUND
+            } else {
+                exec_code::CANNOT_RUN
+            };
+            return Err(ExitWith(code).into());
+        }
+    };
+    let child_pid = child.id().unwrap_or(0);
+    let mut charge = Charge::default();
+    let mut known: HashSet<u32> = HashSet::new();
+    let only = args.netns.netns.clone();
+    let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
+    // Each signal is passed on when it arrives; only the command's exit ends the run (a
+    // command that ignores them keeps twtrace waiting, as env(1) would).
+    let forward = |i: usize| {
+        let origin = ORIGIN[i].load(std::sync::atomic::Ordering::SeqCst);
+        let (code, pid) = ((origin >> 32) as i32, origin as u32);
+        if child_pid != 0 && should_forward(code, pid, child_pid) {
             // SAFETY: signalling our own child, which is not reaped before `wait` returns.
-            unsafe { libc::kill(pid as i32, sig) };
+            unsafe { libc::kill(child_pid as i32, FORWARDED[i]) };
         }
     };
     let status = loop {
         tokio::select! {
             status = child.wait() => break status?,
-            Some(()) = int.recv() => forward(libc::SIGINT),
-            Some(()) = term.recv() => forward(libc::SIGTERM),
-            Some(()) = hup.recv() => forward(libc::SIGHUP),
+            Some(()) = int.recv() => forward(0),
+            Some(()) = term.recv() => forward(1),
+            Some(()) = hup.recv() => forward(2),
             r = session.next() => {
                 // Copied out: telling members apart asks the session's probes.
                 let events = r?.to_vec();
@@ -196,42 +249,51 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     let loss = session.loss();
     let code = exit_code(&status);
     let duration = started.elapsed().as_secs_f64();
+    let mut text = String::new();
     if args.json {
-        eprintln!(
-            "{}",
-            json!({
-                "command": args.command,
-                "exit_code": code,
-                "duration_s": (duration * 100.0).round() / 100.0,
-                "births": charge.births,
-                "peak_per_s": charge.peak_per_s,
-                "still_in_time_wait": charge.still_held(),
-                "by_peer": top(&charge.by_peer, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
-                "by_local_port": top(&charge.by_local_port, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
-                "close_wait": close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
-                "connect_failures": FailReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(charge.connect_failures[r.index()]))).collect::<serde_json::Map<_, _>>(),
-                "budgets": {"max_timewait": args.max_timewait, "max_rate": args.max_rate, "exceeded": over},
-                "lost_events": loss.total(),
-            })
-        );
+        text = json!({
+            "command": args.command,
+            "exit_code": code,
+            "duration_s": (duration * 100.0).round() / 100.0,
+            "births": charge.births,
+            "peak_per_s": charge.peak_per_s,
+            "still_in_time_wait": charge.still_held(),
+            "by_peer": top(&charge.by_peer, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
+            "by_local_port": top(&charge.by_local_port, 20).iter().map(|(k, n)| json!({"key": k, "births": n})).collect::<Vec<_>>(),
+            "close_wait": close_wait.iter().map(|c| json!({"pid": c.pid, "comm": c.comm, "sockets": c.sockets})).collect::<Vec<_>>(),
+            "connect_failures": FailReason::ALL.iter().map(|r| (r.as_str().to_owned(), json!(charge.connect_failures[r.index()]))).collect::<serde_json::Map<_, _>>(),
+            "budgets": {"max_timewait": args.max_timewait, "max_rate": args.max_rate, "exceeded": over},
+            "lost_events": loss.total(),
+        })
+        .to_string();
+        text.push('\n');
     } else {
-        eprintln!(
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            text,
             "twtrace exec: '{}' exited {code} after {duration:.2}s",
-            args.command.join(" ")
+            printable(&args.command.join(" "))
         );
-        eprintln!(
+        let _ = writeln!(
+            text,
             "  TIME_WAIT caused: {} (peak {}/s), {} still in TIME_WAIT",
             charge.births,
             charge.peak_per_s,
             charge.still_held()
         );
         for (k, n) in top(&charge.by_peer, 5) {
-            eprintln!("  to {k}: {n}");
+            let _ = writeln!(text, "  to {k}: {n}");
+        }
+        for (k, n) in top(&charge.by_local_port, 5) {
+            let _ = writeln!(text, "  from local port {k}: {n}");
         }
         for c in &close_wait {
-            eprintln!(
+            let _ = writeln!(
+                text,
                 "  CLOSE_WAIT left behind by {}[{}]: {}",
-                c.comm, c.pid, c.sockets
+                printable(&c.comm),
+                c.pid,
+                c.sockets
             );
         }
         let failed: u64 = charge.connect_failures.iter().sum();
@@ -241,23 +303,35 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
                 .filter(|r| charge.connect_failures[r.index()] > 0)
                 .map(|r| format!("{} {}", charge.connect_failures[r.index()], r.as_str()))
                 .collect();
-            eprintln!("  failed connects: {failed} ({})", why.join(", "));
+            let _ = writeln!(text, "  failed connects: {failed} ({})", why.join(", "));
         }
         if loss.total() > 0 {
-            eprintln!(
+            let _ = writeln!(
+                text,
                 "  INCOMPLETE: {} (the counts may be low)",
                 session::loss_line(&loss)
             );
         }
         for o in &over {
-            eprintln!("  BUDGET: {o}");
+            let _ = writeln!(text, "  BUDGET: {o}");
         }
     }
-    session.write_stats(args.probe.stats_json.as_deref())?;
+    match summary_file {
+        Some(mut f) => {
+            use std::io::Write as _;
+            if let Err(e) = f.write_all(text.as_bytes()) {
+                say!("cannot write --summary: {e}");
+            }
+        }
+        None => crate::say_raw!("{text}"),
+    }
+    if let Err(e) = session.write_stats(stats_file) {
+        say!("{e:#}");
+    }
     let code = if over.is_empty() {
         code
     } else {
-        Code::Budget as u8
+        exec_code::BUDGET
     };
     if code == 0 {
         Ok(())
@@ -317,6 +391,16 @@ mod tests {
             bound: false,
             seeded: false,
         })
+    }
+
+    #[test]
+    fn signals_the_command_got_already_are_not_sent_again() {
+        // kill(2) from another process: SI_USER (0).
+        assert!(should_forward(0, 4242, 77));
+        // A terminal's Ctrl-C: the kernel sent it to the whole process group.
+        assert!(!should_forward(SI_KERNEL, 0, 77));
+        // The command signalling its parent.
+        assert!(!should_forward(0, 77, 77));
     }
 
     #[test]

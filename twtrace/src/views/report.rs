@@ -9,7 +9,9 @@ use crate::{
     cli::ReportArgs,
     host::clock,
     host::{cgroup::CgroupNames, collect::Request, netns},
+    output,
     present::report::{self, Context, NsContext},
+    say, say_raw,
     track::aggregate::Aggregator,
     track::session::{self, Session},
 };
@@ -71,23 +73,128 @@ pub fn context(
     }
 }
 
+/// Where reports go: standard output, or `--output FILE` (opened before the run).
+enum Sink {
+    Stdout,
+    File(std::fs::File),
+}
+
+impl Sink {
+    /// Writes one report; Ok(false) when standard output's reader has left (stop quietly).
+    fn write(&mut self, text: &str) -> Result<bool, crate::failure::Failure> {
+        match self {
+            Sink::Stdout => {
+                let mut out = std::io::stdout().lock();
+                match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                    Ok(()) => Ok(true),
+                    Err(e) => match output::stdout_failure(&e) {
+                        None => Ok(false),
+                        Some(f) => Err(f),
+                    },
+                }
+            }
+            Sink::File(f) => f
+                .write_all(text.as_bytes())
+                .and_then(|()| f.flush())
+                .map(|()| true)
+                .map_err(|e| {
+                    crate::failure::Failure::new(
+                        crate::failure::Code::Error,
+                        format!("cannot write --output: {e}"),
+                    )
+                }),
+        }
+    }
+}
+
 pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_filter();
-    let mut session = Session::start(args.probe.options(), true)?;
-    let mut agg = Aggregator::new(args.group.max_groups);
-    agg.set_listening_ports(session.listening.clone());
-    let started = Instant::now();
-    eprintln!(
-        "twtrace: collecting for {}s; Ctrl-C to stop early",
-        args.duration.as_secs_f64()
-    );
-    let progress = std::io::stderr().is_terminal();
-    let stop = session::stop_signal(Some(args.duration));
+    // Output files first: a path that cannot be written is found before anything is attached.
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    let mut sink = match &args.output {
+        Some(path) => Sink::File(output::create("--output", path)?),
+        None => Sink::Stdout,
+    };
+    // With --interval the run lasts until stopped (or --duration); without, 30 s by default.
+    let duration = match (args.duration, args.interval) {
+        (Some(d), _) => Some(d),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(30)),
+    };
+    // The handlers first: a signal from now on (while attaching too) ends the run cleanly.
+    let stop = session::stop_signal(duration)?;
     tokio::pin!(stop);
+    let mut session = Session::start(args.probe.options(), true)?;
+    let new_agg = |session: &Session| {
+        let mut agg = Aggregator::new(args.group.max_groups);
+        agg.set_listening_ports(session.listening.clone());
+        agg
+    };
+    let mut agg = new_agg(&session);
+    let mut started = Instant::now();
+    match (duration, args.interval) {
+        (Some(d), None) => say!("collecting for {}s; Ctrl-C to stop early", d.as_secs_f64()),
+        (_, Some(i)) => say!(
+            "collecting, a report every {}s; Ctrl-C to stop",
+            i.as_secs_f64()
+        ),
+        (None, None) => unreachable!("a duration or an interval"),
+    }
+    let progress = args.interval.is_none() && std::io::stderr().is_terminal();
+    let mut interval = args.interval.map(|i| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + i, i);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
     let mut last_tick = Instant::now();
+    let netns_filter = filter.netns.clone();
+    let mut names = CgroupNames::new();
+    let mut render = |session: &mut Session, agg: &mut Aggregator, started: Instant| {
+        agg.tick();
+        session.gather(&request(agg, &netns_filter, true));
+        if let Some(line) = session.host.tell_once() {
+            say!("{line}");
+        }
+        let ctx = context(session, agg, &netns_filter, started);
+        let (by, sort, top) = (args.group.by, args.group.sort, args.top);
+        let mut unit = |id| names.unit(id);
+        let text = if args.json {
+            format!("{}\n", report::json(agg, by, sort, top, &ctx, &mut unit))
+        } else {
+            report::table(agg, by, sort, top, &ctx, &mut unit)
+        };
+        (text, ctx.loss)
+    };
+    let mut reports = 0u64;
     loop {
+        let tick = async {
+            match interval.as_mut() {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let events = tokio::select! {
             r = &mut stop => { r?; break; }
+            () = tick => {
+                // One interval's report, then a fresh aggregate that starts from the TIME_WAIT
+                // alive now (counted in "now", not as births).
+                let (text, _) = render(&mut session, &mut agg, started);
+                let separator = if reports > 0 && !args.json { "\n" } else { "" };
+                reports += 1;
+                if !sink.write(&format!("{separator}{text}"))? {
+                    return finish(&session, stats_file, None);
+                }
+                agg = new_agg(&session);
+                for e in session.alive() {
+                    if filter.matches_enter(&e) {
+                        agg.adopt(&e);
+                    }
+                }
+                started = Instant::now();
+                continue;
+            }
             r = session.next() => r?,
         };
         for ev in events.iter().filter(|e| filter.matches(e)) {
@@ -98,10 +205,10 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             agg.tick();
             if progress {
                 let t = agg.totals();
-                eprint!(
+                say_raw!(
                     "\rtwtrace: collecting {:>4.0}/{}s: {} births, {} in TIME_WAIT ",
                     started.elapsed().as_secs_f64(),
-                    args.duration.as_secs(),
+                    duration.map_or(0, |d| d.as_secs()),
                     t.entered,
                     t.in_time_wait
                 );
@@ -111,28 +218,25 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     for ev in session.finish().iter().filter(|e| filter.matches(e)) {
         agg.on_event(ev);
     }
-    agg.tick();
     if progress {
-        eprint!("\r{:79}\r", "");
+        say_raw!("\r{:79}\r", "");
     }
-    let netns_filter = filter.netns.clone();
-    session.gather(&request(&agg, &netns_filter, true));
-    if let Some(line) = session.host.tell_once() {
-        eprintln!("twtrace: {line}");
-    }
-    let ctx = context(&session, &agg, &netns_filter, started);
-    let mut names = CgroupNames::new();
-    let (by, sort, top) = (args.group.by, args.group.sort, args.top);
-    let mut unit = |id| names.unit(id);
-    let text = if args.json {
-        format!("{}\n", report::json(&agg, by, sort, top, &ctx, &mut unit))
-    } else {
-        report::table(&agg, by, sort, top, &ctx, &mut unit)
-    };
-    std::io::stdout().lock().write_all(text.as_bytes())?;
-    session.write_stats(args.probe.stats_json.as_deref())?;
-    if ctx.loss.total() > 0 {
-        eprintln!("twtrace: {}", session::loss_line(&ctx.loss));
+    let (text, loss) = render(&mut session, &mut agg, started);
+    let separator = if reports > 0 && !args.json { "\n" } else { "" };
+    sink.write(&format!("{separator}{text}"))?;
+    finish(&session, stats_file, Some(loss))
+}
+
+/// The end of a report run: the stats file, and the loss when there was any.
+fn finish(
+    session: &Session,
+    stats_file: Option<std::fs::File>,
+    loss: Option<crate::track::session::Loss>,
+) -> anyhow::Result<()> {
+    session.write_stats(stats_file)?;
+    let loss = loss.unwrap_or_else(|| session.loss());
+    if loss.total() > 0 {
+        say!("{}", session::loss_line(&loss));
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! `twtrace serve`: a daemon. Prometheus metrics on `GET /metrics`, the report's JSON on
-//! `GET /api/v1/report`, `GET /healthz`; anything else 404 (or 405 for another method). It
-//! attaches as root, binds its socket, starts its collector process (which keeps only what
-//! reading every network namespace needs: see `host::collect`), then drops to an unprivileged
-//! user with no capabilities and keeps only its open descriptors. SIGTERM or SIGINT ends it
-//! with exit code 0.
+//! `GET /api/v1/report` (its defaults from `--by` and `--sort`), `GET /healthz`, and on `GET /`
+//! a small page linking them; anything else 404 (or 405 for another method). Answers are
+//! gzipped when the client asks for it. It binds its socket (a busy port: exit 8, before
+//! anything is attached), attaches as root, starts its collector process (which keeps only
+//! what reading every network namespace needs: see `host::collect`), then drops to an
+//! unprivileged user with no capabilities and keeps only its open descriptors. SIGTERM, SIGINT
+//! or SIGHUP ends it with exit code 0. Logs on stderr follow `--log-level`: one line per failed
+//! request or error, never one per request unless `debug`.
 //!
 //! A report request with filters gets a view of its own: an aggregate that adopts the TIME_WAIT
 //! sockets alive at that moment (so "now" is right at once) and counts births from then on,
@@ -27,16 +30,17 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    cli::ServeArgs,
+    cli::{LogLevel, ServeArgs},
     failure::{Code, Failure},
     host::cgroup::CgroupNames,
     host::collect::{self, Reply, Request},
     host::privileges,
+    output,
     present::api,
     present::cost,
     present::metrics::{self, BuildInfo, Exporter},
-    present::report::{self, Context},
-    track::aggregate::Aggregator,
+    present::report::{self, Context, Sort},
+    track::aggregate::{Aggregator, By},
     track::filter::Filter,
     track::lifecycle::Event,
     track::session::{self, OwnCost, Session},
@@ -109,7 +113,33 @@ struct App {
     registry: Arc<Registry>,
     /// New filtered views are made by the main loop, which owns the session.
     new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>,
+    /// `--by` and `--sort`: the API's defaults.
+    by: By,
+    sort: Sort,
+    log: LogLevel,
 }
+
+/// A line on stderr when `level` is within `--log-level`.
+fn log(limit: LogLevel, level: LogLevel, line: std::fmt::Arguments) {
+    if level <= limit {
+        crate::say!("{}: {line}", level.as_str());
+    }
+}
+
+/// The page on `GET /`: what this is and where the figures are, as exporters do.
+const INDEX: &str = "<!DOCTYPE html>
+<html><head><meta charset=\"utf-8\"><title>twtrace</title></head>
+<body>
+<h1>twtrace</h1>
+<p>Where this host's TCP TIME_WAIT sockets come from.</p>
+<ul>
+<li><a href=\"metrics\">metrics</a> (Prometheus)</li>
+<li><a href=\"api/v1/report\">api/v1/report</a> (JSON; by, sort, top, port, peer, pid, comm,
+family, netns)</li>
+<li><a href=\"healthz\">healthz</a></li>
+</ul>
+</body></html>
+";
 
 async fn metrics_handler(State(app): State<App>) -> Response {
     let mut out = String::new();
@@ -131,9 +161,21 @@ fn error(code: StatusCode, message: String) -> Response {
 }
 
 async fn report_handler(State(app): State<App>, RawQuery(query): RawQuery) -> Response {
-    let q = match api::parse(query.as_deref()) {
+    let defaults = api::ReportQuery {
+        by: app.by,
+        sort: app.sort,
+        ..api::ReportQuery::default()
+    };
+    let q = match api::parse(query.as_deref(), defaults) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => {
+            log(
+                app.log,
+                LogLevel::Warn,
+                format_args!("GET /api/v1/report refused (400): {e}"),
+            );
+            return error(StatusCode::BAD_REQUEST, e);
+        }
     };
     let main = q.filter == Filter::default();
     if !main && !lock(&app.shared).views.iter().any(|v| v.filter == q.filter) {
@@ -173,36 +215,113 @@ async fn report_handler(State(app): State<App>, RawQuery(query): RawQuery) -> Re
     .into_response()
 }
 
-fn router(shared: Shared, new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>) -> Router {
+/// Logs each request by its outcome: failed ones (5xx) at warn (a refused report query is
+/// logged by its handler, with the reason), every one at debug.
+async fn access_log(
+    State(level): State<LogLevel>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let response = next.run(req).await;
+    let status = response.status();
+    if status.is_server_error() {
+        log(
+            level,
+            LogLevel::Warn,
+            format_args!("{method} {uri} failed ({status})"),
+        );
+    } else if status == StatusCode::BAD_REQUEST && uri.path() == "/api/v1/report" {
+        // Logged by the handler, with the reason.
+    } else {
+        log(
+            level,
+            LogLevel::Debug,
+            format_args!("{method} {uri} {}", status.as_u16()),
+        );
+    }
+    response
+}
+
+fn router(
+    shared: Shared,
+    new_view: mpsc::Sender<(Filter, oneshot::Sender<()>)>,
+    args: &ServeArgs,
+) -> Router {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(MetricsSource(shared.clone())));
     let app = App {
         shared,
         registry: Arc::new(registry),
         new_view,
+        by: args.group.by,
+        sort: args.group.sort,
+        log: args.log_level,
     };
     Router::new()
+        .route(
+            "/",
+            get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX) }),
+        )
         .route("/metrics", get(metrics_handler))
         .route("/api/v1/report", get(report_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         // GET only: no request needs a body.
         .layer(DefaultBodyLimit::max(0))
+        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .layer(axum::middleware::from_fn_with_state(
+            args.log_level,
+            access_log,
+        ))
         .with_state(app)
+}
+
+/// The listening socket. `[::]:PORT` (`--listen :PORT`) is one socket for IPv6 and IPv4
+/// alike (IPV6_V6ONLY off), or `0.0.0.0:PORT` where the host has no IPv6. A port in use is
+/// not bad usage: exit 8 (`Code::Listen`), which a supervisor restarts.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, Failure> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let open = |addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_cloexec(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    let any_v6 = addr.is_ipv6() && addr.ip().is_unspecified();
+    let r = match open(addr) {
+        Err(e) if any_v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => open(SocketAddr::new(
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            addr.port(),
+        )),
+        r => r,
+    };
+    r.map_err(|e| {
+        let shown = if any_v6 {
+            format!(":{}", addr.port())
+        } else {
+            addr.to_string()
+        };
+        Failure::new(Code::Listen, format!("cannot listen on {shown}: {e}"))
+    })
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = args.filter.to_filter();
     let account = privileges::lookup(&args.user)?;
+    // Before attaching: a busy port or a file that cannot be written is found at once (and the
+    // file stays writable after the drop to --user).
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    let listener = tokio::net::TcpListener::from_std(bind(args.listen)?)?;
+    // The handlers first: a signal from now on (while attaching too) ends the run cleanly.
+    let stop = session::stop_signal(None)?;
     let mut session = Session::start(args.probe.options(), true)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| {
-            Failure::new(
-                Code::Usage,
-                format!("cannot listen on {}: {e}", args.listen),
-            )
-        })?;
     // Started while this process still holds its privileges; it keeps only the three it needs.
     let collector = collect::Client::spawn().map_err(|e| {
         Failure::new(
@@ -212,7 +331,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     })?;
     session.collector = None;
     privileges::drop_to(account)?;
-    serve(args, filter, session, listener, collector).await
+    serve(args, filter, session, listener, collector, stats_file, stop).await
 }
 
 /// Runs the collector's requests one at a time, beside the main loop (which must keep reading
@@ -241,13 +360,18 @@ async fn serve(
     mut session: Session,
     listener: tokio::net::TcpListener,
     collector: collect::Client,
+    stats_file: Option<std::fs::File>,
+    stop: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    let level = args.log_level;
     let netns_filter = filter.netns.clone();
     let mut main = Aggregator::new(args.group.max_groups);
     main.set_listening_ports(session.listening.clone());
+    // Every outgoing destination's ports, per source: twtrace_peer_port_usage_ratio.
+    main.track_ports();
     if let Some(line) = session.host.tell_once() {
-        eprintln!("twtrace: {line}");
+        log(level, LogLevel::Warn, format_args!("{line}"));
     }
     let ctx = context(&session, &main, &netns_filter, started);
     let shared: Shared = Arc::new(Mutex::new(ServeState {
@@ -273,7 +397,7 @@ async fn serve(
     let mut collector_failed = false;
     let (view_tx, mut view_rx) = mpsc::channel(8);
     let (quit_tx, quit_rx) = oneshot::channel::<()>();
-    let app = router(shared.clone(), view_tx);
+    let app = router(shared.clone(), view_tx, &args);
     let local: SocketAddr = listener.local_addr()?;
     let server = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -282,9 +406,12 @@ async fn serve(
             })
             .await
     });
-    eprintln!("twtrace: serving on http://{local} (metrics, /api/v1/report, /healthz)");
+    log(
+        level,
+        LogLevel::Info,
+        format_args!("serving on http://{local} (metrics, /api/v1/report, /healthz)"),
+    );
 
-    let stop = session::stop_signal(None);
     tokio::pin!(stop);
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut last_close_wait = Instant::now();
@@ -326,7 +453,7 @@ async fn serve(
                     Ok(reply) => {
                         session.host.apply(reply);
                         if let Some(line) = session.host.tell_once() {
-                            eprintln!("twtrace: {line}");
+                            log(level, LogLevel::Warn, format_args!("{line}"));
                         }
                         let mut s = lock(&shared);
                         let s = &mut *s;
@@ -342,9 +469,13 @@ async fn serve(
                     }
                     Err(e) if !collector_failed => {
                         collector_failed = true;
-                        eprintln!(
-                            "twtrace: the collector stopped answering ({e}): the kernel's \
-                             per-namespace figures and CLOSE_WAIT are no longer updated"
+                        log(
+                            level,
+                            LogLevel::Error,
+                            format_args!(
+                                "the collector stopped answering ({e}): the kernel's \
+                                 per-namespace figures and CLOSE_WAIT are no longer updated"
+                            ),
                         );
                     }
                     Err(_) => {}
@@ -373,7 +504,11 @@ async fn serve(
     }
     let _ = quit_tx.send(());
     let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
-    session.write_stats(args.probe.stats_json.as_deref())?;
-    eprintln!("twtrace: {}", session::loss_line(&session.loss()));
+    session.write_stats(stats_file)?;
+    log(
+        level,
+        LogLevel::Info,
+        format_args!("{}", session::loss_line(&session.loss())),
+    );
     Ok(())
 }

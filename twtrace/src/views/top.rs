@@ -1,6 +1,9 @@
 //! `twtrace top`: the aggregate, live, full screen. Refreshed every second; keys switch the
-//! grouping (`g`), the sort (`s`) and set a filter on the group key (`/`); `q` or Ctrl-C quits.
-//! The terminal is restored on every way out (quit, SIGTERM, an error, a panic).
+//! grouping (`g`), the sort (`s`) and set a filter on the group key (`/`, Enter applies, Esc
+//! cancels, Ctrl-U empties the prompt); Esc clears the filter; `q` or Ctrl-C quits. Narrower
+//! than 80 columns, the less telling columns go first (P50, ENDED, BORN, BORN/S), never the
+//! key's width or the owner. The terminal is restored on every way out (quit, SIGTERM, SIGHUP,
+//! an error, a panic).
 
 use std::{
     io::IsTerminal,
@@ -20,7 +23,9 @@ use tokio::sync::mpsc;
 use crate::{
     cli::TopArgs,
     failure::{Code, Failure},
+    output::{self, printable},
     present::report::{self, Context, Sort},
+    say,
     track::aggregate::{Aggregator, By},
     track::session::{self, Session},
     views::report::{context, request},
@@ -64,6 +69,7 @@ impl Screen {
                     self.editing = None;
                 }
                 KeyCode::Esc => self.editing = None,
+                KeyCode::Char('u') if k.modifiers.contains(KeyModifiers::CONTROL) => buf.clear(),
                 KeyCode::Backspace => {
                     buf.pop();
                 }
@@ -73,7 +79,11 @@ impl Screen {
             return Action::Redraw;
         }
         match k.code {
-            KeyCode::Char('q') | KeyCode::Esc => Action::Quit,
+            KeyCode::Char('q') => Action::Quit,
+            KeyCode::Esc if !self.filter.is_empty() => {
+                self.filter.clear();
+                Action::Redraw
+            }
             KeyCode::Char('g') => {
                 self.by = next(&By::ALL, self.by);
                 Action::Redraw
@@ -168,6 +178,11 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
     let failed_col = rows
         .iter()
         .any(|r| r.connect_failures.iter().any(|&n| n > 0));
+    // The columns that fit: the key keeps the width of an IPv4 ADDR:PORT and the owner at
+    // least a process name; the figures go, least telling first, when the screen is narrow
+    // (FAIL, when shown, is kept: failures are what the user is looking for).
+    let fail_width = if failed_col { FIGURE_WIDTH + 1 } else { 0 };
+    let shown = columns(table.width.saturating_sub(fail_width));
     let body: Vec<TableRow> = rows
         .iter()
         .chain(other.iter().filter(|_| needle.is_empty()))
@@ -189,64 +204,93 @@ pub fn draw(f: &mut Frame, agg: &Aggregator, ctx: &Context, head: &Header, scree
             } else {
                 (r.key.clone(), owner)
             };
-            let mut cells = vec![
-                key,
+            let figures = [
                 r.in_time_wait.to_string(),
-                format!("{:.1}", r.rate_10s),
+                r.rate_10s
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
                 r.entered.to_string(),
                 r.exited.to_string(),
                 report::fmt_ms(r.p50_ms),
             ];
+            let mut cells = vec![printable(&key).into_owned()];
+            cells.extend(
+                figures
+                    .into_iter()
+                    .zip(shown)
+                    .filter(|(_, on)| *on)
+                    .map(|(c, _)| c),
+            );
             if failed_col {
                 cells.push(r.connect_failures.iter().sum::<u64>().to_string());
             }
-            cells.push(owner);
+            cells.push(printable(&owner).into_owned());
             TableRow::new(cells)
         })
         .collect();
-    // 80 columns: an IPv4 ADDR:PORT key (21), four counts and a lifetime (6 each), and the
-    // owner gets the rest (a 15-character comm and a pid fit from 80 columns up).
-    let mut widths = vec![
-        Constraint::Length(21),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-        Constraint::Length(6),
-    ];
+    let mut widths = vec![Constraint::Length(KEY_WIDTH)];
+    widths.extend(
+        shown
+            .iter()
+            .filter(|on| **on)
+            .map(|_| Constraint::Length(FIGURE_WIDTH)),
+    );
     if failed_col {
-        widths.push(Constraint::Length(6));
+        widths.push(Constraint::Length(FIGURE_WIDTH));
     }
     widths.push(Constraint::Fill(1));
+    let mut titles = vec![screen.by.as_str().to_uppercase()];
+    titles.extend(
+        FIGURES
+            .iter()
+            .zip(shown)
+            .filter(|(_, on)| *on)
+            .map(|(t, _)| t.to_string()),
+    );
+    if failed_col {
+        titles.push("FAIL".into());
+    }
+    titles.push(if ctx.several_namespaces() {
+        "NETNS OWNER".into()
+    } else {
+        "OWNER".into()
+    });
     f.render_widget(
-        Table::new(body, widths).header(
-            TableRow::new({
-                let mut h: Vec<String> = vec![
-                    screen.by.as_str().to_uppercase(),
-                    "TW".into(),
-                    "BORN/S".into(),
-                    "BORN".into(),
-                    "ENDED".into(),
-                    "P50".into(),
-                ];
-                if failed_col {
-                    h.push("FAIL".into());
-                }
-                h.push(if ctx.several_namespaces() {
-                    "NETNS OWNER".into()
-                } else {
-                    "OWNER".into()
-                });
-                h
-            })
-            .style(Style::default().add_modifier(Modifier::REVERSED)),
-        ),
+        Table::new(body, widths)
+            .header(TableRow::new(titles).style(Style::default().add_modifier(Modifier::REVERSED))),
         table,
     );
-    f.render_widget(
-        Paragraph::new("g grouping  s sort  / filter  q quit"),
-        footer,
-    );
+    let keys = if screen.editing.is_some() {
+        "Enter apply  Esc cancel  Ctrl-U empty"
+    } else if !screen.filter.is_empty() {
+        "g grouping  s sort  / filter  Esc clear filter  q quit"
+    } else {
+        "g grouping  s sort  / filter  q quit"
+    };
+    f.render_widget(Paragraph::new(keys), footer);
+}
+
+/// The figures' column titles, in order.
+const FIGURES: [&str; 5] = ["TW", "BORN/S", "BORN", "ENDED", "P50"];
+/// An IPv4 `ADDR:PORT` key.
+const KEY_WIDTH: u16 = 21;
+const FIGURE_WIDTH: u16 = 6;
+/// The owner column's least: a 15-byte process name and a pid of up to 6 digits.
+const OWNER_MIN: u16 = 23;
+
+/// Which figures fit in `width` columns beside the key and the owner (one space between
+/// columns): P50 goes first, then ENDED, BORN and BORN/S; TW always stays.
+pub fn columns(width: u16) -> [bool; 5] {
+    let mut on = [true; 5];
+    let need = |on: &[bool; 5]| {
+        KEY_WIDTH + 1 + on.iter().filter(|o| **o).count() as u16 * (FIGURE_WIDTH + 1) + OWNER_MIN
+    };
+    for drop in [4, 3, 2, 1] {
+        if need(&on) <= width {
+            break;
+        }
+        on[drop] = false;
+    }
+    on
 }
 
 /// Restores the terminal when dropped, whatever the way out.
@@ -267,9 +311,13 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         .into());
     }
     let filter = args.filter.to_filter();
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    // The handlers first: a signal from now on (while attaching too) ends the run cleanly.
+    let stop = session::stop_signal(None)?;
+    tokio::pin!(stop);
     let mut session = Session::start(args.probe.options(), true)?;
     if let Some(line) = session.host.tell_once() {
-        eprintln!("twtrace: {line}");
+        say!("{line}");
     }
     let mut agg = Aggregator::new(args.group.max_groups);
     agg.set_listening_ports(session.listening.clone());
@@ -302,8 +350,6 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
     let mut last_entered = 0;
     let mut last_close_wait = Instant::now();
     let mut second = tokio::time::interval(Duration::from_secs(1));
-    let stop = session::stop_signal(None);
-    tokio::pin!(stop);
     loop {
         tokio::select! {
             r = &mut stop => { r?; break; }
@@ -340,10 +386,10 @@ pub async fn run(args: TopArgs) -> anyhow::Result<()> {
         terminal.draw(|f| draw(f, &agg, &ctx, &head, &screen))?;
     }
     drop(_guard);
-    session.write_stats(args.probe.stats_json.as_deref())?;
+    session.write_stats(stats_file)?;
     let loss = session.loss();
     if loss.total() > 0 {
-        eprintln!("twtrace: {}", session::loss_line(&loss));
+        say!("{}", session::loss_line(&loss));
     }
     Ok(())
 }
@@ -386,7 +432,11 @@ mod tests {
     }
 
     fn screen_text(a: &Aggregator, s: &Screen) -> String {
-        let mut t = Terminal::new(TestBackend::new(80, 24)).unwrap();
+        screen_text_at(80, a, s)
+    }
+
+    fn screen_text_at(width: u16, a: &Aggregator, s: &Screen) -> String {
+        let mut t = Terminal::new(TestBackend::new(width, 24)).unwrap();
         let ctx = Context {
             duration_s: 5.0,
             now_sec: 6,
@@ -404,7 +454,7 @@ mod tests {
         let buf = t.backend().buffer().clone();
         (0..24)
             .map(|y| {
-                (0..80)
+                (0..width)
                     .map(|x| buf[(x, y)].symbol().to_owned())
                     .collect::<String>()
             })
@@ -459,5 +509,61 @@ mod tests {
         assert!(matches!(s.key(key('q')), Action::Quit));
         let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
         assert!(matches!(screen().key(ctrl_c), Action::Quit));
+    }
+
+    /// A filter is cleared in one key: Esc outside the prompt (which no longer quits), Ctrl-U
+    /// inside it.
+    #[test]
+    fn a_filter_clears_in_one_key_and_esc_does_not_quit() {
+        let key = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE);
+        let esc = KeyEvent::new(KeyCode::Esc, KeyModifiers::NONE);
+        let mut s = screen();
+        assert!(!matches!(s.key(esc), Action::Quit), "Esc quits nothing");
+        s.filter = "10.0.2".into();
+        assert!(matches!(s.key(esc), Action::Redraw));
+        assert_eq!(s.filter, "");
+        s.filter = "10.0.2".into();
+        s.key(key('/'));
+        s.key(KeyEvent::new(KeyCode::Char('u'), KeyModifiers::CONTROL));
+        assert_eq!(s.editing.as_deref(), Some(""));
+        s.key(KeyEvent::new(KeyCode::Enter, KeyModifiers::NONE));
+        assert_eq!(s.filter, "");
+    }
+
+    /// Narrower than 80 columns, figures go before the key is cut or the owner dropped.
+    #[test]
+    fn narrow_screens_keep_the_key_and_the_owner() {
+        let mut a = agg();
+        a.on_event(&Event::Enter(TwEnter {
+            netns: 0,
+            ts_ns: 5_000_000_000,
+            timer: 999,
+            conn: Conn {
+                local: "10.0.0.1:50000".parse().unwrap(),
+                remote: "192.168.100.200:65000".parse().unwrap(),
+            },
+            owner: Some(Process {
+                pid: 123_456,
+                tid: 1,
+                comm: "a-long-procname".into(),
+                cgroup_id: 1,
+            }),
+            role: Role::Connected,
+            timeout_jiffies: 0,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
+            seeded: false,
+        }));
+        for width in [56u16, 60, 70, 79] {
+            let text = screen_text_at(width, &a, &screen());
+            let row = text
+                .lines()
+                .find(|l| l.starts_with("192.168.100.200:65000"))
+                .unwrap_or_else(|| panic!("{width} columns:\n{text}"));
+            assert!(row.contains("a-long-procname[123456]"), "{width}: {row}");
+            assert!(text.contains("OWNER"), "{width}:\n{text}");
+        }
+        assert_eq!(columns(80), [true; 5]);
+        assert_eq!(columns(60), [true, true, false, false, false]);
     }
 }

@@ -9,10 +9,12 @@ use serde::Serialize;
 
 use crate::{
     cli::WatchArgs,
-    host::clock::{WallClock, hms_millis, jiffies_to_ms},
+    host::clock::{TimeStyle, WallClock, jiffies_to_ms},
     host::netns::{self, Registry},
     kernel::decode::Role,
     kernel::probes::ProbeOptions,
+    output::{self, printable},
+    say,
     track::filter::Filter,
     track::lifecycle::{Event, FailReason, Substate, TIME_WAIT_MS},
     track::session::{self, Session},
@@ -40,6 +42,8 @@ pub fn state_name(state: u8) -> &'static str {
 /// How the views render one event.
 pub struct Renderer {
     pub wall: WallClock,
+    /// Local time or UTC, and the format (`--utc`, `--time`).
+    pub time: TimeStyle,
     /// CONFIG_HZ, to show the kernel's timeout; None leaves it out.
     pub hz: Option<u32>,
     /// When the host has several network namespaces: the one to leave unnamed (twtrace's own),
@@ -61,9 +65,17 @@ fn secs(ns: u64) -> String {
 }
 
 impl Renderer {
-    pub const HEADER: &'static str =
-        "TIME         EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL";
+    /// The column titles, the TIME column as wide as the times.
+    pub fn header(&self) -> String {
+        format!(
+            "{:<w$} EVENT     PID COMM            LOCAL > REMOTE (ROLE) DETAIL",
+            "TIME",
+            w = self.time.width()
+        )
+    }
 
+    /// One line of text for a terminal: every character a terminal would act on is escaped
+    /// (a process may name itself with escape sequences or a newline).
     pub fn text(&mut self, ev: &Event) -> String {
         let for_ms = |jiffies| {
             jiffies_to_ms(jiffies, self.hz)
@@ -133,18 +145,17 @@ impl Renderer {
             }
             _ => String::new(),
         };
-        format!(
+        let line = format!(
             "{} {:<5} {:>7} {:<15} {} ({}) {}{place}",
-            hms_millis(self.wall.epoch_ns(ev.ts_ns())),
+            self.time.format(self.wall.epoch_ns(ev.ts_ns())),
             name,
             pid,
             comm,
             conn,
             role_short(ev.role()),
             detail
-        )
-        .trim_end()
-        .to_owned()
+        );
+        printable(line.trim_end()).into_owned()
     }
 
     /// The JSON line of an event, serialized straight to the output (no map built per event).
@@ -277,8 +288,41 @@ enum Detail {
     },
 }
 
+/// What watch showed, for its closing line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Shown {
+    pub births: u64,
+    pub ends: u64,
+}
+
+/// Which events watch shows: the filters, and with `--new-only` no end of a socket born
+/// before start.
+pub struct Selection {
+    pub filter: Filter,
+    pub new_only: bool,
+}
+
+impl Selection {
+    pub fn shows(&self, ev: &Event) -> bool {
+        let old = matches!(ev, Event::Exit(x) if x.lifetime_ns.is_none());
+        !(self.new_only && old) && self.filter.matches(ev)
+    }
+
+    /// Everything passes: the closing line can speak of all traffic.
+    fn everything(&self) -> bool {
+        !self.new_only && self.filter == Filter::default()
+    }
+}
+
 pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
-    let filter: Filter = args.filter.to_filter();
+    let selection = Selection {
+        filter: args.filter.to_filter(),
+        new_only: args.new_only,
+    };
+    let stats_file = output::create_opt("--stats-json", args.probe.stats_json.as_ref())?;
+    // The handlers first: a signal from now on (while attaching too) ends the run cleanly.
+    let stop = session::stop_signal(args.duration)?;
+    tokio::pin!(stop);
     let mut session = Session::start(
         ProbeOptions {
             emit_states: args.all_states,
@@ -289,61 +333,103 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<()> {
     let several = session.host.namespaces.len() > 1;
     let mut renderer = Renderer {
         wall: session.wall,
+        time: TimeStyle::new(args.time, args.utc),
         hz: session.hz,
         netns: netns::own()
             .filter(|_| several && !args.json)
             .map(|own| (own, Registry::new())),
     };
     let mut out = io::BufWriter::new(io::stdout().lock());
-    if !args.json {
-        writeln!(out, "{}", Renderer::HEADER)?;
-        out.flush()?;
-    }
-    eprintln!("twtrace: tracing TIME_WAIT; Ctrl-C to stop");
-    let stop = session::stop_signal(args.duration);
-    tokio::pin!(stop);
+    let mut shown = Shown::default();
+    // A write that fails for another reason than a reader leaving: said after the summary.
+    let mut failed = None;
     let mut open = true;
-    loop {
-        let events = tokio::select! {
-            r = &mut stop => { r?; break; }
-            r = session.next() => r?,
-        };
-        if !emit(&mut out, &mut renderer, &filter, args.json, events) {
+    if !args.json {
+        let header = renderer.header();
+        if let Err(e) = writeln!(out, "{header}").and_then(|()| out.flush()) {
             open = false;
-            break;
+            failed = output::stdout_failure(&e);
+        }
+    }
+    let mut show = |events: &[Event]| -> bool {
+        match emit(
+            &mut out,
+            &mut renderer,
+            &selection,
+            args.json,
+            events,
+            &mut shown,
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                failed = output::stdout_failure(&e);
+                false
+            }
+        }
+    };
+    if open {
+        say!("tracing TIME_WAIT; Ctrl-C to stop");
+        loop {
+            let events = tokio::select! {
+                r = &mut stop => { r?; break; }
+                r = session.next() => r?,
+            };
+            if !show(events) {
+                open = false;
+                break;
+            }
         }
     }
     if open {
-        let events = session.finish();
-        emit(&mut out, &mut renderer, &filter, args.json, events);
+        show(session.finish());
     }
     let loss = session.loss();
-    session.write_stats(args.probe.stats_json.as_deref())?;
-    eprintln!("twtrace: {}", session.summary());
-    eprintln!("twtrace: {}", session::loss_line(&loss));
-    Ok(())
+    let stats = session.write_stats(stats_file);
+    say!("{}", summary(&session, &selection, shown));
+    say!("{}", session::loss_line(&loss));
+    stats?;
+    match failed {
+        Some(f) => Err(f.into()),
+        None => Ok(()),
+    }
 }
 
-/// Writes the events that pass the filter; false once stdout is closed (a pipe reader left).
+/// The closing line: what was shown, and when filters left some out, what was seen.
+fn summary(session: &Session, selection: &Selection, shown: Shown) -> String {
+    if selection.everything() {
+        format!("{} (all traffic)", session.summary())
+    } else {
+        let all = session.counts();
+        format!(
+            "{} TIME_WAIT births and {} ends shown (of {} and {} seen in all traffic)",
+            shown.births, shown.ends, all.births, all.exits
+        )
+    }
+}
+
+/// Writes the events that pass the selection; an error once stdout is closed or full.
 fn emit(
     out: &mut impl Write,
     r: &mut Renderer,
-    filter: &Filter,
+    selection: &Selection,
     json: bool,
     events: &[Event],
-) -> bool {
-    let mut write = || -> io::Result<()> {
-        for ev in events.iter().filter(|e| filter.matches(e)) {
-            if json {
-                serde_json::to_writer(&mut *out, &r.json(ev))?;
-                out.write_all(b"\n")?;
-            } else {
-                writeln!(out, "{}", r.text(ev))?;
-            }
+    shown: &mut Shown,
+) -> io::Result<()> {
+    for ev in events.iter().filter(|e| selection.shows(e)) {
+        match ev {
+            Event::Enter(_) => shown.births += 1,
+            Event::Exit(_) => shown.ends += 1,
+            Event::State(_) | Event::Rearm(_) | Event::ConnectFail(_) => {}
         }
-        out.flush()
-    };
-    write().is_ok()
+        if json {
+            serde_json::to_writer(&mut *out, &r.json(ev))?;
+            out.write_all(b"\n")?;
+        } else {
+            writeln!(out, "{}", r.text(ev))?;
+        }
+    }
+    out.flush()
 }
 
 #[cfg(test)]
@@ -373,6 +459,7 @@ mod tests {
     fn renderer(hz: Option<u32>) -> Renderer {
         Renderer {
             wall: WallClock::with_offset(1_000_000_000 * 3600),
+            time: TimeStyle::in_zone(crate::cli::TimeFormat::Clock, jiff::tz::TimeZone::UTC),
             hz,
             netns: None,
         }
@@ -463,7 +550,7 @@ mod tests {
             "01:00:00.000 EXIT       42 curl            10.0.0.1:40000 > 10.0.0.2:6379 (out) \
              expired after 60.31s"
         );
-        assert!(Renderer::HEADER.len() <= 80);
+        assert!(r.header().len() <= 80);
         let unknown = Event::Exit(TwExit {
             netns: 0,
             lifetime_ns: None,
@@ -502,12 +589,83 @@ mod tests {
             role: Role::Unknown,
             skaddr: 0,
         });
-        assert!(!emit(
+        let all = Selection {
+            filter: Filter::default(),
+            new_only: false,
+        };
+        let e = emit(
             &mut Closed,
             &mut renderer(None),
-            &Filter::default(),
+            &all,
             true,
-            &[ev]
-        ));
+            &[ev],
+            &mut Shown::default(),
+        )
+        .unwrap_err();
+        assert!(
+            output::stdout_failure(&e).is_none(),
+            "a reader leaving is no failure"
+        );
+    }
+
+    /// A process name with an escape sequence and a newline stays on one line, escaped.
+    #[test]
+    fn control_characters_in_names_are_escaped() {
+        let mut r = renderer(None);
+        let mut p = owner().unwrap();
+        p.comm = "\x1b[2Jevil\nname".into();
+        let ev = Event::Enter(TwEnter {
+            netns: 0,
+            ts_ns: 0,
+            timer: 1,
+            conn: conn(),
+            owner: Some(p),
+            role: Role::Connected,
+            timeout_jiffies: 0,
+            substate: crate::track::lifecycle::Substate::TimeWait,
+            bound: false,
+            seeded: false,
+        });
+        let line = r.text(&ev);
+        assert!(!line.contains('\n') && !line.contains('\x1b'), "{line:?}");
+        assert!(line.contains("\\e[2Jevil\\nname"), "{line}");
+    }
+
+    /// `--new-only` leaves out the ends of sockets born before start, and nothing else.
+    #[test]
+    fn new_only_leaves_out_what_was_born_before_start() {
+        let exit = |lifetime_ns| {
+            Event::Exit(TwExit {
+                netns: 0,
+                ts_ns: 0,
+                timer: 1,
+                conn: Some(conn()),
+                owner: None,
+                role: Role::Connected,
+                reason: Reason::Expired,
+                lifetime_ns,
+                substate: crate::track::lifecycle::Substate::TimeWait,
+                seeded: false,
+            })
+        };
+        let sel = Selection {
+            filter: Filter::default(),
+            new_only: true,
+        };
+        assert!(!sel.shows(&exit(None)));
+        assert!(sel.shows(&exit(Some(1))));
+        let mut shown = Shown::default();
+        let mut out = Vec::new();
+        emit(
+            &mut out,
+            &mut renderer(None),
+            &sel,
+            false,
+            &[exit(None), exit(Some(5))],
+            &mut shown,
+        )
+        .unwrap();
+        assert_eq!(shown, Shown { births: 0, ends: 1 });
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 1);
     }
 }
