@@ -1,11 +1,14 @@
 //! `cargo +stable xtask bench`: what twtrace costs a busy host, next to the classic tools,
 //! measured in one session.
 //!
-//! For each scenario it runs the same load twice per repeat, interleaved: A (the load alone) and
-//! B (the load with one tracer attached), each run in a fresh network namespace so that the
-//! TIME_WAIT of one run never slows the next; then one cost run C (traced, with
+//! For each scenario it runs the same load three times per repeat, interleaved: A (the load
+//! alone), B (the load with one tracer attached) and the cost run C (traced, half as long, with
 //! `kernel.bpf_stats_enabled=1`, which times every program run and so is kept out of the A/B
-//! ratios). The load is `twt-loadgen` (tests/src/bin), client
+//! ratios), each run in a fresh network namespace so that the TIME_WAIT of one run never slows
+//! the next. From them, per repeat, the tracer's own CPU per connection (its programs' run time
+//! over the hooks' empty programs, plus its userspace CPU) over an untraced connection's CPU
+//! (busy time from /proc/stat in the A run), with bootstrap intervals over the repeats;
+//! `--until-ci` adds repeats until those intervals are narrow enough. The load is `twt-loadgen` (tests/src/bin), client
 //! closes first: one TIME_WAIT per connection. Tracers run in the host namespace (the kernel
 //! programs see every namespace).
 //!
@@ -19,7 +22,8 @@
 //! It prints figures and never asserts: a benchmark reports.
 //!
 //! One module per concern: `scenario` (what is compared), `load` (one run) and `tracer` (a tracer
-//! in it), `stats` (runs to a summary), `render` (the table and the JSON); under them `guard`
+//! in it), `stats` (runs to a summary) and `bootstrap` (its intervals), `render` (the table and
+//! the JSON); under them `guard`
 //! (set-up undone on every exit) and `kernel` (what /proc says); bounded waits (`crate::procs`)
 //! and JSON (`crate::json`) are shared with the other commands.
 
