@@ -31,19 +31,6 @@ pub struct CloseWait {
     pub listener_port: Option<u16>,
 }
 
-/// How long to wait between two CLOSE_WAIT scans, given how long the last one took: every 5 s,
-/// less often when a scan is expensive so that scanning takes at most 0.5 % of one CPU, and at
-/// least once a minute. A scan's cost is the kernel's walk of its connection table, which holds
-/// every namespace's sockets (TIME_WAIT included: 100,000 of them at 2,000 connections/s),
-/// once per namespace read: sock_diag filters by state and namespace only while it walks.
-pub fn scan_interval(last_scan_seconds: f64) -> std::time::Duration {
-    const MIN: f64 = 5.0;
-    const MAX: f64 = 60.0;
-    const CPU_SHARE: f64 = 0.005;
-    let s = (last_scan_seconds / CPU_SHARE).clamp(MIN, MAX);
-    std::time::Duration::from_secs_f64(if s.is_finite() { s } else { MIN })
-}
-
 /// What one namespace's table says: its CLOSE_WAIT sockets, and its listeners (for the sockets
 /// still in an accept queue).
 struct Table {
@@ -154,16 +141,6 @@ fn group(tables: &[(u32, Table)], owners: &HashMap<u32, (u32, String)>) -> Vec<C
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scans_take_at_most_half_a_percent_of_a_cpu() {
-        use std::time::Duration;
-        assert_eq!(scan_interval(0.0), Duration::from_secs(5));
-        assert_eq!(scan_interval(0.01), Duration::from_secs(5));
-        assert_eq!(scan_interval(0.05), Duration::from_secs(10));
-        assert_eq!(scan_interval(2.0), Duration::from_secs(60));
-        assert_eq!(scan_interval(f64::NAN), Duration::from_secs(5));
-    }
     use crate::kernel::decode::Conn;
 
     fn sock(local: &str, remote: &str, st: u8, inode: u32) -> DiagSocket {

@@ -33,7 +33,6 @@ use crate::{
     cli::{LogLevel, ServeArgs},
     failure::{Code, Failure},
     host::cgroup::CgroupNames,
-    host::close_wait,
     host::collect::{self, Reply, Request},
     host::privileges,
     output,
@@ -489,11 +488,9 @@ async fn serve(
                     v.agg.tick();
                 }
                 // Figures once a second; CLOSE_WAIT (a walk of /proc and of each namespace's
-                // connection table) every 5 s, less often when a scan is expensive
-                // (close_wait::scan_interval). One request at a time.
+                // connection table) every 5 s. One request at a time.
                 if !asked && !collector_failed {
-                    let scan = last_close_wait.elapsed()
-                        >= close_wait::scan_interval(session.host.scan_seconds);
+                    let scan = last_close_wait.elapsed() >= Duration::from_secs(5);
                     if scan {
                         last_close_wait = Instant::now();
                     }
