@@ -19,6 +19,12 @@
 //! * Every end of a timewait socket passes through `timer_cancel` (expiry detaches the timer
 //!   first, a re-arm cancels then starts, an early kill shuts it down). The programs report the
 //!   facts; userspace pairs a cancel with what follows it on the same CPU.
+//!
+//! One file of about 1,000 lines, on purpose (as libbpf-tools keeps one `.bpf.c` per tool):
+//! the programs share per-CPU scratch state whose order of use *is* the design (a timer start
+//! leaves a pending birth that the next state change consumes; a cancel waits for what follows
+//! on its CPU), and every helper is `#[inline(always)]` into the program that the verifier
+//! walks as one. Read top to bottom it is that sequence; split, it would be hidden.
 #![no_std]
 #![no_main]
 

@@ -121,8 +121,14 @@ struct App {
 
 /// A line on stderr when `level` is within `--log-level`.
 fn log(limit: LogLevel, level: LogLevel, line: std::fmt::Arguments) {
+    // `twtrace: serving on ...` like every view's own lines (scripts wait for them); what is
+    // not news says its level: `twtrace: warning: ...`.
     if level <= limit {
-        crate::say!("{}: {line}", level.as_str());
+        if level == LogLevel::Info {
+            crate::say!("{line}");
+        } else {
+            crate::say!("{}: {line}", level.as_str());
+        }
     }
 }
 
