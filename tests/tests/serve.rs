@@ -39,7 +39,9 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     let prom_addr = format!("127.0.0.1:{prom_port}");
     let _prom = start_prometheus(&listen, &prom_addr);
 
-    // Known churn to one peer.
+    // Known churn to one peer, with the kernel counting program runs (a BPF_ENABLE_STATS
+    // descriptor: it counts while held, and leaves kernel.bpf_stats_enabled as it is).
+    let stats = enable_bpf_stats();
     const N: u64 = 17;
     let peer_port = unique_port();
     let peer = format!("127.0.0.1:{peer_port}");
@@ -86,6 +88,48 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // Every twtrace_ metric is in docs/metrics.md, with its labels.
+    let documented = deploy::documented_metrics();
+    let samples: String = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    for (name, labels) in deploy::metric_uses(&samples) {
+        let doc = documented
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} is exported but not in docs/metrics.md"));
+        for l in labels {
+            assert!(doc.contains(&l), "{name}: label {l} not in docs/metrics.md");
+        }
+    }
+
+    // Its own cost: the state program ran (at least one state change per connection) and took
+    // time, the ring buffer delivered every birth, the process metrics are there.
+    drop(stats);
+    let runs = metric(
+        &metrics,
+        "twtrace_program_runs_total{program=\"inet_sock_set_state\"}",
+    );
+    assert!(runs >= N as f64, "state program runs: {runs}");
+    let secs = metric(
+        &metrics,
+        "twtrace_program_run_seconds_total{program=\"inet_sock_set_state\"}",
+    );
+    assert!(secs > 0.0, "state program run time: {secs}");
+    for p in ["timer_start", "timer_cancel", "timer_expire_entry"] {
+        let name = format!("twtrace_program_recursion_misses_total{{program=\"{p}\"}}");
+        assert_eq!(metric(&metrics, &name), 0.0, "{name}");
+    }
+    assert!(metric(&metrics, "twtrace_ring_buffer_records_total") >= N as f64);
+    assert!(metric(&metrics, "twtrace_ring_buffer_size_bytes") > 0.0);
+    let fill = metric(&metrics, "twtrace_ring_buffer_fill_ratio");
+    assert!((0.0..1.0).contains(&fill), "fill {fill}");
+    let rss = metric(&metrics, "process_resident_memory_bytes");
+    assert!(rss > 1e6 && rss < 200e6, "RSS {rss}");
+    assert!(metric(&metrics, "process_cpu_seconds_total") > 0.0);
+    assert!(metric(&metrics, "process_open_fds") > 0.0);
 
     // The JSON API: the report's document, with the report's filters.
     let (code, body) = http_get(&listen, &format!("/api/v1/report?by=peer&port={peer_port}"));
@@ -137,4 +181,30 @@ fn prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged() 
     let r = serve.finish(Duration::from_secs(10));
     assert!(r.status.success(), "{:?}: {}", r.status, r.stderr);
     assert_eq!(settled_programs(before), before);
+}
+
+/// The value of the sample `name_and_labels` (exactly as exposed) in a scrape.
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name_and_labels} not in the scrape:\n{text}"))
+}
+
+/// BPF_ENABLE_STATS (BPF_STATS_RUN_TIME): program runs and run time are counted while the
+/// returned descriptor is open.
+fn enable_bpf_stats() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    // union bpf_attr, enable_stats: { __u32 type } (BPF_STATS_RUN_TIME = 0), zero-padded.
+    let attr = [0u8; 128];
+    // SAFETY: attr is a zeroed bpf_attr of the length passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_ENABLE_STATS, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just returned to us.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! twt-loadgen [--seconds S] [--max-connections N] [--threads N] [--server-threads N]
-//!             [--ports N] [--sources N] [--closer client|server] [-6]
+//!             [--ports N] [--sources N] [--closer client|server] [--refused] [-6]
 //! ```
 //!
 //! * `--seconds S`: stop after S seconds (default 5, at most 120).
@@ -18,6 +18,9 @@
 //!   4-tuples, never EADDRNOTAVAIL at this rate.
 //! * `--closer client` (default): the client closes first and keeps the TIME_WAIT, one per
 //!   connection. `--closer server`: the server closes first and keeps it.
+//! * `--refused`: every connect() is refused instead (the ports are bound, never listened on:
+//!   the kernel answers the SYN with a reset), for the cost of failed connects; no server
+//!   threads, no TIME_WAIT. `connections` then counts the refused connects.
 //!
 //! Each connection exchanges one byte each way: plain blocking sockets, TCP_NODELAY on,
 //! SO_LINGER not set. Every server thread owns one SO_REUSEPORT listener per port, polls them,
@@ -69,11 +72,13 @@ struct Opts {
     ports: usize,
     sources: usize,
     closer: Closer,
+    refused: bool,
     v6: bool,
 }
 
 const USAGE: &str = "usage: twt-loadgen [--seconds S (<= 120)] [--max-connections N] \
-[--threads N] [--server-threads N] [--ports N] [--sources N] [--closer client|server] [-6]";
+[--threads N] [--server-threads N] [--ports N] [--sources N] [--closer client|server] \
+[--refused] [-6]";
 
 /// A number from `lo` to `hi`, or an error naming the option.
 fn num<T>(name: &str, v: &str, lo: T, hi: T) -> Result<T, String>
@@ -95,6 +100,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         ports: 0,
         sources: 256,
         closer: Closer::Client,
+        refused: false,
         v6: false,
     };
     let mut it = args.iter();
@@ -118,12 +124,15 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     other => return Err(format!("--closer: '{other}' is not client or server")),
                 }
             }
+            "--refused" => o.refused = true,
             "-6" | "--ipv6" => o.v6 = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    if o.server_threads == 0 {
+    if o.refused {
+        o.server_threads = 0;
+    } else if o.server_threads == 0 {
         o.server_threads = o.threads;
     }
     if o.ports == 0 {
@@ -235,11 +244,13 @@ impl Tally {
     }
 }
 
-/// One connection from `src` (IPv4 only: bound without a port) to `dst`, one byte each way.
+/// One connection from `src` (IPv4 only: bound without a port) to `dst`, one byte each way;
+/// with `refused`, one connect() that the kernel refuses (`dst` is bound, not listening).
 fn connection(
     src: Option<&SocketAddr>,
     dst: &SocketAddr,
     closer: Closer,
+    refused: bool,
 ) -> Result<(), (&'static str, std::io::Error)> {
     let fd = socket(dst.is_ipv6(), 0).map_err(|e| ("socket", e))?;
     let raw = fd.as_raw_fd();
@@ -251,8 +262,15 @@ fn connection(
     }
     let (ss, len) = sockaddr(dst);
     // SAFETY: ss holds a valid address of len bytes.
-    check(unsafe { libc::connect(raw, (&raw const ss).cast(), len) })
-        .map_err(|e| ("connect", e))?;
+    let rc = check(unsafe { libc::connect(raw, (&raw const ss).cast(), len) });
+    if refused {
+        return match rc {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => Ok(()),
+            Err(e) => Err(("connect", e)),
+            Ok(_) => Err(("connect", std::io::Error::other("connected: not refused"))),
+        };
+    }
+    rc.map_err(|e| ("connect", e))?;
     let mut s = TcpStream::from(fd);
     s.write_all(b"x").map_err(|e| ("write", e))?;
     let mut b = [0u8; 1];
@@ -303,7 +321,7 @@ fn client(id: usize, sh: &Shared, budget: u64) -> Tally {
         // of the sources.
         let dst = &dsts[(i / sources.len().max(1)) % dsts.len()];
         i = i.wrapping_add(1);
-        match connection(src, dst, sh.opts.closer) {
+        match connection(src, dst, sh.opts.closer, sh.opts.refused) {
             Ok(()) => {
                 t.made += 1;
                 failed_in_a_row = 0;
@@ -480,7 +498,17 @@ fn run(o: Opts) -> Result<(), String> {
     // Listeners: one per (server thread, port), all threads sharing each port.
     let mut per_thread: Vec<Vec<OwnedFd>> = (0..o.server_threads).map(|_| Vec::new()).collect();
     let mut dsts = Vec::with_capacity(o.ports);
+    // --refused: ports bound and never listened on, held until the end (nobody else gets them).
+    let mut closed_ports = Vec::new();
     for _ in 0..o.ports {
+        if o.refused {
+            let fd = socket(o.v6, 0).map_err(|e| format!("socket: {e}"))?;
+            bind(fd.as_raw_fd(), &SocketAddr::new(ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
+            let port = local_port(fd.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
+            dsts.push(SocketAddr::new(ip, port));
+            closed_ports.push(fd);
+            continue;
+        }
         let first =
             listener(&SocketAddr::new(ip, 0)).map_err(|e| format!("listen on {ip}: {e}"))?;
         let port = local_port(first.as_raw_fd()).map_err(|e| format!("getsockname: {e}"))?;
@@ -579,7 +607,7 @@ fn run(o: Opts) -> Result<(), String> {
     println!(
         "{{\"connections\":{},\"seconds\":{:.3},\"connections_per_s\":{:.1},\"errors\":{},\
          \"server_errors\":{},\"accepted\":{},\"first_error\":{},\"closer\":\"{}\",\"family\":{},\
-         \"client_threads\":{},\"server_threads\":{},\"ports\":{},\"sources\":{}}}",
+         \"refused\":{},\"client_threads\":{},\"server_threads\":{},\"ports\":{},\"sources\":{}}}",
         total.made,
         seconds,
         total.made as f64 / seconds.max(1e-9),
@@ -593,11 +621,13 @@ fn run(o: Opts) -> Result<(), String> {
             "server"
         },
         if sh.opts.v6 { 6 } else { 4 },
+        sh.opts.refused,
         threads,
         server_threads,
         sh.dsts.len(),
         sh.sources.len().max(1),
     );
+    drop(closed_ports);
     Ok(())
 }
 

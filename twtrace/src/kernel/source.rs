@@ -24,6 +24,10 @@ pub struct Source {
     pub received: u64,
     /// Records that did not decode (never expected; counted, not fatal).
     pub malformed: u64,
+    /// The most ring buffer bytes one drain found since `take_fill_peak` (each drain empties
+    /// the ring, so this is how full it got; each record takes its length rounded up to 8 plus
+    /// an 8-byte header).
+    fill_peak: u64,
 }
 
 impl Source {
@@ -39,6 +43,7 @@ impl Source {
             tick,
             received: 0,
             malformed: 0,
+            fill_peak: 0,
         })
     }
 
@@ -55,12 +60,20 @@ impl Source {
     /// Decodes every record available now.
     pub fn drain(&mut self, out: &mut Vec<KernelEvent>) {
         let ring = self.ring.get_mut();
+        let mut bytes = 0;
         while let Some(item) = ring.next() {
             self.received += 1;
+            bytes += 8 + (item.len() as u64).next_multiple_of(8);
             match decode(&item) {
                 Ok(ev) => out.push(ev),
                 Err(_) => self.malformed += 1,
             }
         }
+        self.fill_peak = self.fill_peak.max(bytes);
+    }
+
+    /// The ring buffer's peak fill since the last call, in bytes.
+    pub fn take_fill_peak(&mut self) -> u64 {
+        std::mem::take(&mut self.fill_peak)
     }
 }

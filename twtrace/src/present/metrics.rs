@@ -222,13 +222,13 @@ impl Exporter {
 }
 
 /// One metric family being written: its samples, label set by label set.
-struct Family<'a, 'e> {
+pub(crate) struct Family<'a, 'e> {
     enc: MetricEncoder<'e>,
     _p: std::marker::PhantomData<&'a ()>,
 }
 
 /// Labels of one sample.
-type Labels = [(&'static str, String)];
+pub(crate) type Labels = [(&'static str, String)];
 
 /// `group`, `key` and `netns` of an exported group.
 fn group_labels(by: By, key: &Key) -> Vec<(&'static str, String)> {
@@ -245,7 +245,7 @@ fn other_labels(by: By) -> Vec<(&'static str, String)> {
 }
 
 impl Family<'_, '_> {
-    fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
+    pub(crate) fn gauge<V: prometheus_client::encoding::EncodeGaugeValue>(
         &mut self,
         labels: &Labels,
         v: V,
@@ -253,14 +253,18 @@ impl Family<'_, '_> {
         self.enc.encode_family(&labels.to_vec())?.encode_gauge(&v)
     }
 
-    fn counter(&mut self, labels: &Labels, v: u64) -> fmt::Result {
+    pub(crate) fn counter<V: prometheus_client::encoding::EncodeCounterValue>(
+        &mut self,
+        labels: &Labels,
+        v: V,
+    ) -> fmt::Result {
         self.enc
             .encode_family(&labels.to_vec())?
             .encode_counter::<prometheus_client::encoding::NoLabelSet, _, u64>(&v, None)
     }
 }
 
-fn family<'a, 'e>(
+pub(crate) fn family<'a, 'e>(
     enc: &'e mut DescriptorEncoder<'a>,
     name: &'e str,
     help: &str,

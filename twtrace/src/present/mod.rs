@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod api;
+pub mod cost;
 pub mod diagnose;
 pub mod metrics;
 pub mod report;

@@ -10,7 +10,7 @@ use crate::{
     host::netns::{self, Netns, Unreadable},
     host::sockdiag::{self, DiagSocket, state},
     kernel::decode::{KernelEvent, Role},
-    kernel::probes::{ProbeOptions, Probes},
+    kernel::probes::{ProbeOptions, Probes, ProgramStats},
     kernel::source::Source,
     track::lifecycle::{Event, InOrder, Lifecycle, LifecycleStats, Substate},
 };
@@ -30,6 +30,23 @@ impl Loss {
     pub fn total(&self) -> u64 {
         self.ring_full + self.recursion_misses + self.malformed
     }
+}
+
+/// What tracing costs, as the kernel and the reader count it (serve exports it).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct OwnCost {
+    /// Each program's runs and run time (counted while `kernel.bpf_stats_enabled` is 1) and
+    /// recursion misses.
+    pub programs: Vec<ProgramStats>,
+    /// `kernel.bpf_stats_enabled`, when readable.
+    pub bpf_stats_enabled: Option<bool>,
+    pub ring_size: u64,
+    /// The most bytes waiting in the ring buffer since the last snapshot.
+    pub ring_fill_peak: u64,
+    /// Records read from the ring buffer since start.
+    pub received: u64,
+    /// Seconds the last CLOSE_WAIT scan took (in the collector).
+    pub closewait_scan_seconds: f64,
 }
 
 pub struct Session {
@@ -54,6 +71,7 @@ pub struct Session {
     /// Resolved events held until no earlier end can still come (see `InOrder`).
     in_order: InOrder,
     events: Vec<Event>,
+    ring_size: u32,
 }
 
 impl Session {
@@ -65,6 +83,7 @@ impl Session {
         let mut collector = Collector::new();
         let mut host = Host::default();
         host.apply(collector.handle(&Request::default()));
+        let ring_size = opts.ring_size;
         let mut probes = Probes::attach(opts)?;
         let ring = probes.take_ring()?;
         let source = Source::new(ring).map_err(|e| {
@@ -95,6 +114,7 @@ impl Session {
             batch: Vec::with_capacity(4096),
             in_order: InOrder::default(),
             events: Vec::with_capacity(4096),
+            ring_size,
         };
         if seed {
             session.seed().map_err(|e| {
@@ -246,6 +266,20 @@ impl Session {
             s.exits,
             self.lifecycle.live_count()
         )
+    }
+
+    /// What tracing costs now; the ring buffer's peak fill restarts from here.
+    pub fn own_cost(&mut self) -> OwnCost {
+        OwnCost {
+            programs: self.probes.program_stats(),
+            bpf_stats_enabled: std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+                .ok()
+                .map(|v| v.trim() != "0"),
+            ring_size: u64::from(self.ring_size),
+            ring_fill_peak: self.source.take_fill_peak(),
+            received: self.source.received,
+            closewait_scan_seconds: self.host.scan_seconds,
+        }
     }
 
     pub fn loss(&self) -> Loss {

@@ -37,12 +37,13 @@ use crate::{
     host::privileges,
     output,
     present::api,
+    present::cost,
     present::metrics::{self, BuildInfo, Exporter},
     present::report::{self, Context, Sort},
     track::aggregate::{Aggregator, By},
     track::filter::Filter,
     track::lifecycle::Event,
-    track::session::{self, Session},
+    track::session::{self, OwnCost, Session},
     views::report::{context, request},
 };
 
@@ -65,6 +66,8 @@ struct ServeState {
     info: BuildInfo,
     max_groups: usize,
     units: CgroupNames,
+    /// What tracing costs, refreshed once a second (`present::cost`).
+    cost: OwnCost,
 }
 
 impl ServeState {
@@ -99,7 +102,8 @@ impl Collector for MetricsSource {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let mut guard = lock(&self.0);
         let s = &mut *guard;
-        metrics::encode(&mut enc, &mut s.exporter, &mut s.main.agg, &s.ctx, &s.info)
+        metrics::encode(&mut enc, &mut s.exporter, &mut s.main.agg, &s.ctx, &s.info)?;
+        cost::encode(&mut enc, &s.cost)
     }
 }
 
@@ -392,6 +396,7 @@ async fn serve(
         },
         max_groups: args.group.max_groups,
         units: CgroupNames::new(),
+        cost: session.own_cost(),
     }));
     let (ask, mut replies) = collector_task(collector);
     let mut asked = false;
@@ -499,6 +504,7 @@ async fn serve(
                 }
                 let ctx = context(&session, &s.main.agg, &netns_filter, started);
                 s.ctx = ctx;
+                s.cost = session.own_cost();
             }
         }
     }

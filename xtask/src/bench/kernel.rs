@@ -75,6 +75,42 @@ pub(super) fn others_cpu_ms(exclude: &[u32], clk_tck: f64) -> f64 {
     ticks * 1000.0 / clk_tck
 }
 
+/// The host's busy CPU time so far, all CPUs, in ms, from the `cpu` line of /proc/stat: user,
+/// nice, system, irq and softirq (guest time is inside user). Idle, iowait and steal (time the
+/// hypervisor gave another guest) are left out.
+pub(super) fn host_busy_ms(clk_tck: f64) -> Option<f64> {
+    busy_ticks(&fs::read_to_string("/proc/stat").ok()?).map(|t| t * 1000.0 / clk_tck)
+}
+
+fn busy_ticks(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map_while(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    Some(
+        [0, 1, 2, 5, 6]
+            .iter()
+            .map(|&i| f.get(i).copied().unwrap_or(0.0))
+            .sum(),
+    )
+}
+
+/// The children of a process (every thread's), e.g. serve's collector process.
+pub(super) fn proc_children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in dir.flatten() {
+            if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
 /// IRQ-work interrupts (the wake-ups BPF programs ask for), all CPUs.
 pub(super) fn irq_work() -> u64 {
     let s = fs::read_to_string("/proc/interrupts").unwrap_or_default();
@@ -133,6 +169,13 @@ pub(super) fn bpftool_prog(id: u64) -> Option<Json> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 5 50 1000 7 3 2 40 9 0\ncpu0 1 2 3 4 5 6 7 8 9 0\n";
+        assert_eq!(busy_ticks(stat), Some(160.0));
+        assert_eq!(busy_ticks("intr 1 2\n"), None);
+    }
 
     #[test]
     fn netstat_pairs() {

@@ -13,7 +13,7 @@ use std::{
 
 use super::{
     guard::Netns,
-    kernel::{counter, irq_work, others_cpu_ms, tw_slab_objects},
+    kernel::{counter, host_busy_ms, irq_work, others_cpu_ms, tw_slab_objects},
     scenario::Kind,
     tracer::{http_ok, TracerResult},
     Ctx, MAX_TW,
@@ -40,16 +40,37 @@ pub(super) struct Run {
     pub(super) irq_work: u64,
     /// CPU ms used by other processes on the host during the load.
     pub(super) others_cpu_ms: f64,
+    /// The host's busy CPU ms during the load (/proc/stat, steal excluded).
+    pub(super) busy_ms: Option<f64>,
     pub(super) tracer: Option<TracerResult>,
 }
 
+impl Run {
+    /// CPU ns one connection took on the host, this run's tracer included (if any): the busy CPU
+    /// time less what other processes used, per connection. Kernel threads stay in: they do the
+    /// load's softirq work.
+    pub(super) fn host_ns_per_conn(&self) -> Option<f64> {
+        let busy = self.busy_ms?;
+        (self.connections > 0.0).then(|| (busy - self.others_cpu_ms) * 1e6 / self.connections)
+    }
+}
+
 impl Ctx {
+    /// One run of `scenario`'s load (None: the warm-up): side 'A' alone, 'B' with its tracer,
+    /// 'C' the cost run (traced; the caller turns bpf stats on), half as long: the per-program
+    /// figures it is for need fewer connections than a ratio.
     pub(super) fn run_one(
         &mut self,
-        kind: Option<Kind>,
-        scenario: &'static str,
+        scenario: Option<Kind>,
+        side: char,
         repeat: usize,
     ) -> Result<Run, String> {
+        let kind = scenario.filter(|_| side != 'A');
+        let seconds = if side == 'C' {
+            self.seconds.div_ceil(2).max(2)
+        } else {
+            self.seconds
+        };
         self.runs += 1;
         let run_no = self.runs;
         let slab_before = tw_slab_objects();
@@ -81,15 +102,21 @@ impl Ctx {
             })
         });
         let iwi0 = irq_work();
-        let mine = [std::process::id(), tracer.as_ref().map_or(0, |t| t.pid)];
+        let mut mine = vec![std::process::id()];
+        if let Some(t) = &tracer {
+            mine.push(t.pid);
+            mine.extend(&t.children);
+        }
+        let busy0 = host_busy_ms(self.clk_tck);
         let others0 = others_cpu_ms(&mine, self.clk_tck);
         let mut lg = Command::new(ip());
         lg.args(["netns", "exec", &ns.name])
             .arg(&self.loadgen)
-            .args(["--seconds", &self.seconds.to_string()])
+            .args(["--seconds", &seconds.to_string()])
             .args(["--threads", &self.threads.to_string()])
             .args(["--max-connections", &MAX_TW.to_string()])
             .args(["--closer", "client"])
+            .args(scenario.filter(|k| k.refused()).map(|_| "--refused"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -102,7 +129,7 @@ impl Ctx {
         let mut last = Instant::now();
         let status = wait_for(
             &mut child.0,
-            Duration::from_secs(u64::from(self.seconds) + 30),
+            Duration::from_secs(u64::from(seconds) + 30),
             || {
                 if last.elapsed() >= Duration::from_millis(500) {
                     last = Instant::now();
@@ -114,6 +141,7 @@ impl Ctx {
         );
         let iwi1 = irq_work();
         let others1 = others_cpu_ms(&mine, self.clk_tck);
+        let busy1 = host_busy_ms(self.clk_tck);
         let out = out.join().unwrap_or_default();
         let err = err.join().unwrap_or_default();
         let after = ns.tcpext();
@@ -129,8 +157,8 @@ impl Ctx {
         }
         let d = |k: &str| counter(&after, k).saturating_sub(counter(&before, k));
         let run = Run {
-            scenario,
-            side: if kind.is_some() { 'B' } else { 'A' },
+            scenario: scenario.map_or("warm-up", Kind::key),
+            side,
             repeat,
             connections: lgj.f(&["connections"]),
             seconds: lgj.f(&["seconds"]),
@@ -146,6 +174,7 @@ impl Ctx {
             tw_recycled: d("TWRecycled"),
             irq_work: iwi1.saturating_sub(iwi0),
             others_cpu_ms: (others1 - others0).max(0.0),
+            busy_ms: busy0.zip(busy1).map(|(a, b)| b - a),
             tracer: tr,
         };
         drop(ns);

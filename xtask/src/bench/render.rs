@@ -2,10 +2,12 @@
 //! JSON of each run and of each scenario's summary, for target/bench.
 
 use super::{
+    bootstrap::Estimate,
     load::Run,
     scenario::Kind,
     stats::{median, Summary},
-    Opts, TARGET_CPU_MS_PER_1K, TARGET_RATIO, TARGET_RSS_MB, TARGET_STATE_NS, TARGET_TIMER_NS,
+    Opts, TARGET_CPU_MS_PER_1K, TARGET_RATIO, TARGET_RSS_MB, TARGET_SHARE, TARGET_STATE_NS,
+    TARGET_TIMER_NS,
 };
 use crate::json::{num, obj, opt, Json};
 
@@ -53,6 +55,24 @@ fn group_digits(n: i64) -> String {
     }
 }
 
+/// A share in %, with its interval: `1.23 % [1.10..1.40]`.
+fn pct(e: Option<Estimate>) -> String {
+    match e {
+        Some(e) => format!(
+            "{:.2} % [{:.2}..{:.2}]",
+            e.value * 100.0,
+            e.lo * 100.0,
+            e.hi * 100.0
+        ),
+        None => "-".into(),
+    }
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = v.collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "meets",
@@ -74,24 +94,30 @@ pub(super) fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
     ));
     line(String::new());
     line(
-        "throughput, connections/s (median of runs); ratio = median of per-pair B/A [min..max]"
+        "throughput, connections/s (median of runs); ratio = median of per-pair B/A [min..max]; \
+         mean of them [95 % bootstrap interval]"
             .into(),
     );
     line(format!(
-        "  {:<20} {:>9} {:>9} {:>7}  {:<15}",
-        "scenario", "alone", "traced", "ratio", "[min..max]"
+        "  {:<20} {:>9} {:>9} {:>7}  {:<15} {:>7}  {:<15}",
+        "scenario", "alone", "traced", "ratio", "[min..max]", "mean", "[95 % interval]"
     ));
     for s in sums {
         let spread = s
             .ratio_spread
             .map_or("-".into(), |(a, b)| format!("[{a:.3}..{b:.3}]"));
+        let ci = s
+            .ratio_ci
+            .map_or("-".into(), |e| format!("[{:.3}..{:.3}]", e.lo, e.hi));
         line(format!(
-            "  {:<20} {:>9} {:>9} {:>7}  {:<15} {} pairs, others' CPU {}% (max {}%)",
+            "  {:<20} {:>9} {:>9} {:>7}  {:<15} {:>7}  {:<15} {} pairs, others' CPU {}% (max {}%)",
             s.kind.label(),
             f0(s.a_rate),
             f0(s.b_rate),
             f3(s.ratio),
             spread,
+            f3(s.ratio_ci.map(|e| e.value)),
+            ci,
             s.pairs,
             f0(s.others_pct),
             f0(s.others_pct_max)
@@ -164,6 +190,8 @@ pub(super) fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
             ));
         }
     }
+    line(String::new());
+    own_cpu_table(&mut line, sums, o);
     line(String::new());
     line(
         "events (sums over the traced runs; conns: the loadgen's; TcpExt TW: the namespaces'; \
@@ -268,6 +296,13 @@ pub(super) fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
     line(row("throughput ratio", ">= 0.97", &|s| {
         (f3(s.ratio), s.ratio.map(|r| r >= TARGET_RATIO))
     }));
+    line(row("own CPU share of a connection", "<= 1 %", &|s| {
+        (
+            s.share
+                .map_or("-".into(), |e| format!("{:.2} %", e.value * 100.0)),
+            s.share.map(|e| e.value <= TARGET_SHARE),
+        )
+    }));
     line(row("lost events", "0", &|s| {
         (f0(s.lost_total), s.lost_total.map(|l| l == 0.0))
     }));
@@ -320,6 +355,61 @@ pub(super) fn table(sums: &[Summary], skipped: &[String], o: &Opts) -> String {
     t
 }
 
+/// Own CPU per connection: the tracer's kernel time over the floor plus its userspace CPU, as
+/// a share of what an untraced connection costs the host.
+fn own_cpu_table(line: &mut dyn FnMut(String), sums: &[Summary], o: &Opts) {
+    if !o.bpf_stats {
+        line("own CPU per connection: not measured (--no-bpf-stats: no cost runs)".into());
+        return;
+    }
+    line(
+        "own CPU per connection (means over the repeats): kernel = its programs' run time over \
+         the hooks' floor (cost runs), user = its userspace CPU per birth (per connection for \
+         the peers and refused connects; serve's collector included), over an untraced \
+         connection's CPU (A runs: /proc/stat busy time less other processes', steal excluded); \
+         share with its 95 % bootstrap interval over the repeats"
+            .into(),
+    );
+    line(format!(
+        "  {:<20} {:>10} {:>10} {:>10} {:>26} {:>8}",
+        "scenario", "untraced", "kernel", "user", "own share", "repeats"
+    ));
+    line(format!(
+        "  {:<20} {:>10} {:>10} {:>10} {:>26}",
+        "", "us/conn", "ns/conn", "ns/conn", "[95 % interval]"
+    ));
+    for s in sums {
+        if s.kind.floor() {
+            line(format!(
+                "  {:<20} {:>10} {:>10} {:>10} {:>26}   (a floor: all its programs' run time is \
+                 {} of a connection's CPU)",
+                s.kind.label(),
+                "",
+                "",
+                "",
+                "",
+                s.kernel_share
+                    .map_or("-".into(), |k| format!("{:.2} %", k * 100.0))
+            ));
+            continue;
+        }
+        line(format!(
+            "  {:<20} {:>10} {:>10} {:>10} {:>26} {:>8}{}",
+            s.kind.label(),
+            f1(mean(s.own.iter().map(|o| o.conn_ns / 1000.0))),
+            f0(mean(s.own.iter().map(|o| o.kernel_ns))),
+            f0(mean(s.own.iter().map(|o| o.user_ns))),
+            pct(s.share),
+            s.own.len(),
+            if s.over_floor {
+                ""
+            } else {
+                "  (no floor: the hooks did not run)"
+            }
+        ));
+    }
+}
+
 pub(super) fn run_json(r: &Run) -> Json {
     let tracer = r.tracer.as_ref().map_or(Json::Null, |t| {
         obj(vec![
@@ -327,6 +417,7 @@ pub(super) fn run_json(r: &Run) -> Json {
             ("cpu_ms_at_attach", opt(t.cpu_attach_ms)),
             ("cpu_ms_before_sigint", opt(t.cpu_before_int_ms)),
             ("cpu_ms_total", opt(t.cpu_total_ms)),
+            ("children_cpu_ms", num(t.children_cpu_ms)),
             ("vm_hwm_kb", opt(t.hwm_kb.map(|k| k as f64))),
             (
                 "vm_hwm_kb_at_attach",
@@ -377,6 +468,8 @@ pub(super) fn run_json(r: &Run) -> Json {
         ("tcpext_tw_recycled", num(r.tw_recycled as f64)),
         ("irq_work_interrupts", num(r.irq_work as f64)),
         ("other_processes_cpu_ms", num(r.others_cpu_ms)),
+        ("host_busy_cpu_ms", opt(r.busy_ms)),
+        ("host_cpu_ns_per_connection", opt(r.host_ns_per_conn())),
         ("tracer", tracer),
     ])
 }
@@ -388,6 +481,27 @@ pub(super) fn summary_json(s: &Summary) -> Json {
         ("ratio_median", opt(s.ratio)),
         ("ratio_min", opt(s.ratio_spread.map(|x| x.0))),
         ("ratio_max", opt(s.ratio_spread.map(|x| x.1))),
+        ("ratio_mean", opt(s.ratio_ci.map(|e| e.value))),
+        ("ratio_ci95", ci_json(s.ratio_ci)),
+        (
+            "own_cpu",
+            Json::Arr(
+                s.own
+                    .iter()
+                    .map(|o| {
+                        obj(vec![
+                            ("untraced_connection_ns", num(o.conn_ns)),
+                            ("kernel_ns_per_connection_over_floor", num(o.kernel_ns)),
+                            ("userspace_ns_per_connection", num(o.user_ns)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("own_cpu_share", opt(s.share.map(|e| e.value))),
+        ("own_cpu_share_ci95", ci_json(s.share)),
+        ("kernel_over_floor", Json::Bool(s.over_floor)),
+        ("all_programs_share", opt(s.kernel_share)),
         ("pairs", num(s.pairs as f64)),
         ("connections_traced", num(s.connections)),
         ("tcpext_tw_traced", num(s.tw)),
@@ -440,6 +554,10 @@ pub(super) fn summary_json(s: &Summary) -> Json {
             Json::Arr(s.notes.iter().cloned().map(Json::Str).collect()),
         ),
     ])
+}
+
+fn ci_json(e: Option<Estimate>) -> Json {
+    e.map_or(Json::Null, |e| Json::Arr(vec![num(e.lo), num(e.hi)]))
 }
 
 #[cfg(test)]

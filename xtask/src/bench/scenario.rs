@@ -12,13 +12,17 @@ pub(super) enum Kind {
     Tcpstates,
     Bpftrace,
     Floor,
+    /// `twtrace serve` under refused connects (the loadgen's `--refused`): what the failed
+    /// connect events cost.
+    Refused,
 }
 
 impl Kind {
-    pub(super) const ALL: [Kind; 7] = [
+    pub(super) const ALL: [Kind; 8] = [
         Kind::Watch,
         Kind::Report,
         Kind::Serve,
+        Kind::Refused,
         Kind::Hooks,
         Kind::Tcpstates,
         Kind::Bpftrace,
@@ -34,6 +38,7 @@ impl Kind {
             Kind::Tcpstates => "tcpstates",
             Kind::Bpftrace => "bpftrace",
             Kind::Floor => "floor",
+            Kind::Refused => "refused",
         }
     }
 
@@ -46,6 +51,7 @@ impl Kind {
             Kind::Tcpstates => "tcpstates (libbpf)",
             Kind::Bpftrace => "bpftrace count",
             Kind::Floor => "floor: classic tps",
+            Kind::Refused => "serve, refused conn.",
         }
     }
 
@@ -56,7 +62,18 @@ impl Kind {
 
     /// Runs the twtrace binary (and reads its `--stats-json`).
     pub(super) fn runs_twtrace(self) -> bool {
-        self.twtrace() || self == Kind::Hooks
+        self.twtrace() || matches!(self, Kind::Hooks | Kind::Refused)
+    }
+
+    /// A tracer that does work: its own CPU per connection is reported as a share of an
+    /// untraced connection's (the floors are what that share is measured over).
+    pub(super) fn has_share(self) -> bool {
+        !self.floor()
+    }
+
+    /// The load: refused connects rather than connections that leave a TIME_WAIT.
+    pub(super) fn refused(self) -> bool {
+        self == Kind::Refused
     }
 
     /// A floor: programs on twtrace's events that do no work.

@@ -1,7 +1,125 @@
-//! Statistics: one scenario's runs (A, B and the cost run) reduced to medians, per-pair ratios
-//! and per-connection costs, with notes on what disturbed them; hands on a `Summary`.
+//! Statistics: one scenario's runs (A, B and the cost runs) reduced to medians, per-pair ratios
+//! and per-connection costs, the own-CPU share with its interval, and notes on what disturbed
+//! them; hands on a `Summary`.
 
-use super::{load::Run, scenario::Kind, tracer::TracerResult};
+use super::{
+    bootstrap::{interval, mean_at, Estimate},
+    load::Run,
+    scenario::Kind,
+    tracer::TracerResult,
+};
+
+/// What a program run costs before it does anything, measured with the hooks' empty programs
+/// in their cost runs (ns per run, with the timing that bpf stats adds): a tracer's own kernel
+/// work is its run time over this.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Floor {
+    pub(super) state_ns: f64,
+    pub(super) timer_ns: f64,
+}
+
+impl Floor {
+    pub(super) fn of(runs: &[Run]) -> Option<Floor> {
+        let (mut s, mut sn, mut t, mut tn) = (0.0, 0.0, 0.0, 0.0);
+        for p in runs
+            .iter()
+            .filter(|r| r.side == 'C')
+            .filter_map(|r| r.tracer.as_ref())
+            .flat_map(|t| t.progs.iter())
+        {
+            if is_state_prog(&p.0) {
+                (s, sn) = (s + p.1, sn + p.2);
+            } else if is_timer_prog(&p.0) {
+                (t, tn) = (t + p.1, tn + p.2);
+            }
+        }
+        (sn > 0.0 && tn > 0.0).then(|| Floor {
+            state_ns: s / sn,
+            timer_ns: t / tn,
+        })
+    }
+
+    /// The floor of one run of this program (the mean of both for a program on another hook).
+    fn per_run(&self, prog: &str) -> f64 {
+        if is_state_prog(prog) {
+            self.state_ns
+        } else if is_timer_prog(prog) {
+            self.timer_ns
+        } else {
+            (self.state_ns + self.timer_ns) / 2.0
+        }
+    }
+}
+
+fn is_state_prog(name: &str) -> bool {
+    name.starts_with("inet_sock_set_s") || name == "handle_set_state" || name == "hook_state"
+}
+
+fn is_timer_prog(name: &str) -> bool {
+    name.starts_with("timer_") || name.starts_with("hook_timer")
+}
+
+/// One repeat's own-CPU figures, ns per connection: an untraced connection's CPU (A), the
+/// tracer's userspace CPU (B) and its programs' kernel time over the floor (C).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct OwnCpu {
+    pub(super) conn_ns: f64,
+    pub(super) user_ns: f64,
+    pub(super) kernel_ns: f64,
+}
+
+/// The tracer's userspace CPU in a traced run, ns per unit: per birth for twtrace on TIME_WAIT
+/// churn, per connection otherwise. Its children (serve's collector) included.
+fn user_ns(kind: Kind, r: &Run) -> Option<f64> {
+    let t = r.tracer.as_ref()?;
+    let ms = t.cpu_before_int_ms? - t.cpu_attach_ms? + t.children_cpu_ms;
+    let units = match t.stats.as_ref() {
+        Some(s) if kind.twtrace() => s.f(&["births"]),
+        _ => r.connections,
+    };
+    (units > 0.0).then(|| ms * 1e6 / units)
+}
+
+/// The programs' kernel time in a cost run over what their runs cost empty, ns per connection.
+fn kernel_ns(r: &Run, floor: Option<&Floor>) -> Option<f64> {
+    let t = r.tracer.as_ref()?;
+    if r.connections <= 0.0 || t.progs.is_empty() {
+        return None;
+    }
+    let ns: f64 = t
+        .progs
+        .iter()
+        .map(|p| p.1 - floor.map_or(0.0, |f| p.2 * f.per_run(&p.0)))
+        .sum();
+    Some(ns / r.connections)
+}
+
+/// The repeats that have all three runs, in order.
+pub(super) fn own_cpu(kind: Kind, runs: &[Run], floor: Option<&Floor>) -> Vec<OwnCpu> {
+    let last = runs.iter().map(|r| r.repeat).max().map_or(0, |m| m + 1);
+    (0..last)
+        .filter_map(|rep| {
+            let side = |s: char| runs.iter().find(|r| r.repeat == rep && r.side == s);
+            Some(OwnCpu {
+                conn_ns: side('A')?.host_ns_per_conn()?,
+                user_ns: user_ns(kind, side('B')?)?,
+                kernel_ns: kernel_ns(side('C')?, floor)?,
+            })
+        })
+        .collect()
+}
+
+/// Own CPU per connection (kernel + userspace) over an untraced connection's CPU, a ratio of
+/// means, with its interval over the repeats.
+pub(super) fn share(own: &[OwnCpu]) -> Option<Estimate> {
+    let k: Vec<f64> = own.iter().map(|o| o.kernel_ns).collect();
+    let u: Vec<f64> = own.iter().map(|o| o.user_ns).collect();
+    let c: Vec<f64> = own.iter().map(|o| o.conn_ns).collect();
+    interval(own.len(), &|idx| {
+        let conn = mean_at(&c, idx)?;
+        (conn > 0.0).then_some((mean_at(&k, idx)? + mean_at(&u, idx)?) / conn)
+    })
+}
 
 pub(super) fn median(v: &[f64]) -> Option<f64> {
     if v.is_empty() {
@@ -30,7 +148,17 @@ pub(super) struct Summary {
     pub(super) b_rate: Option<f64>,
     pub(super) ratio: Option<f64>,
     pub(super) ratio_spread: Option<(f64, f64)>,
+    /// The mean of the per-pair ratios and its interval.
+    pub(super) ratio_ci: Option<Estimate>,
     pub(super) pairs: usize,
+    /// Own CPU per connection, per complete repeat, and its share of an untraced connection's.
+    pub(super) own: Vec<OwnCpu>,
+    pub(super) share: Option<Estimate>,
+    /// Whether the kernel figures are over the hooks' floor (else over nothing: not run).
+    pub(super) over_floor: bool,
+    /// All programs' kernel time per connection over an untraced connection's CPU: for the
+    /// floors, what merely entering their programs costs.
+    pub(super) kernel_share: Option<f64>,
     pub(super) connections: f64,
     pub(super) tw: f64,
     pub(super) overflow: f64,
@@ -77,7 +205,7 @@ impl Summary {
     }
 }
 
-pub(super) fn summarize(kind: Kind, runs: &[Run]) -> Summary {
+pub(super) fn summarize(kind: Kind, runs: &[Run], floor: Option<&Floor>) -> Summary {
     let a: Vec<&Run> = runs.iter().filter(|r| r.side == 'A').collect();
     let b: Vec<&Run> = runs.iter().filter(|r| r.side == 'B').collect();
     let ratios: Vec<f64> = runs
@@ -86,6 +214,12 @@ pub(super) fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         .map(|w| w[1].rate / w[0].rate)
         .collect();
     let rates = |v: &[&Run]| v.iter().map(|r| r.rate).collect::<Vec<_>>();
+    let own = if kind.has_share() {
+        own_cpu(kind, runs, floor)
+    } else {
+        Vec::new()
+    };
+    let conn_ns: Vec<f64> = a.iter().filter_map(|r| r.host_ns_per_conn()).collect();
     let conns: f64 = b.iter().map(|r| r.connections).sum();
     let trs: Vec<&TracerResult> = b.iter().filter_map(|r| r.tracer.as_ref()).collect();
     // Each program's cost comes from the cost run: bpf stats are on only then (run counts too
@@ -275,7 +409,15 @@ pub(super) fn summarize(kind: Kind, runs: &[Run]) -> Summary {
         b_rate: median(&rates(&b)),
         ratio: median(&ratios),
         ratio_spread: min_max(&ratios),
+        ratio_ci: interval(ratios.len(), &|idx| mean_at(&ratios, idx)),
         pairs: ratios.len(),
+        share: share(&own),
+        own,
+        over_floor: floor.is_some(),
+        kernel_share: match (per_conn(all_ns), median(&conn_ns)) {
+            (Some(k), Some(c)) if c > 0.0 => Some(k / c),
+            _ => None,
+        },
         connections: conns,
         tw: b.iter().map(|r| r.tw as f64).sum(),
         overflow: b.iter().map(|r| r.tw_overflow as f64).sum(),
@@ -339,6 +481,117 @@ pub(super) fn summarize(kind: Kind, runs: &[Run]) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(side: char, repeat: usize, connections: f64) -> Run {
+        Run {
+            scenario: "serve",
+            side,
+            repeat,
+            connections,
+            seconds: 1.0,
+            rate: connections,
+            ..Run::default()
+        }
+    }
+
+    fn prog(name: &str, ns: f64, cnt: f64) -> (String, f64, f64, f64) {
+        (name.into(), ns, cnt, 0.0)
+    }
+
+    /// Two repeats of a serve scenario and the hooks' cost run, with figures chosen so that
+    /// the share comes out exactly: 1,000 connections each run.
+    fn repeats() -> (Vec<Run>, Vec<Run>) {
+        let mut runs = Vec::new();
+        for (rep, busy_ms, user_ms) in [(0, 150.0, 1.0), (1, 250.0, 3.0)] {
+            // A: 150 (250) ms busy, 50 ms of it other processes': 100 (200) us per connection.
+            let mut a = run('A', rep, 1000.0);
+            a.busy_ms = Some(busy_ms);
+            a.others_cpu_ms = 50.0;
+            // B: 1 (3) ms of tracer CPU (the collector's 0.5 of it) over 1,000 births.
+            let mut b = run('B', rep, 1000.0);
+            b.tracer = Some(TracerResult {
+                cpu_attach_ms: Some(10.0),
+                cpu_before_int_ms: Some(10.0 + user_ms - 0.5),
+                children_cpu_ms: 0.5,
+                stats: Some(crate::json::Json::parse(r#"{"births": 1000}"#).unwrap()),
+                ..TracerResult::default()
+            });
+            // C: state program 10,000 runs of 100 ns, timers 20,000 of 40 ns.
+            let mut c = run('C', rep, 1000.0);
+            c.tracer = Some(TracerResult {
+                progs: vec![
+                    prog("inet_sock_set_state", 1_000_000.0, 10_000.0),
+                    prog("timer_start", 800_000.0, 20_000.0),
+                ],
+                ..TracerResult::default()
+            });
+            runs.extend([a, b, c]);
+        }
+        let mut h = run('C', 0, 1000.0);
+        h.scenario = "hooks";
+        h.tracer = Some(TracerResult {
+            progs: vec![
+                prog("hook_state", 300_000.0, 10_000.0),
+                prog("hook_timer_start", 400_000.0, 20_000.0),
+            ],
+            ..TracerResult::default()
+        });
+        (runs, vec![h])
+    }
+
+    #[test]
+    fn the_floor_is_the_empty_programs_run_time_per_run() {
+        let (_, hooks) = repeats();
+        assert_eq!(
+            Floor::of(&hooks),
+            Some(Floor {
+                state_ns: 30.0,
+                timer_ns: 20.0
+            })
+        );
+    }
+
+    #[test]
+    fn own_cpu_is_kernel_over_the_floor_plus_userspace_per_connection() {
+        let (runs, hooks) = repeats();
+        let floor = Floor::of(&hooks).unwrap();
+        let own = own_cpu(Kind::Serve, &runs, Some(&floor));
+        // Kernel: (1,000,000 - 10,000 x 30 + 800,000 - 20,000 x 20) / 1,000 = 1,100 ns.
+        assert_eq!(
+            own,
+            vec![
+                OwnCpu {
+                    conn_ns: 100_000.0,
+                    user_ns: 1_000.0,
+                    kernel_ns: 1_100.0
+                },
+                OwnCpu {
+                    conn_ns: 200_000.0,
+                    user_ns: 3_000.0,
+                    kernel_ns: 1_100.0
+                },
+            ]
+        );
+        // (1,100 + 2,000) / 150,000: a ratio of means.
+        let e = share(&own).unwrap();
+        assert!((e.value - 3_100.0 / 150_000.0).abs() < 1e-12, "{e:?}");
+        assert!(e.lo <= e.value && e.value <= e.hi, "{e:?}");
+        // Every draw is the first repeat twice (0.021), the second twice (0.0205) or both.
+        assert!(e.lo >= 0.0205 - 1e-12 && e.hi <= 0.021 + 1e-12, "{e:?}");
+        // Without a floor the programs' whole run time counts.
+        let bare = own_cpu(Kind::Serve, &runs, None);
+        assert_eq!(bare[0].kernel_ns, 1_800.0);
+    }
+
+    #[test]
+    fn an_incomplete_repeat_is_left_out() {
+        let (mut runs, hooks) = repeats();
+        runs.retain(|r| !(r.repeat == 1 && r.side == 'C'));
+        let own = own_cpu(Kind::Serve, &runs, Floor::of(&hooks).as_ref());
+        assert_eq!(own.len(), 1);
+        // One repeat: a value but no interval.
+        assert_eq!(share(&own), None);
+    }
 
     #[test]
     fn medians() {

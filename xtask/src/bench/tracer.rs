@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::{
-    kernel::{bpftool_prog, proc_cpu, proc_hwm_kb, proc_prog_ids},
+    kernel::{bpftool_prog, proc_children, proc_cpu, proc_hwm_kb, proc_prog_ids},
     scenario::{Kind, BPFTRACE_PROG, FLOOR_PROG},
     Ctx,
 };
@@ -34,6 +34,9 @@ pub(super) struct Tracer {
     pub(super) serve_port: Option<u16>,
     attach_s: f64,
     cpu_attach_ms: Option<f64>,
+    /// Its child processes (serve's collector) and their CPU at attach.
+    pub(super) children: Vec<u32>,
+    children_cpu_attach_ms: f64,
     hwm_kb: Option<u64>,
     hwm_attach_kb: Option<u64>,
     http_requests: u64,
@@ -68,7 +71,7 @@ impl Ctx {
         let mut stats_file = None;
         let mut serve_port = None;
         let mut cmd = match kind {
-            Kind::Watch | Kind::Report | Kind::Serve | Kind::Hooks => {
+            Kind::Watch | Kind::Report | Kind::Serve | Kind::Refused | Kind::Hooks => {
                 let f = self.state_dir.join(format!("stats-{run}.json"));
                 // `serve` writes it as the unprivileged user it drops to.
                 fs::write(&f, "").map_err(|e| format!("{}: {e}", f.display()))?;
@@ -206,10 +209,14 @@ impl Ctx {
         }
         let attach_s = started.elapsed().as_secs_f64();
         let cpu_attach_ms = proc_cpu(pid, self.clk_tck).map(|c| c.0);
+        let children = proc_children(pid);
+        let children_cpu_attach_ms = cpu_of(&children, self.clk_tck);
         Ok(Tracer {
             kind,
             child,
             pid,
+            children,
+            children_cpu_attach_ms,
             lines,
             stdout,
             stats_file,
@@ -223,6 +230,14 @@ impl Ctx {
     }
 }
 
+/// CPU ms used so far by these processes (0 for one that is gone).
+fn cpu_of(pids: &[u32], clk_tck: f64) -> f64 {
+    pids.iter()
+        .filter_map(|&p| proc_cpu(p, clk_tck))
+        .map(|c| c.0)
+        .sum()
+}
+
 /// What a tracer cost and saw in one run.
 #[derive(Default, Clone)]
 pub(super) struct TracerResult {
@@ -230,6 +245,8 @@ pub(super) struct TracerResult {
     pub(super) cpu_attach_ms: Option<f64>,
     pub(super) cpu_before_int_ms: Option<f64>,
     pub(super) cpu_total_ms: Option<f64>,
+    /// CPU of its child processes (serve's collector) between attach and SIGINT.
+    pub(super) children_cpu_ms: f64,
     pub(super) hwm_kb: Option<u64>,
     pub(super) hwm_attach_kb: Option<u64>,
     pub(super) stopped: String,
@@ -262,6 +279,8 @@ impl Tracer {
             attach_s: self.attach_s,
             cpu_attach_ms: self.cpu_attach_ms,
             cpu_before_int_ms: proc_cpu(self.pid, ctx.clk_tck).map(|c| c.0),
+            children_cpu_ms: (cpu_of(&self.children, ctx.clk_tck) - self.children_cpu_attach_ms)
+                .max(0.0),
             hwm_kb: self.hwm_kb,
             hwm_attach_kb: self.hwm_attach_kb,
             scrapes: scrapes.1,
