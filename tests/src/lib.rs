@@ -86,6 +86,74 @@ pub fn unique_port() -> u16 {
     }
 }
 
+/// A `--duration` for a `report` or `doctor` whose window the test ends with `Run::interrupt`
+/// once its traffic is done and the kernel shows it: the window follows the traffic however
+/// slow the machine (a kernel booted under emulation runs it several times slower), and this
+/// only bounds a test that never interrupts.
+pub const UNTIL_INTERRUPTED: &str = "300s";
+
+/// Polls `now` until it returns `want` (10 s at most) and returns its last value: for what the
+/// kernel shows a moment after the traffic that makes it (the last TIME_WAIT of a client is born
+/// when its server's FIN arrives, after the client returned).
+pub fn wait_for<T: PartialEq>(want: T, now: impl Fn() -> T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = now();
+        if v == want || Instant::now() > deadline {
+            return v;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether the running kernel is locked down in confidentiality mode. twtrace loads there with
+/// typed loads only and says once, on stderr, what that costs (`CONFIDENTIALITY_LIMITS`; README,
+/// Requirements): the FIN_WAIT2 substate is told by its timeout alone (not when
+/// tcp_fin_timeout is 60 s, the default), and a TIME_WAIT born before start ends unseen, taken
+/// as expired at its deadline. The tests that meet those limits check exactly that there (the
+/// kernel matrix's `6.1+confidentiality` lane).
+pub fn confidentiality() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|t| twtrace::kernel::preflight::lockdown_confidentiality(&t))
+}
+
+/// The line twtrace prints on stderr under `lockdown=confidentiality`.
+pub fn confidentiality_line() -> String {
+    format!(
+        "twtrace: {}\n",
+        twtrace::kernel::preflight::CONFIDENTIALITY_LIMITS
+    )
+}
+
+/// Polls `now` until `done` holds for its value (30 s at most) and returns its last value: for
+/// what a daemon shows a moment after the traffic (serve gathers its figures once a second, and
+/// a guest under emulation is several times slower).
+pub fn poll_until<T>(now: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = now();
+        if done(&v) || Instant::now() > deadline {
+            return v;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checks that a failure doctor predicted came when it said, within 20 %. doctor counts the
+/// time left from the sockets it reads once its window has closed, before it exits: the moment
+/// its prediction starts from lies between its window's end (`duration_s`, which it reports)
+/// and its exit (`exited_s`), both from its start; `actual` is the client's first failure,
+/// from the client's start (a moment after doctor's). On a fast machine the two ends meet; on a
+/// slow one doctor's reading takes seconds, and only an instant in between is right.
+pub fn assert_prediction(duration_s: f64, exited_s: f64, time_left_s: f64, actual: f64) {
+    let (earliest, latest) = (duration_s + time_left_s, exited_s + time_left_s);
+    assert!(
+        earliest <= 1.2 * actual && latest >= 0.8 * actual,
+        "predicted failure between {earliest:.1} s and {latest:.1} s (window {duration_s:.1} s, \
+         exit {exited_s:.1} s, {time_left_s:.0} s left), first failure at {actual:.1} s"
+    );
+}
+
 /// A directory of the test's own (`$TMPDIR/twt-TAG-PID`), removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -214,21 +282,78 @@ impl Netns {
 
     /// TIME_WAIT 4-tuples from sock_diag, through `ss` (local, remote).
     pub fn ss_time_wait(&self, port: u16) -> Vec<(String, String)> {
-        let out = self.exec_ok(&[
-            "ss",
-            "-Htan",
-            "state",
-            "time-wait",
-            &format!("( sport = :{port} or dport = :{port} )"),
-        ]);
-        out.lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                // Recv-Q Send-Q Local Peer
-                (f.len() >= 4).then(|| (norm_ss(f[2]), norm_ss(f[3])))
-            })
-            .collect()
+        ss_time_wait(Some(self), port)
     }
+}
+
+/// The `tw` figure of /proc/net/sockstat in the network namespace of process `pid`.
+pub fn sockstat_tw_of(pid: u32) -> u64 {
+    let path = format!("/proc/{pid}/net/sockstat");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    twtrace::host::counters::sockstat_tw_from(&text).unwrap_or(0)
+}
+
+/// TIME_WAIT 4-tuples (local, remote) with `port` on either side, from sock_diag through `ss`,
+/// in `ns` or else in this process's namespace.
+pub fn ss_time_wait(ns: Option<&Netns>, port: u16) -> Vec<(String, String)> {
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let args = ["ss", "-Htan", "state", "time-wait", &filter];
+    let out = match ns {
+        Some(ns) => ns.exec_ok(&args),
+        None => run(Command::new(args[0]).args(&args[1..])),
+    };
+    out.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Recv-Q Send-Q Local Peer
+            (f.len() >= 4).then(|| (norm_ss(f[2]), norm_ss(f[3])))
+        })
+        .collect()
+}
+
+/// How much TcpExt counter `key` grew from `before` to `after` (two `Netns::tcpext()`).
+pub fn tcpext_delta(after: &HashMap<String, u64>, before: &HashMap<String, u64>, key: &str) -> u64 {
+    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
+}
+
+/// Timewait sockets TcpExt counted from `before` to `after`: `TW`, plus `TWKilled` (those
+/// whose timeout was 4 s or less). When the kernel counts them: `tw_counted()`.
+pub fn tw_counted_between(after: &HashMap<String, u64>, before: &HashMap<String, u64>) -> u64 {
+    tcpext_delta(after, before, "TW") + tcpext_delta(after, before, "TWKilled")
+}
+
+/// When the running kernel counts a timewait socket in TcpExt `TW` (or `TWKilled`, for those
+/// whose timeout is 4 s or less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwCounted {
+    /// When it is born: `__inet_twsk_schedule` counts it as it first arms the timer, since
+    /// Linux 5.18 (27dd35e02235, "tcp/dccp: no longer use twsk_net(tw) from
+    /// tw_timer_handler()": the timer may fire after its namespace is gone, so the counting
+    /// moved to where the namespace is known to be alive). Debian 12's 6.1, Debian 13's 6.12.
+    AtBirth,
+    /// When its timer expires (`tw_timer_handler`), and never when it ends early (a reuse, a
+    /// SYN, a reset): before 5.18, so Debian 11's 5.10 (measured there: 10 closes leave `TW`
+    /// unchanged and sockstat `tw` 10; 60 s later `TW` has grown by 10).
+    AtExpiry,
+}
+
+/// `TwCounted` for a kernel release (`uname -r`: `5.10.0-46-cloud-amd64`, `6.12.118`).
+pub fn tw_counted_by(release: &str) -> TwCounted {
+    let mut n = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (n.next().unwrap_or(0), n.next().unwrap_or(0));
+    if version >= (5, 18) {
+        TwCounted::AtBirth
+    } else {
+        TwCounted::AtExpiry
+    }
+}
+
+/// `TwCounted` for the running kernel.
+pub fn tw_counted() -> TwCounted {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    tw_counted_by(release.trim())
 }
 
 impl Drop for Netns {
@@ -492,6 +617,16 @@ impl Run {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops it as Ctrl-C does (SIGINT: a `report` or `doctor` then ends its window and
+    /// prints), and waits (at most `limit`) for it to end. For a window that ends when the
+    /// test's traffic has, however long that took: a `--duration` long enough for a slow
+    /// machine, ended by this.
+    pub fn interrupt(self, limit: Duration) -> RunResult {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.finish(limit)
     }
 
     /// Waits (at most `limit`) for the command to end.
@@ -866,5 +1001,20 @@ pub mod sock {
             }
         };
         (ss, len as libc::socklen_t)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn tcpext_tw_counts_births_from_5_18() {
+        assert_eq!(tw_counted_by("5.10.0-46-cloud-amd64"), TwCounted::AtExpiry);
+        assert_eq!(tw_counted_by("5.17.15"), TwCounted::AtExpiry);
+        assert_eq!(tw_counted_by("5.18.0"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.1.0-57-cloud-amd64"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.12.118"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.18.3+deb14-amd64"), TwCounted::AtBirth);
     }
 }

@@ -88,9 +88,13 @@ fn typed_only_programs_never_call_bpf_probe_read() {
         .find(|(n, _)| n == "timer_cancel")
         .unwrap()
         .1;
-    assert!(
+    // Under lockdown=confidentiality there is no normal mode: the kernel makes every load
+    // typed-only, and the helper appears nowhere.
+    assert_eq!(
         cancel.iter().any(|c| c == "bpf_probe_read_kernel"),
-        "the normal timer_cancel reads the timewait socket: {cancel:?}"
+        !confidentiality(),
+        "the normal timer_cancel reads the timewait socket, except under confidentiality: \
+         {cancel:?}"
     );
 }
 
@@ -119,7 +123,9 @@ fn typed_only_births_and_every_end_are_exact() {
     // Births: the client closes first, six times.
     let _s1 = Server::start(Some(&ns), &at(p_births), &[]);
     let births = client(Some(&ns), &["--to", &at(p_births), "--count", "6"]);
-    // Killed: `ss -K` destroys the first one.
+    // Killed: `ss -K` destroys the first one where the kernel can: 5.10's tcp_abort has no
+    // timewait case (ARCHITECTURE.md, "Across kernels"), the socket stays and no end is due.
+    // What the kernel did decides how many `killed` ends there must be: exactly that many.
     let killed_port = births.local_ports[0];
     ns.exec_ok(&[
         "ss",
@@ -130,6 +136,9 @@ fn typed_only_births_and_every_end_are_exact() {
         "=",
         &format!(":{killed_port}"),
     ]);
+    let left = wait_for(5, || ns.ss_time_wait(p_births).len());
+    assert!(left == 5 || left == 6, "{left} TIME_WAIT of 6 after ss -K");
+    let kills = 6 - left;
 
     // Reused: the same source port to the same destination, a second later.
     let _s2 = Server::start(Some(&ns), &at(p_reuse), &[]);
@@ -162,7 +171,7 @@ fn typed_only_births_and_every_end_are_exact() {
 
     let mut seen = Vec::new();
     w.wait_until(Duration::from_secs(10), &mut seen, |s| {
-        s.iter().filter(|e| e["event"] == "tw_exit").count() >= 3
+        s.iter().filter(|e| e["event"] == "tw_exit").count() >= 2 + kills
             && s.iter().filter(|e| e["event"] == "tw_rearm").count() >= 2
     });
     let r = w.stop_with(libc::SIGINT, seen);
@@ -186,12 +195,14 @@ fn typed_only_births_and_every_end_are_exact() {
         assert_eq!(e["remote_addr"], "127.0.0.1");
     }
     let killed = of(&r, "tw_exit", p_births);
-    assert_eq!(killed.len(), 1, "{killed:?}");
-    assert_eq!(killed[0]["reason"], "killed");
-    assert_eq!(killed[0]["local_port"], killed_port);
+    assert_eq!(killed.len(), kills, "{killed:?}");
+    for k in &killed {
+        assert_eq!(k["reason"], "killed");
+        assert_eq!(k["local_port"], killed_port);
+    }
     assert_eq!(
         ns.ss_time_wait(p_births).len(),
-        5,
+        left,
         "the kernel's count after ss -K"
     );
 

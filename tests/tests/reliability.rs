@@ -343,23 +343,39 @@ fn serve_survives_overload_and_recovers() {
     });
     // SAFETY: as above.
     unsafe { libc::kill(serve.pid() as i32, libc::SIGCONT) };
-    thread::sleep(Duration::from_millis(1500));
-    let (_, metrics) = http_get(&listen, "/metrics");
-    let lost: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("twtrace_events_lost_total{cause=\"ring_full\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let ring_full = |metrics: &String| -> Option<f64> {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("twtrace_events_lost_total{cause=\"ring_full\"}"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+    };
+    // Once it has caught up (its figures are gathered once a second).
+    let metrics = poll_until(
+        || http_get(&listen, "/metrics").1,
+        |m| ring_full(m).is_some_and(|l| l > 0.0),
+    );
+    let lost = ring_full(&metrics).unwrap();
     assert!(lost > 0.0, "{metrics}");
     // Light load afterwards: a new peer's 13 births are all there.
     let quiet_port = unique_port();
     let quiet = format!("127.0.0.1:{quiet_port}");
     let _quiet_server = Server::start(Some(&ns), &quiet, &[]);
     client(Some(&ns), &["--to", &quiet, "--count", "13"]);
-    thread::sleep(Duration::from_millis(1500));
-    let (_, body) = http_get(&listen, "/api/v1/report?by=peer&top=1000");
-    let doc: Value = serde_json::from_str(&body).unwrap();
+    let quiet_entered = |doc: &Value| {
+        doc["groups"].as_array().and_then(|g| {
+            g.iter()
+                .find(|g| g["key"] == quiet.as_str())
+                .map(|g| g["entered"].clone())
+        })
+    };
+    let doc: Value = poll_until(
+        || {
+            let (_, body) = http_get(&listen, "/api/v1/report?by=peer&top=1000");
+            serde_json::from_str(&body).unwrap()
+        },
+        |doc| quiet_entered(doc).is_some_and(|n| n == 13),
+    );
     let g = doc["groups"]
         .as_array()
         .unwrap()

@@ -1,7 +1,12 @@
 //! `twtrace report` against real peers: network namespaces joined by veth pairs, servers in
 //! each, client processes with known names making known numbers of connections.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::Duration,
+};
 
 use serde_json::Value;
 use twtrace_tests::*;
@@ -47,7 +52,7 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
     let filter = format!("10.{net}.0.0/16");
     let common = [
         "--duration",
-        "6s",
+        UNTIL_INTERRUPTED,
         "--json",
         "--peer",
         &filter,
@@ -84,12 +89,12 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
         &["--to", &peer(1), "--count", "6", "--name", "twt-client-b"],
     );
     assert_eq!(
-        clients.sockstat_tw(),
+        wait_for(3 + 5 + 7 + 6, || clients.sockstat_tw()),
         3 + 5 + 7 + 6,
         "the kernel's own count"
     );
 
-    let doc = report_json(by_peer.finish(Duration::from_secs(30)));
+    let doc = report_json(by_peer.interrupt(Duration::from_secs(30)));
     assert_eq!(doc["by"], "peer");
     assert_eq!(doc["totals"]["entered"], 21);
     assert_eq!(doc["totals"]["lost_events"], 0);
@@ -114,7 +119,7 @@ fn report_by_peer_and_by_process_gives_exact_counts() {
     assert!(second.contains(&"twt-client-a") && second.contains(&"twt-client-b"));
 
     // Each client run is a process of its own: A's three runs and B's one.
-    let doc = report_json(by_process.finish(Duration::from_secs(30)));
+    let doc = report_json(by_process.interrupt(Duration::from_secs(30)));
     let g = groups(&doc);
     for (pid, n) in a_pids.iter().zip([3, 5, 7]) {
         let key = format!("twt-client-a[{pid}]");
@@ -175,7 +180,7 @@ fn short_lived_processes_add_up_by_comm_and_in_other() {
             "report".to_owned(),
             "--json".into(),
             "--duration".into(),
-            "5s".into(),
+            UNTIL_INTERRUPTED.into(),
             "--netns".into(),
             ns.name.clone(),
             "--by".into(),
@@ -202,8 +207,9 @@ fn short_lived_processes_add_up_by_comm_and_in_other() {
             .pid,
         );
     }
-    let p = report_json(by_process.finish(Duration::from_secs(30)));
-    let c = report_json(by_comm.finish(Duration::from_secs(30)));
+    assert_eq!(wait_for(12, || ns.sockstat_tw()), 12);
+    let p = report_json(by_process.interrupt(Duration::from_secs(30)));
+    let c = report_json(by_comm.interrupt(Duration::from_secs(30)));
     assert_eq!(p["groups"].as_array().unwrap().len(), 5, "{p}");
     assert_eq!(p["other"]["entered"], 12 - 5, "the rest, summed: {p}");
     assert_eq!(p["groups_total"], 12);
@@ -227,4 +233,60 @@ fn short_lived_processes_add_up_by_comm_and_in_other() {
     let newest: Vec<u64> = pids.iter().rev().take(8).map(|&p| p as u64).collect();
     assert_eq!(seen, newest);
     assert!(c["other"].is_null());
+}
+
+/// The window's last moments count: with connections still being made when `--duration` ends,
+/// the report reads everything the kernel emitted in its window. The programs are detached when
+/// the window closes and the ring read until it holds every record the kernel counted as
+/// emitted, so `--stats-json` shows `received` equal to the kernel's `emitted` and nothing lost.
+/// (Before, one last read left the records of the last moments in the ring, and the programs,
+/// still attached, went on emitting while the report was printed.)
+#[test]
+fn report_reads_everything_its_window_emitted_while_traffic_goes_on() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("drn");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &[]);
+    let stats = std::env::temp_dir().join(format!("twt-drn-{}.json", std::process::id()));
+    let report = Run::start(
+        &[
+            "report",
+            "--json",
+            "--duration",
+            "2s",
+            "--netns",
+            &ns.name,
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        "collecting",
+    );
+    let done = AtomicBool::new(false);
+    let (r, made) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut made = 0;
+            while !done.load(Ordering::Relaxed) {
+                made += client(Some(&ns), &["--to", &addr, "--count", "20"])
+                    .local_ports
+                    .len();
+            }
+            made
+        });
+        let r = report.finish(Duration::from_secs(60));
+        done.store(true, Ordering::Relaxed);
+        (r, traffic.join().unwrap())
+    });
+    let doc = report_json(r);
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    let entered = doc["totals"]["entered"].as_u64().unwrap();
+    assert!(entered > 0 && entered <= made as u64, "{entered} of {made}");
+    assert_eq!(s["kernel"]["lost"], 0, "{s}");
+    assert_eq!(
+        s["received"], s["kernel"]["emitted"],
+        "every record the window emitted was read: {s}"
+    );
+    assert_eq!(doc["totals"]["lost_events"], 0);
 }

@@ -299,6 +299,33 @@ fn read_skc(skc: u64) -> Option<SkcHead> {
     )
 }
 
+/// A head that is not known: zeros.
+const SKC_UNKNOWN: SkcHead = SkcHead {
+    daddr: [0; 4],
+    rcv_saddr: [0; 4],
+    hash: 0,
+    dport_be: 0,
+    num: 0,
+    family: 0,
+    _pad: 0,
+};
+
+/// `read_skc` for the timer programs, none under `typed_only`: whether it was read, and a head
+/// that is a value on every path (zeros when unknown). Matching on an `Option<SkcHead>` left on
+/// the stack let LLVM load the head's fields before testing which it was; for `None` those
+/// stack slots were never written, and 5.10's verifier refuses such a read (`invalid read from
+/// stack`; 6.1's allows it to root).
+#[inline(always)]
+fn timer_skc(skc: u64) -> (bool, SkcHead) {
+    if typed_only() {
+        return (false, SKC_UNKNOWN);
+    }
+    match read_skc(skc) {
+        Some(h) => (true, h),
+        None => (false, SKC_UNKNOWN),
+    }
+}
+
 /// The network namespace of a timewait socket (`skc_net` -> `net.ns.inum`), 0 when unknown.
 /// Read through helpers: the socket is reached from its timer's address, not from a typed
 /// tracepoint argument, so the verifier cannot check direct loads from it.
@@ -754,22 +781,19 @@ fn on_tw_start(timer: u64) {
         // (Not under typed_only: userspace knows the socket by its timer; any re-arm leaves it
         // in TIME_WAIT.)
         let tw = timer - config!(off_tw_timer) as u64;
-        let (substate, head) = if typed_only() {
-            (0, None)
+        let substate = if typed_only() {
+            0
         } else {
-            (
-                kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0),
-                read_skc(tw),
-            )
+            kread(tw + config!(off_tw_substate) as u64, st::TIME_WAIT).unwrap_or(0)
         };
+        let (known, h) = timer_skc(tw);
         emit!(TimerEvent, |e| {
-            e.header = match &head {
-                Some(h) => {
-                    skc_tuple(tw, h, &mut e.tuple);
-                    e.tuple.netns = skc_netns(tw);
-                    header(kind::TW_REARM, h.family as u8, flags::HAS_TUPLE)
-                }
-                None => header(kind::TW_REARM, 0, 0),
+            e.header = if known {
+                skc_tuple(tw, &h, &mut e.tuple);
+                e.tuple.netns = skc_netns(tw);
+                header(kind::TW_REARM, h.family as u8, flags::HAS_TUPLE)
+            } else {
+                header(kind::TW_REARM, 0, 0)
             };
             e.timer = timer;
             e.timeout_jiffies = timeout as u32;
@@ -916,16 +940,15 @@ fn on_tw_expire(timer: u64) {
         s.cancel_timer = 0;
     }
     let tw = timer - config!(off_tw_timer) as u64;
-    let head = if typed_only() { None } else { read_skc(tw) };
+    let (known, h) = timer_skc(tw);
     emit!(TimerEvent, |e| {
         e.timer = timer;
-        e.header = match &head {
-            Some(h) => {
-                skc_tuple(tw, h, &mut e.tuple);
-                e.tuple.netns = skc_netns(tw);
-                header(kind::TW_EXPIRE, h.family as u8, flags::HAS_TUPLE)
-            }
-            None => header(kind::TW_EXPIRE, 0, 0),
+        e.header = if known {
+            skc_tuple(tw, &h, &mut e.tuple);
+            e.tuple.netns = skc_netns(tw);
+            header(kind::TW_EXPIRE, h.family as u8, flags::HAS_TUPLE)
+        } else {
+            header(kind::TW_EXPIRE, 0, 0)
         };
     });
 }

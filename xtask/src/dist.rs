@@ -78,6 +78,83 @@ pub fn run(args: &[String]) -> Result<(), String> {
     build().map(|_| ())
 }
 
+/// What ships, current for this tree: target/packages as an earlier `dist` left it when its
+/// tarball holds the very binary this tree builds now (the static build is brought up to date
+/// first, which does nothing when nothing changed), else everything built anew. For the
+/// kernel-matrix guests: in CI `xtask test` has just run `dist`, and nothing is built twice.
+pub fn current_or_build() -> Result<Artifacts, String> {
+    let built = static_build()?;
+    match existing(&built) {
+        Ok(made) => {
+            println!(
+                "dist: {} holds this tree's static binary: taken as it is",
+                made.tarball.display()
+            );
+            Ok(made)
+        }
+        Err(why) => {
+            println!("dist: {why}: building what ships");
+            setup::ensure(setup::Need::Dist)?;
+            build()
+        }
+    }
+}
+
+/// target/packages, if its sums hold and its tarball's binary is `built`.
+fn existing(built: &Path) -> Result<Artifacts, String> {
+    let dir = dist_dir();
+    let sums = read(&dir.join("SHA256SUMS"))?;
+    let check = Command::new("sha256sum")
+        .args(["--check", "--strict", "--quiet", "SHA256SUMS"])
+        .current_dir(&dir)
+        .output()
+        .map_err(|e| format!("cannot run sha256sum: {e}"))?;
+    if !check.status.success() {
+        return Err(format!("{} does not match its SHA256SUMS", dir.display()));
+    }
+    let named = |suffix: &str| {
+        sums.lines()
+            .filter_map(|l| l.split_once("  ").map(|(_, name)| name))
+            .find(|name| name.ends_with(suffix))
+            .map(|name| dir.join(name))
+            .ok_or_else(|| format!("{}/SHA256SUMS lists no *{suffix}", dir.display()))
+    };
+    let made = Artifacts {
+        binary: dir.join("twtrace"),
+        tarball: named(".tar.gz")?,
+        deb: named(".deb")?,
+        image: named("-oci.tar")?,
+        dir: dir.clone(),
+    };
+    let now = fs::read(built).map_err(|e| format!("{}: {e}", built.display()))?;
+    if tarball_binary(&made.tarball)? != now {
+        return Err(format!(
+            "{} holds another build than this tree's",
+            made.tarball.display()
+        ));
+    }
+    Ok(made)
+}
+
+/// The binary inside the tarball, as it would be installed from it.
+pub fn tarball_binary(tarball: &Path) -> Result<Vec<u8>, String> {
+    let member = format!("twtrace-{VERSION}-x86_64-linux/twtrace");
+    let out = Command::new("tar")
+        .arg("-xzOf")
+        .arg(tarball)
+        .arg(&member)
+        .output()
+        .map_err(|e| format!("cannot run tar: {e}"))?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return Err(format!(
+            "{} has no {member}: {}",
+            tarball.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out.stdout)
+}
+
 /// Builds everything into target/packages (replacing what an earlier run left there).
 pub fn build() -> Result<Artifacts, String> {
     let out = dist_dir();
@@ -138,8 +215,8 @@ pub fn generate_docs(dir: &Path, verbose: bool) -> Result<(), String> {
     status(&mut cmd)
 }
 
-/// `cargo build --profile dist --target TARGET`, copied to `dest`; prints its size.
-fn static_binary(dest: &Path) -> Result<(), String> {
+/// `cargo build --profile dist --target TARGET`: where cargo put the binary.
+fn static_build() -> Result<PathBuf, String> {
     status(&mut cargo(&[
         "build",
         "--locked",
@@ -150,12 +227,15 @@ fn static_binary(dest: &Path) -> Result<(), String> {
         "--target",
         TARGET,
     ]))?;
-    let built = root()
-        .join("target")
+    Ok(crate::target_dir()
         .join(TARGET)
         .join(PROFILE)
-        .join("twtrace");
-    copy(&built, dest, 0o755)?;
+        .join("twtrace"))
+}
+
+/// The static build, copied to `dest`; prints its size.
+fn static_binary(dest: &Path) -> Result<(), String> {
+    copy(&static_build()?, dest, 0o755)?;
     // What `file` would say, without needing it: a static binary has no program interpreter.
     let bytes = fs::read(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
     if bytes.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {

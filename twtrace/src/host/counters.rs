@@ -6,9 +6,10 @@ use std::{collections::HashMap, fs};
 
 use super::netns::proc_net;
 
-/// TcpExt counters that concern TIME_WAIT (/proc/net/netstat). On Linux 6.x, `TW` counts
+/// TcpExt counters that concern TIME_WAIT (/proc/net/netstat). Since Linux 5.18, `TW` counts
 /// timewait sockets *created* (not expired); `TWKilled` those created with a timeout of 4 s or
-/// less; `TWRecycled` local reuse by tcp_tw_reuse; `TCPTimeWaitOverflow` TIME_WAIT skipped
+/// less (before 5.18 both counted them when their timer expired, and not at all when they ended
+/// early: 27dd35e02235 moved the counting to the timer's first arming); `TWRecycled` local reuse by tcp_tw_reuse; `TCPTimeWaitOverflow` TIME_WAIT skipped
 /// because tcp_max_tw_buckets was full.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TwCounters {

@@ -1,15 +1,17 @@
 //! The kernel side as userspace sees it: load, configure, attach, read counters, detach.
 //!
-//! Detaching needs no code: every link belongs to the `Ebpf` object, and the kernel drops a
-//! tracepoint link when its last file descriptor closes, so normal exit, an error during
-//! attach, a panic and SIGKILL all leave nothing behind.
+//! Detaching needs no code to be safe: every link belongs to the `Ebpf` object, and the kernel
+//! drops a tracepoint link when its last file descriptor closes, so normal exit, an error
+//! during attach, a panic and SIGKILL all leave nothing behind. `detach` exists to close a
+//! session's window at its end: the programs stay loaded (their counters and statistics
+//! readable) but run no more.
 
 use std::os::fd::{AsFd, AsRawFd};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
 use twtrace_common::{Config, counter};
 
@@ -95,6 +97,8 @@ pub struct Probes {
     pub typed_only: bool,
     /// The kernel programs' log lines (`--debug-kernel`), read when the ring buffer is.
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Each attached program and its link, until `detach`.
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 fn refused(what: &str, e: impl std::fmt::Display) -> Failure {
@@ -204,6 +208,7 @@ impl Probes {
             PROGRAMS
         };
         let fork = opts.track_forks.then_some(FORK_PROGRAM);
+        let mut links = Vec::new();
         // The kernel's type information, which BTF tracepoints are loaded against (preflight
         // has already read it once and found what it needs).
         let btf = aya::Btf::from_sys_fs().map_err(|e| refused("read BTF", e))?;
@@ -223,9 +228,10 @@ impl Probes {
             let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
             p.load(name, &btf).map_err(load_failed)?;
             injected_failure(prog, &place)?;
-            p.attach()
-                .map(drop)
+            let link = p
+                .attach()
                 .map_err(|e| refused(&format!("attach to {place}"), one_line(&e)))?;
+            links.push((prog, link));
         }
         let logger = if opts.debug_kernel {
             Some(
@@ -254,7 +260,23 @@ impl Probes {
             info,
             typed_only,
             logger,
+            links,
         })
+    }
+
+    /// Detaches every program: none runs after this returns (a run already under way on
+    /// another CPU finishes), so nothing is emitted, lost or counted any more. The programs
+    /// and maps stay loaded until the session is dropped: counters, per-program statistics
+    /// and the ring buffer remain readable.
+    pub fn detach(&mut self) {
+        for (prog, link) in self.links.drain(..) {
+            let program: Option<&mut BtfTracePoint> =
+                self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
+            // A link that cannot be detached here goes with the object, when the session does.
+            if let Some(p) = program {
+                let _ = p.detach(link);
+            }
+        }
     }
 
     /// Prints what the programs logged since the last call (`--debug-kernel`).

@@ -197,13 +197,38 @@ impl Session {
         Ok(&self.events)
     }
 
-    /// At the end: everything still in the ring, and every cancel still waiting.
+    /// At the end: the window closes (the programs are detached, so the loss and the kernel
+    /// counters read afterwards are this window's), then everything the kernel submitted is
+    /// read, the seeded sockets not handed out yet (when the session ends before its first
+    /// batch), and every cancel still waiting is resolved.
     pub fn finish(&mut self) -> &[Event] {
         self.events.clear();
-        self.source.drain(&mut self.batch);
+        self.events.append(&mut self.carry);
+        self.probes.detach();
+        self.drain_all();
         self.probes.flush_log();
         self.resolve(true);
         &self.events
+    }
+
+    /// Reads the ring until it holds nothing the kernel counted as emitted: a program run that
+    /// was under way on another CPU when the programs were detached may submit its record just
+    /// after (the kernel counts `emitted` after each submit). Bounded: with the programs
+    /// detached the count settles within microseconds.
+    fn drain_all(&mut self) {
+        const SETTLE: Duration = Duration::from_millis(2);
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        loop {
+            let emitted = self.probes.counters().emitted;
+            self.source.drain(&mut self.batch);
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(SETTLE);
+            if self.source.received >= emitted && self.probes.counters().emitted == emitted {
+                return;
+            }
+        }
     }
 
     /// Resolves the batch; hands on, in time order, the events no cancel still waiting for

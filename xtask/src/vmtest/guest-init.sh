@@ -55,7 +55,7 @@ while read -r name limit args <&3; do
   echo "<5>vmtest: $name begins" >/dev/kmsg
   # libtest prints its report on stdout; what child processes write on stderr comes after it,
   # so that it never splits a "test NAME ... ok" line.
-  timeout -s KILL "$limit" "/opt/twtrace/release/deps/$name" $args 2>"/tmp/$name.stderr"
+  timeout -s KILL "$limit" "/opt/twtrace/build/deps/$name" $args 2>"/tmp/$name.stderr"
   rc=$?
   # A killed executable leaves libtest's "test NAME ... " without its newline.
   echo

@@ -24,8 +24,8 @@ const INIT: &str = include_str!("guest-init.sh");
 
 /// Where the project's binaries sit in the guest. The tests find `twtrace` and `twt-churn` next
 /// to the directory of their own executable (`target/<profile>/deps/<test>`), so the guest
-/// keeps that shape.
-pub const GUEST_BUILD: &str = "opt/twtrace/release";
+/// keeps that shape (guest-init.sh runs the tests from its `deps/`).
+pub const GUEST_BUILD: &str = "opt/twtrace/build";
 
 /// Commands the integration tests run, taken from the host with their shared libraries (busybox
 /// provides cat, mount, umount, seq, kill, sleep, insmod, timeout and poweroff; these need
@@ -62,6 +62,10 @@ const TERMINFO: [&str; 7] = [
 const TERMINFO_DIRS: [&str; 3] = ["/etc/terminfo", "/lib/terminfo", "/usr/share/terminfo"];
 /// tmux refuses to start without a UTF-8 locale; glibc's C.UTF-8 is a directory of files.
 const LOCALE: &str = "/usr/lib/locale/C.utf8";
+
+/// tzdata, and the zones the tests name in `TZ` (cli_ux's local time: +05:45 all year).
+const ZONEINFO: &str = "/usr/share/zoneinfo";
+const ZONES: [&str; 1] = ["Asia/Kathmandu"];
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -107,15 +111,27 @@ pub fn base(build: &Build, plan: &Plan, work: &Path) -> Result<Vec<u8>, String> 
     if Path::new(LOCALE).is_dir() {
         a.tree(Path::new(LOCALE))?;
     }
+    // The time zones tests set in `TZ` (the guest has no /etc/localtime: UTC otherwise).
+    for zone in ZONES {
+        let p = Path::new(ZONEINFO).join(zone);
+        if p.is_file() {
+            a.file(&guest_path(&p), 0o644, &read(&p)?);
+        }
+    }
 
-    // The project's binaries, without their debug info (it is most of their size; the symbol
-    // table stays, for backtraces).
+    // twtrace as it ships, byte for byte (static: no library).
+    a.file(
+        &format!("{GUEST_BUILD}/twtrace"),
+        0o755,
+        &read(&build.twtrace)?,
+    );
+    elves.push(build.twtrace.clone());
+    // The tests and their traffic generator, without their debug info (it is most of their
+    // size; the symbol table stays, for backtraces).
     let stripped = work.join("stripped");
     create_dir(&stripped)?;
-    let mut ours: Vec<(PathBuf, String)> = vec![
-        (build.twtrace.clone(), format!("{GUEST_BUILD}/twtrace")),
-        (build.churn.clone(), format!("{GUEST_BUILD}/twt-churn")),
-    ];
+    let mut ours: Vec<(PathBuf, String)> =
+        vec![(build.churn.clone(), format!("{GUEST_BUILD}/twt-churn"))];
     for t in build
         .tests
         .iter()

@@ -83,6 +83,110 @@ impl Lockdown {
     }
 }
 
+/// Tests that do not run in any guest: (executable, test or "" for all of it, why). Each
+/// checks files of the source tree or drives tools that are the host's business, or needs a
+/// debug build; none is a kernel's (`suite::plan` leaves them out, the matrix lists them).
+/// Everything else runs, so that a test that is the kernel's business cannot be left out by
+/// accident.
+pub const EXCLUDED: [(&str, &str, &str); 17] = [
+    (
+        "workflow",
+        "",
+        "parses .github/workflows/ci.yml of the source tree with python3 and PyYAML; loads nothing",
+    ),
+    (
+        "deploy_docker",
+        "",
+        "checks deploy/ files of the source tree (Dockerfile); loads nothing",
+    ),
+    (
+        "deploy_grafana",
+        "",
+        "checks deploy/grafana/twtrace.json of the source tree against docs/metrics.md; loads \
+         nothing",
+    ),
+    (
+        "deploy_kubernetes",
+        "",
+        "checks deploy/ files of the source tree with python3-kubernetes; loads nothing",
+    ),
+    (
+        "deploy_prometheus",
+        "",
+        "checks deploy/ files of the source tree with promtool; loads nothing",
+    ),
+    (
+        "deploy_readme",
+        "",
+        "checks the README of the source tree; loads nothing",
+    ),
+    (
+        "deploy_systemd",
+        "",
+        "checks deploy/ files of the source tree with systemd-analyze; loads nothing",
+    ),
+    (
+        "dist_docs",
+        "",
+        "compares the man pages and completions committed in deploy/ with the CLI, renders them \
+         with man, parses them with bash; loads nothing",
+    ),
+    (
+        "version",
+        "",
+        "compares `twtrace --version` with `git rev-parse` in the source tree; loads nothing \
+         (the guests' matrix names the version it ran)",
+    ),
+    (
+        "dist_deb",
+        "",
+        "lintian, and dpkg into a Debian root made by mmdebstrap, in a chroot: the host's \
+         packaging tools; the binary the package installs is the one the guests run",
+    ),
+    (
+        "dist_image",
+        "",
+        "podman (and runc or crun) running the OCI image: the host's container engine; the \
+         binary the image holds is the one the guests run",
+    ),
+    (
+        "cli_ux",
+        "exit_codes_are_documented_in_help_and_readme",
+        "compares `twtrace --help` with README.md of the source tree; loads nothing",
+    ),
+    (
+        "serve_ux",
+        "series_follow_the_busiest_and_the_alert_fires_for_a_destination_busy_late",
+        "evaluates deploy/prometheus/alerts.yml of the source tree against serve's series; \
+         serve's series under traffic run in serve_ux's and reliability's other tests",
+    ),
+    (
+        "signals",
+        "exec_does_not_double_a_terminal_s_ctrl_c",
+        "its command is a python3 script counting SIGINTs (the guest has no python3); exec \
+         passing signals on runs in signals' other tests",
+    ),
+    (
+        "dashboard",
+        "",
+        "drives a real Prometheus server (a Go program of 100 MB and more) against serve; serve \
+         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
+    ),
+    (
+        "serve",
+        "prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged",
+        "drives a real Prometheus server and promtool (Go programs of 100 MB and more); serve \
+         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
+    ),
+    (
+        "reliability",
+        "nothing_left_in_the_kernel_after_any_end",
+        "its failure injection (TWTRACE_TEST_PANIC, TWTRACE_TEST_FAIL_ATTACH) exists in debug \
+         builds only and the guests run the static binary that ships; SIGTERM detaching \
+         everything runs in watch::sigterm_detaches_everything",
+    ),
+];
+
 /// One column of the matrix: a kernel series booted one way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lane {
@@ -122,7 +226,7 @@ pub fn series(name: &str) -> Result<&'static Series, String> {
 }
 
 /// The lanes to run: the whole matrix by default; `--kernel` alone the listed series as they
-/// are; `--lockdown` alone the matrix's lanes with that mode; both, each listed series with it.
+/// are (or a lane by its name: `6.1+integrity`); `--lockdown` alone the matrix's lanes with that mode; both, each listed series with it.
 pub fn select(kernels: &[String], lockdown: Option<Lockdown>) -> Result<Vec<Lane>, String> {
     let lanes: Vec<Lane> = if kernels.is_empty() {
         MATRIX
@@ -139,9 +243,17 @@ pub fn select(kernels: &[String], lockdown: Option<Lockdown>) -> Result<Vec<Lane
         kernels
             .iter()
             .map(|k| {
+                // A lane as the matrix names it, `6.1+confidentiality`, carries its own mode.
+                let (name, own) = match k.split_once('+') {
+                    Some((name, mode)) => (name, Some(Lockdown::parse(mode)?)),
+                    None => (k.as_str(), None),
+                };
+                if own.is_some() && lockdown.is_some() && own != lockdown {
+                    return Err(format!("--kernel {k} and --lockdown disagree"));
+                }
                 Ok(Lane {
-                    series: series(k)?,
-                    lockdown,
+                    series: series(name)?,
+                    lockdown: own.or(lockdown),
                 })
             })
             .collect::<Result<_, String>>()?
@@ -201,6 +313,16 @@ mod tests {
             "{e}"
         );
         assert!(Lockdown::parse("none").is_err());
+    }
+
+    #[test]
+    fn a_kernel_may_name_a_lane_with_its_lockdown() {
+        let k = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let lanes = select(&k(&["5.10", "6.1+confidentiality", "6.1"]), None).unwrap();
+        let names: Vec<String> = lanes.iter().map(Lane::to_string).collect();
+        assert_eq!(names, ["5.10", "6.1+confidentiality", "6.1"]);
+        assert!(select(&k(&["6.1+integrity"]), Some(Lockdown::Confidentiality)).is_err());
+        assert!(select(&k(&["6.1+none"]), None).is_err());
     }
 
     #[test]

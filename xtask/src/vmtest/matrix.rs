@@ -389,6 +389,8 @@ fn not_run(log: &ExeLog, test: &str, ended: Option<&str>) -> String {
 
 /// The whole run.
 pub struct Matrix {
+    /// What twtrace ran in the guests (its `--version` and where it came from).
+    pub tested: String,
     pub rows: Vec<String>,
     pub columns: Vec<Column>,
     /// Tests not run in the guest, and why.
@@ -486,7 +488,7 @@ impl Matrix {
     pub fn text(&self) -> String {
         let width = self.all_rows().map(str::len).max().unwrap_or(10);
         let cell = |c: &Column, s: &str| format!(" {s:<w$}", w = c.lane.len().max(7));
-        let mut out = format!("{:<width$}", "");
+        let mut out = format!("twtrace: {}\n\n{:<width$}", self.tested, "");
         for c in &self.columns {
             out += &cell(c, &c.lane);
         }
@@ -543,7 +545,8 @@ impl Matrix {
         };
         let mut out = format!(
             "Run of {date} (`cargo +stable xtask vm-test`: each kernel booted under qemu, the \
-             integration tests run inside it).\n\n| test |"
+             integration tests run inside it) with {}.\n\n| test |",
+            self.tested
         );
         for c in &self.columns {
             let _ = write!(out, " {} |", c.lane);
@@ -821,6 +824,7 @@ VMTEST-DONE uptime=1215.0
     fn renderings_group_alike_failures() {
         let p = plan();
         let m = Matrix {
+            tested: "twtrace 0.1.0".into(),
             rows: p.rows(),
             columns: vec![
                 Column::from_boot("6.1", "k61", false, &p, &boot(GUEST, "", End::Exited)),
@@ -870,6 +874,7 @@ VMTEST-DONE uptime=1215.0
     fn one_test_failing_alike_on_several_lanes_is_one_cause() {
         let p = plan();
         let m = Matrix {
+            tested: "twtrace 0.1.0".into(),
             rows: p.rows(),
             columns: ["6.1", "6.12"]
                 .map(|l| Column::from_boot(l, "k", false, &p, &boot(GUEST, "", End::Exited)))

@@ -35,14 +35,17 @@ use crate::{root, setup};
 
 const USAGE: &str = "\
 usage: cargo +stable xtask vm-test [--kernel 6.1,6.12,5.10,sid] [--lockdown integrity|confidentiality]
-                                   [--only PATTERN]... [--accel auto|kvm|tcg]
+                                   [--only PATTERN]... [--skip PATTERN]... [--accel auto|kvm|tcg]
                                    [--timeout MINUTES] [--update-readme]
 
   --kernel LIST     these kernel series (default: the whole matrix: 6.1, 6.12, 5.10,
-                    6.1 with lockdown=integrity and =confidentiality, and unstable's newest)
+                    6.1 with lockdown=integrity and =confidentiality, and unstable's newest);
+                    an entry may name a lane with its mode: 6.1+confidentiality
   --lockdown MODE   boot with lockdown=MODE (with --kernel: each of them; alone: the
                     matrix's lanes with that mode)
   --only PATTERN    only the tests whose executable::name contains PATTERN (repeatable)
+  --skip PATTERN    not the tests whose executable::name contains PATTERN (repeatable;
+                    the matrix lists them as left out)
   --accel           auto: KVM when a short probe boots under it, else TCG (default)
   --timeout MIN     per lane, from qemu's start (default 60)
   --update-readme   put the matrix into README.md's \"Tested kernels\" block
@@ -89,6 +92,7 @@ fn parse_args(args: &[String]) -> Result<Options, String> {
             ),
             "--lockdown" => o.lockdown = Some(Lockdown::parse(&value()?)?),
             "--only" => o.selection.only.push(value()?),
+            "--skip" => o.selection.skip.push(value()?),
             "--accel" => o.accel = Accel::parse(&value()?)?,
             "--timeout" => {
                 let v = value()?;
@@ -116,7 +120,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         create_dir(&work.join(d))?;
     }
 
-    let build = suite::build()?;
+    let build = suite::build(&work.join("shipped"))?;
     let plan = suite::plan(&build.tests, &opts.selection);
     if plan.runs.is_empty() {
         return Err(format!(
@@ -184,6 +188,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 
     let m = Matrix {
+        tested: tested(&build),
         rows,
         columns,
         left: plan.left,
@@ -250,6 +255,24 @@ fn run_lane(
     column.how = format!("({}, {})", accel.name(), minutes(boot.wall));
     println!("vm-test: {name}: done in {}", minutes(boot.wall));
     Ok(column)
+}
+
+/// `twtrace 0.1.0 (git ..., ebpf ...)`, the static binary of `twtrace-...tar.gz`: what the
+/// guests ran (`--version` runs on any host: it loads nothing).
+fn tested(build: &suite::Build) -> String {
+    let version = std::process::Command::new(&build.twtrace)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "twtrace".into());
+    let tarball = build
+        .tarball
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("`{version}`, the static binary of `{tarball}`")
 }
 
 /// One line per executable as it ends, and each failure as it happens.

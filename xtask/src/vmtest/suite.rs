@@ -1,61 +1,23 @@
-//! What runs in the guest: the release build of twtrace, the integration test executables
-//! (found through cargo's JSON messages, their tests listed by themselves), minus those that
-//! cannot work there for reasons that are not the kernel's, each with its reason.
+//! What runs in the guest: twtrace as it ships (the static binary of `dist`'s tarball), the
+//! integration test executables as `xtask test` builds them (found through cargo's JSON
+//! messages, their tests listed by themselves), minus those that cannot work there for reasons
+//! that are not the kernel's, each with its reason.
 
-use std::{path::PathBuf, process::Command, time::Duration};
-
-use crate::{
-    build_release_bins, cargo,
-    json::Json,
-    procs::{run_for, stdout_for},
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
 };
 
-/// Tests that do not run in the guest: (executable, test or "" for all of it, why).
-pub const EXCLUDED: [(&str, &str, &str); 8] = [
-    (
-        "workflow",
-        "",
-        "parses .github/workflows/ci.yml of the source tree with python3 and PyYAML; loads nothing",
-    ),
-    (
-        "deploy_docker",
-        "",
-        "checks deploy/ files of the source tree (Dockerfile); loads nothing",
-    ),
-    (
-        "deploy_kubernetes",
-        "",
-        "checks deploy/ files of the source tree with python3-kubernetes; loads nothing",
-    ),
-    (
-        "deploy_prometheus",
-        "",
-        "checks deploy/ files of the source tree with promtool; loads nothing",
-    ),
-    (
-        "deploy_readme",
-        "",
-        "checks the README of the source tree; loads nothing",
-    ),
-    (
-        "deploy_systemd",
-        "",
-        "checks deploy/ files of the source tree with systemd-analyze; loads nothing",
-    ),
-    (
-        "serve",
-        "prometheus_scrapes_the_births_of_our_peer_and_the_daemon_runs_unprivileged",
-        "drives a real Prometheus server and promtool (Go programs of 100 MB and more); serve \
-         under load, its metrics and its API run in reliability::serve_survives_overload_and_recovers",
-    ),
-    (
-        "reliability",
-        "nothing_left_in_the_kernel_after_any_end",
-        "its failure injection (TWTRACE_TEST_PANIC, TWTRACE_TEST_FAIL_ATTACH) exists in debug \
-         builds only and the guest runs the release build; SIGTERM detaching everything runs in \
-         watch::sigterm_detaches_everything",
-    ),
-];
+use super::lanes::EXCLUDED;
+use crate::{
+    cargo, dist,
+    json::Json,
+    procs::{run_for, stdout_for},
+    status, target_dir,
+};
 
 /// The guest kills a test executable that runs longer than this (the tests bound every wait
 /// of their own; this catches a hang in the kernel or in a test's set-up).
@@ -73,10 +35,14 @@ pub struct TestExecutable {
     pub tests: Vec<String>,
 }
 
-/// The release build the guest runs.
+/// What the guest runs.
 #[derive(Debug)]
 pub struct Build {
+    /// The static binary, taken out of dist's tarball: what ships is what is tested.
     pub twtrace: PathBuf,
+    /// That tarball.
+    pub tarball: PathBuf,
+    /// The tests' traffic generator and the tests, dev profile (what `xtask test` built).
     pub churn: PathBuf,
     pub tests: Vec<TestExecutable>,
 }
@@ -86,7 +52,12 @@ pub struct Build {
 #[derive(Debug, Default, Clone)]
 pub struct Selection {
     pub only: Vec<String>,
+    /// `--skip`: tests left out of this run (the matrix lists them as such).
+    pub skip: Vec<String>,
 }
+
+/// Why a `--skip`ped test is not in the matrix.
+pub const SKIPPED: &str = "left out of this run by --skip (CI's subset: DEVELOPERS.md)";
 
 /// A test left out, and why (for the matrix's notes).
 #[derive(Debug, PartialEq, Eq)]
@@ -103,19 +74,26 @@ pub struct Plan {
     pub left: Vec<Left>,
 }
 
-/// Builds twtrace, twt-churn and the integration tests in release mode (one cargo at a time)
-/// and lists each test executable's tests. Listing runs nothing: no program is loaded into
-/// this machine's kernel.
-pub fn build() -> Result<Build, String> {
-    let dir = build_release_bins()?;
-    let mut cmd = cargo(&[
-        "test",
-        "--release",
-        "--no-run",
-        "--message-format=json",
+/// Takes twtrace from dist's tarball (built if target/packages does not hold this tree's),
+/// into `dir`; builds twt-churn and the integration tests with the very commands `xtask test`
+/// runs (so that after it, as in CI, cargo has nothing to do), one cargo at a time; and lists
+/// each test executable's tests. Listing runs nothing: no program is loaded into this
+/// machine's kernel.
+pub fn build(dir: &Path) -> Result<Build, String> {
+    let shipped = dist::current_or_build()?;
+    let twtrace = dir.join("twtrace");
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    fs::write(&twtrace, dist::tarball_binary(&shipped.tarball)?)
+        .and_then(|()| fs::set_permissions(&twtrace, fs::Permissions::from_mode(0o755)))
+        .map_err(|e| format!("cannot write {}: {e}", twtrace.display()))?;
+    status(&mut cargo(&[
+        "build",
+        "--package",
+        "twtrace",
         "--package",
         "twtrace-tests",
-    ]);
+    ]))?;
+    let mut cmd = cargo(&["test", "--no-run", "--message-format=json"]);
     // cargo's progress on the terminal, its JSON messages read here.
     let messages = String::from_utf8_lossy(&stdout_for(&mut cmd, BUILD_LIMIT)?).into_owned();
     let mut tests = Vec::new();
@@ -131,20 +109,29 @@ pub fn build() -> Result<Build, String> {
         });
     }
     Ok(Build {
-        twtrace: dir.join("twtrace"),
-        churn: dir.join("twt-churn"),
+        twtrace,
+        tarball: shipped.tarball,
+        churn: target_dir().join("debug/twt-churn"),
         tests,
     })
 }
 
-/// (name, executable) of every integration test target in cargo's JSON messages.
+/// The integration tests' package (tests/Cargo.toml).
+const TESTS_MANIFEST: &str = "tests/Cargo.toml";
+
+/// (name, executable) of every integration test target of the tests' package in cargo's JSON
+/// messages (which cover the whole workspace).
 fn test_executables(messages: &str) -> Result<Vec<(String, PathBuf)>, String> {
     let mut out = Vec::new();
     for line in messages.lines().filter(|l| l.starts_with('{')) {
         let m = Json::parse(line).map_err(|e| format!("cargo printed bad JSON ({e}): {line}"))?;
+        let ours = m
+            .get("manifest_path")
+            .and_then(Json::str)
+            .is_some_and(|p| p.ends_with(TESTS_MANIFEST));
         let target = m.get("target");
         let kind = target.and_then(|t| t.get("kind")).map(Json::arr);
-        let is_test = kind.is_some_and(|k| k.len() == 1 && k[0].str() == Some("test"));
+        let is_test = ours && kind.is_some_and(|k| k.len() == 1 && k[0].str() == Some("test"));
         let name = target.and_then(|t| t.get("name")).and_then(Json::str);
         let exe = m.get("executable").and_then(Json::str);
         if let (true, Some(name), Some(exe)) = (is_test, name, exe) {
@@ -185,12 +172,25 @@ pub fn plan(tests: &[TestExecutable], sel: &Selection) -> Plan {
             continue;
         }
         let mut run = Vec::new();
+        let mut skipped = Vec::new();
         for test in &t.tests {
             let what = format!("{}::{test}", t.name);
             if let Some(why) = listed(&EXCLUDED, &t.name, test) {
                 plan.left.push(Left { what, why });
+            } else if sel.skip.iter().any(|p| what.contains(p.as_str())) {
+                skipped.push(what);
             } else if sel.only.is_empty() || sel.only.iter().any(|p| what.contains(p.as_str())) {
                 run.push(test.clone());
+            }
+        }
+        // A whole executable skipped is one line.
+        if !skipped.is_empty() && skipped.len() == t.tests.len() {
+            let n = skipped.len();
+            let what = format!("{} ({n} test{})", t.name, if n == 1 { "" } else { "s" });
+            plan.left.push(Left { what, why: SKIPPED });
+        } else {
+            for what in skipped {
+                plan.left.push(Left { what, why: SKIPPED });
             }
         }
         if !run.is_empty() {
@@ -237,7 +237,10 @@ mod tests {
             "\n",
             r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"twt-churn"},"executable":"/t/twt-churn"}"#,
             "\n",
-            r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"watch"},"profile":{"test":true},"executable":"/t/deps/watch-2e09"}"#,
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/tests/Cargo.toml","target":{"kind":["test"],"name":"watch"},"profile":{"test":true},"executable":"/t/deps/watch-2e09"}"#,
+            "\n",
+            // Another package's integration test: not ours.
+            r#"{"reason":"compiler-artifact","manifest_path":"/w/twtrace/Cargo.toml","target":{"kind":["test"],"name":"cli"},"profile":{"test":true},"executable":"/t/deps/cli-1"}"#,
             "\n",
             r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"serde"},"executable":null}"#,
             "\n",
@@ -294,8 +297,21 @@ mod tests {
         );
         let only = Selection {
             only: vec!["watch::exp".into()],
+            ..Selection::default()
         };
         assert_eq!(plan(&all, &only).rows(), ["watch::expiry"]);
+        let skip = Selection {
+            skip: vec!["watch::".into(), "btf".into()],
+            ..Selection::default()
+        };
+        let p = plan(&all, &skip);
+        assert!(p.rows().is_empty(), "{:?}", p.rows());
+        let left: Vec<(&str, &str)> = p.left.iter().map(|l| (l.what.as_str(), l.why)).collect();
+        assert!(left.contains(&("watch (2 tests)", SKIPPED)), "{left:?}");
+        assert!(
+            left.contains(&("reliability::btf_missing", SKIPPED)),
+            "{left:?}"
+        );
     }
 
     #[test]
