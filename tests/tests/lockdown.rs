@@ -242,3 +242,46 @@ fn typed_only_births_and_every_end_are_exact() {
     }
     assert_eq!(ns.ss_time_wait(p_fw2).len(), 2);
 }
+
+/// Where securityfs is not mounted (`ip netns exec` mounts a fresh /sys without it) the
+/// lockdown mode cannot be read: the kernel's refusal of `bpf_probe_read_kernel` says it all
+/// the same, and twtrace loads again with typed loads only and says what that mode cannot see.
+/// The refusal is injected here (a debug build's `TWTRACE_TEST_REFUSE_PROBE_READ`); the kernel
+/// matrix's confidentiality lane has the kernel's own, inside `ip netns exec`.
+#[test]
+fn a_refused_probe_read_loads_the_typed_only_programs() {
+    require_root();
+    let _g = shared();
+    let before = twtrace_programs_loaded();
+    let mut cmd = Command::new(twtrace_bin());
+    cmd.args(["watch", "--json"])
+        .env("TWTRACE_TEST_REFUSE_PROBE_READ", "1");
+    let r = Run::spawn(cmd, "tracing TIME_WAIT");
+    let calls = helper_calls(r.pid());
+    let out = r.interrupt(Duration::from_secs(10));
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("twtrace: the kernel is locked down in confidentiality mode"),
+        "{}",
+        out.stderr
+    );
+    let names: Vec<&str> = calls.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "inet_sock_set_state",
+            "timer_cancel",
+            "timer_expire_entry",
+            "timer_start"
+        ],
+        "exactly the second load's programs: {calls:?}"
+    );
+    for (name, c) in &calls {
+        assert!(
+            !c.iter().any(|h| h.starts_with("bpf_probe_read")),
+            "{name} calls {c:?}"
+        );
+    }
+    assert_eq!(settled_programs(before), before, "nothing left loaded");
+}

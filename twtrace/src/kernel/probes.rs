@@ -156,11 +156,57 @@ fn first_line(s: &str) -> String {
     }
 }
 
+/// Why a load did not succeed: a failure to report, or the kernel's refusal of
+/// `bpf_probe_read_kernel` (lockdown=confidentiality), which a typed-only load avoids.
+enum LoadError {
+    Failed(Failure),
+    ProbeReadRefused,
+}
+
+impl From<Failure> for LoadError {
+    fn from(f: Failure) -> Self {
+        LoadError::Failed(f)
+    }
+}
+
+/// The verifier's words when a helper is not offered to the program: under
+/// lockdown=confidentiality `bpf_tracing_func_proto()` offers no `bpf_probe_read_kernel`
+/// (kernel/trace/bpf_trace.c: `security_locked_down(LOCKDOWN_BPF_READ_KERNEL)`), and
+/// `check_helper_call()` then refuses the program with `unknown func bpf_probe_read_kernel#113`.
+fn refuses_probe_read(e: &aya::programs::ProgramError) -> bool {
+    full(e).contains("unknown func bpf_probe_read")
+}
+
 impl Probes {
     pub fn attach(opts: ProbeOptions) -> Result<Self, Failure> {
-        let info = preflight::check()?;
+        let mut info = preflight::check()?;
         let typed_only = opts.typed_only || info.confidentiality;
         raise_memlock_limit();
+        match Self::load(&opts, info.clone(), typed_only) {
+            Ok(p) => Ok(p),
+            Err(LoadError::Failed(f)) => Err(f),
+            // Lockdown is read from securityfs, which a mount namespace may lack (`ip netns
+            // exec` mounts a fresh /sys without it): the kernel's refusal says it all the same.
+            // Nothing of the first attempt stays loaded (its object was dropped).
+            Err(LoadError::ProbeReadRefused) => {
+                info.confidentiality = true;
+                Self::load(&opts, info, true).map_err(|e| match e {
+                    LoadError::Failed(f) => f,
+                    LoadError::ProbeReadRefused => refused(
+                        "load the typed-only programs",
+                        "bpf_probe_read_kernel is refused, and a typed-only program still \
+                         called it (a bug: please report it with --verbose's output)",
+                    ),
+                })
+            }
+        }
+    }
+
+    fn load(
+        opts: &ProbeOptions,
+        info: preflight::KernelInfo,
+        typed_only: bool,
+    ) -> Result<Self, LoadError> {
         let config = Config {
             tw_timer_fn: info.tw_timer_fn,
             reqsk_timer_fn: info.reqsk_timer_fn,
@@ -226,7 +272,17 @@ impl Probes {
                 refused(&format!("load program {prog}"), why)
             };
             let p: &mut BtfTracePoint = program.try_into().map_err(|e| refused("load", e))?;
-            p.load(name, &btf).map_err(load_failed)?;
+            #[cfg(debug_assertions)]
+            if !typed_only && injected("TWTRACE_TEST_REFUSE_PROBE_READ", "1") {
+                return Err(LoadError::ProbeReadRefused);
+            }
+            match p.load(name, &btf) {
+                Ok(()) => {}
+                Err(e) if !typed_only && refuses_probe_read(&e) => {
+                    return Err(LoadError::ProbeReadRefused);
+                }
+                Err(e) => return Err(load_failed(e).into()),
+            }
             injected_failure(prog, &place)?;
             let link = p
                 .attach()
