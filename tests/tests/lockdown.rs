@@ -190,7 +190,7 @@ fn typed_only_births_and_every_end_are_exact() {
     for e in &born {
         assert_eq!(e["pid"], births.pid, "{e}");
         assert_eq!(e["substate"], "TIME_WAIT", "{e}");
-        assert_eq!(e["timeout_ms"], 60000, "{e}");
+        assert_armed_ms(&e["timeout_ms"], 60000, &e.to_string());
         assert_eq!(e["netns"], ns.inode(), "{e}");
         assert_eq!(e["remote_addr"], "127.0.0.1");
     }
@@ -227,7 +227,7 @@ fn typed_only_births_and_every_end_are_exact() {
     assert_eq!(fw2_born.len(), 2, "{fw2_born:?}");
     for e in &fw2_born {
         assert_eq!(e["substate"], "FIN_WAIT2", "told by its 5 s timeout: {e}");
-        assert_eq!(e["fin_wait2_timeout_ms"], 5000, "{e}");
+        assert_armed_ms(&e["fin_wait2_timeout_ms"], 5000, &e.to_string());
         assert_eq!(e["pid"], fw2.pid);
     }
     let rearms = of(&r, "tw_rearm", p_fw2);
@@ -237,7 +237,7 @@ fn typed_only_births_and_every_end_are_exact() {
             (e["from"].as_str(), e["substate"].as_str()),
             (Some("FIN_WAIT2"), Some("TIME_WAIT"))
         );
-        assert_eq!(e["timeout_ms"], 60000);
+        assert_armed_ms(&e["timeout_ms"], 60000, &e.to_string());
         assert_eq!(e["pid"], fw2.pid, "known from the birth: {e}");
     }
     assert_eq!(ns.ss_time_wait(p_fw2).len(), 2);
