@@ -86,7 +86,11 @@ fn client_closes_first_births_match_the_client_and_the_kernel() {
         assert_eq!(b["local_addr"], "127.0.0.1");
         assert_eq!(b["remote_addr"], "127.0.0.1");
         assert_eq!(b["remote_port"], port);
-        assert_armed_ms(&b["timeout_ms"], 60000, &format!("a TIME_WAIT lasts 60 s: {b}"));
+        assert_armed_ms(
+            &b["timeout_ms"],
+            60000,
+            &format!("a TIME_WAIT lasts 60 s: {b}"),
+        );
     }
     let traced: BTreeSet<_> = births.iter().map(|b| tuple(b)).collect();
     assert_eq!(
