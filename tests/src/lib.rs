@@ -1004,21 +1004,6 @@ pub mod sock {
     }
 }
 
-#[cfg(test)]
-mod unit {
-    use super::*;
-
-    #[test]
-    fn tcpext_tw_counts_births_from_5_18() {
-        assert_eq!(tw_counted_by("5.10.0-46-cloud-amd64"), TwCounted::AtExpiry);
-        assert_eq!(tw_counted_by("5.17.15"), TwCounted::AtExpiry);
-        assert_eq!(tw_counted_by("5.18.0"), TwCounted::AtBirth);
-        assert_eq!(tw_counted_by("6.1.0-57-cloud-amd64"), TwCounted::AtBirth);
-        assert_eq!(tw_counted_by("6.12.118"), TwCounted::AtBirth);
-        assert_eq!(tw_counted_by("6.18.3+deb14-amd64"), TwCounted::AtBirth);
-    }
-}
-
 /// Checks a timeout the kernel armed, as twtrace reports it (`timeout_ms`,
 /// `fin_wait2_timeout_ms`): the kernel computes `expires = jiffies + timeo` a moment before the
 /// `timer:timer_start` tracepoint fires, where the program reads jiffies again, and on a slow
@@ -1036,4 +1021,19 @@ pub fn assert_armed_ms(got: &Value, armed_ms: u64, what: &str) {
         ms <= armed_ms && ms + tick_ms >= armed_ms,
         "{what}: {ms} ms left of {armed_ms} ms armed (one tick is {tick_ms} ms)"
     );
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn tcpext_tw_counts_births_from_5_18() {
+        assert_eq!(tw_counted_by("5.10.0-46-cloud-amd64"), TwCounted::AtExpiry);
+        assert_eq!(tw_counted_by("5.17.15"), TwCounted::AtExpiry);
+        assert_eq!(tw_counted_by("5.18.0"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.1.0-57-cloud-amd64"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.12.118"), TwCounted::AtBirth);
+        assert_eq!(tw_counted_by("6.18.3+deb14-amd64"), TwCounted::AtBirth);
+    }
 }
