@@ -474,7 +474,12 @@ fn serve_follows_namespaces_as_they_come_and_go() {
             let (status, body) = http_get(&listen, "/metrics");
             tries += 1;
             if status == 200 || tries == 3 {
-                assert_eq!(status, 200, "after {tries} tries: {body}");
+                assert_eq!(
+                    status,
+                    200,
+                    "after {tries} tries: {body}\n{}",
+                    serve.where_now()
+                );
                 return body;
             }
             thread::sleep(Duration::from_millis(500));
@@ -664,7 +669,7 @@ fn pods_are_named_from_kubelet_cgroup_paths() {
         .iter()
         .find(|g| g["key"].as_str().unwrap().starts_with("podclient["))
         .unwrap_or_else(|| panic!("no podclient row: {r}"));
-    assert_eq!(row["entered"], 9);
+    assert_eq!(row["entered"], 9, "{r}");
     assert_eq!(row["unit"], "container 3f2a9c1b7d0e");
     assert_eq!(row["pod"]["uid"], uid.as_str());
     assert_eq!(row["pod"]["qos"], "burstable");

@@ -73,9 +73,10 @@ pub mod counter {
     pub const EMITTED: u32 = 1;
     /// TIME_WAIT timer starts seen (births and re-arms).
     pub const TW_TIMER_STARTS: u32 = 2;
-    /// A started TIME_WAIT timer whose socket did not match the `-> CLOSE` that followed.
+    /// A TIME_WAIT timer start (not a re-arm) that no `-> CLOSE` on its CPU took: a birth
+    /// missed (counted when its per-CPU slot is reused).
     pub const BIRTH_UNMATCHED: u32 = 3;
-    /// `FIN_WAIT2|CLOSING -> CLOSE` with no TIME_WAIT timer just before: reset, abort or
+    /// `FIN_WAIT2|CLOSING -> CLOSE` with no TIME_WAIT timer of its own just before: reset, abort or
     /// `tcp_max_tw_buckets` overflow.
     pub const CLOSE_WITHOUT_TW: u32 = 4;
     /// Owner records that could not be stored (map full and not evictable).

@@ -7,10 +7,14 @@
 //!
 //! * `sock:inet_sock_set_state` never reports TIME_WAIT. `tcp_time_wait()` allocates a separate
 //!   `inet_timewait_sock`, arms its timer (`tw_timer_handler`) and then `tcp_done()` moves the full
-//!   socket `FIN_WAIT2|CLOSING -> CLOSE`, on the same CPU, with no other state change between.
-//! * So a TIME_WAIT timer start leaves a per-CPU "pending birth"; the next state change on that
-//!   CPU consumes it. If it is the `-> CLOSE` of a socket whose ports (and IPv4 addresses) equal
-//!   the timewait socket's own, the birth is certain and carries the full socket's owner.
+//!   socket `FIN_WAIT2|CLOSING -> CLOSE`, on the same CPU. Usually nothing comes between; but
+//!   the hash dance re-enables bottom halves before `tcp_done()`, so in process context
+//!   (release_sock working off a backlog) pending softirqs, other sockets' changes included,
+//!   may run in between.
+//! * So a TIME_WAIT timer start leaves a per-CPU "pending birth" (the last few, for a moment);
+//!   the next `FIN_WAIT2|CLOSING -> CLOSE` on that CPU whose ports (and IPv4 addresses) equal a
+//!   pending timewait socket's own takes it: the birth is certain and carries the full socket's
+//!   owner.
 //! * The owner is recorded in process context only (`connect()` and `close()`); the softirq
 //!   transitions run on behalf of whichever task was interrupted. TIME_WAIT is charged to whoever
 //!   closed first, so the record at close is the one that counts for it; the record at connect
@@ -22,7 +26,7 @@
 //!
 //! One file of about 1,000 lines, on purpose (as libbpf-tools keeps one `.bpf.c` per tool):
 //! the programs share per-CPU scratch state whose order of use *is* the design (a timer start
-//! leaves a pending birth that the next state change consumes; a cancel waits for what follows
+//! leaves a pending birth that its socket's `-> CLOSE` takes; a cancel waits for what follows
 //! on its CPU), and every helper is `#[inline(always)]` into the program that the verifier
 //! walks as one. Read top to bottom it is that sequence; split, it would be hidden.
 #![no_std]
@@ -58,6 +62,12 @@ const TRACKED_MAX: u32 = 65536;
 /// A `connect()` that reuses a TIME_WAIT 4-tuple kills it within the same system call, after
 /// its `CLOSE -> SYN_SENT`; the port search in between is bounded but can scan a whole range.
 const REUSE_WINDOW_NS: u64 = 100_000_000;
+/// TIME_WAIT timer starts a CPU keeps for the `-> CLOSE` they belong to (see `TwStart`).
+const STARTS: usize = 4;
+/// How long a TIME_WAIT timer start waits for its `-> CLOSE`: tcp_time_wait's softirqs run in
+/// between are bounded by the kernel (MAX_SOFTIRQ_TIME, 2 ms, then ksoftirqd); the rest is
+/// margin for emulated machines. A start older than this was a re-arm, never a birth.
+const START_WINDOW_NS: u64 = 50_000_000;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -102,14 +112,33 @@ static CONFIG: Config = Config {
     wakeup_bytes: 0,
 };
 
-/// What one CPU remembers between two tracepoint hits. Everything here is only meaningful for
-/// the hit that immediately follows on the same CPU; stale values are cleared, never trusted.
+/// A TIME_WAIT timer started on this CPU and not yet joined to the `FIN_WAIT2|CLOSING -> CLOSE`
+/// of its full socket. Not simply "the next hit": tcp_time_wait arms the timer inside the
+/// hash dance, then re-enables bottom halves (local_bh_enable) before tcp_done closes the full
+/// socket. Called in process context (release_sock working off the socket's backlog, as when
+/// the peer's FIN arrived while the closing task held the socket), pending softirqs run right
+/// there: other sockets' state changes, cancels, even whole births of other sockets come
+/// between a start and its `-> CLOSE`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TwStart {
+    timer: u64,
+    timeout: u64,
+    /// bpf_ktime_get_ns at the start; 0: free (or joined).
+    ts: u64,
+    /// Right after a cancel of the same timer: a re-arm (or a freed timewait socket's memory
+    /// reused at once for a new one).
+    rearm: u64,
+}
+
+/// What one CPU remembers between tracepoint hits. The `cancel_*` and `connect_*` slots only
+/// describe the hit right before (cleared, never trusted, after); the starts wait for their
+/// `-> CLOSE`, bounded by START_WINDOW_NS.
 #[repr(C)]
 struct CpuScratch {
-    /// TIME_WAIT timer started just now (0: none): a birth if the next state change is the
-    /// `-> CLOSE` of the same 4-tuple.
-    pending_timer: u64,
-    pending_timeout: u64,
+    /// The last STARTS TIME_WAIT timer starts, a ring; the newest at `(next_start - 1) % STARTS`.
+    starts: [TwStart; STARTS],
+    next_start: u64,
     /// TIME_WAIT timer cancelled just now (0: none), and its ports (`skc_portpair`).
     cancel_timer: u64,
     cancel_portpair: u32,
@@ -512,9 +541,7 @@ fn on_state(c: &Socket) {
     let (old, new, skaddr, family) = (c.old, c.new, c.sk, c.family());
     let all_states = config!(emit_states) != 0;
 
-    // Both slots only describe the hit right before this one.
-    let pending = s.pending_timer;
-    s.pending_timer = 0;
+    // Only describes the hit right before this one.
     s.cancel_timer = 0;
 
     match (old, new) {
@@ -571,21 +598,10 @@ fn on_state(c: &Socket) {
         // in softirq or a timer (refused, unanswered: sk_err says), or the application closed
         // the socket before it connected.
         (st::SYN_SENT, st::CLOSE) => on_connect_failed(c),
-        (_, st::CLOSE) => {
-            if pending != 0 {
-                on_close_after_tw_start(c, pending, s.pending_timeout);
-            } else if old == st::FIN_WAIT2 || old == st::CLOSING {
-                bump(counter::CLOSE_WITHOUT_TW);
-                if debugging() {
-                    debug!(
-                        &(),
-                        "{} -> CLOSE without a TIME_WAIT timer (reset, abort or overflow): port {}",
-                        old,
-                        c.dport()
-                    );
-                }
-            }
-        }
+        // tcp_time_wait is only called in these two states (tcp_fin, tcp_rcv_state_process,
+        // tcp_close and the keepalive timer's FIN_WAIT2 case), and closes the full socket
+        // right after arming the timewait socket's timer.
+        (st::FIN_WAIT2 | st::CLOSING, st::CLOSE) => on_close_after_fin(s, c),
         _ => {}
     }
 
@@ -639,15 +655,53 @@ fn store_owner(skaddr: u64, record: &OwnerRecord, how: u32) {
     }
 }
 
-/// `-> CLOSE` right after a TIME_WAIT timer start on this CPU: a birth if the timewait socket
-/// has this socket's 4-tuple (a re-armed timer followed by an unrelated close does not).
+/// `FIN_WAIT2|CLOSING -> CLOSE`: a birth if a TIME_WAIT timer started on this CPU moments ago
+/// for this socket (the timewait socket has its 4-tuple; under typed_only, the newest start),
+/// else a close without TIME_WAIT (a reset, an abort, or tcp_max_tw_buckets overflow).
 #[inline(always)]
-fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
+fn on_close_after_fin(s: &mut CpuScratch, c: &Socket) {
     let sport = c.sport();
-    let Some(substate) = birth_substate(c, sport, timer) else {
-        bump(counter::BIRTH_UNMATCHED);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let newest = s.next_start;
+    let mut found: Option<(usize, u8)> = None;
+    // Newest first: a birth nested in another's window is joined before the outer one.
+    // Under typed_only a start right after a cancel of the same timer (a re-arm, in a softirq
+    // run in the window) is only taken when no plain start is there.
+    for pass in 0..2u64 {
+        if found.is_some() || (pass == 1 && !typed_only()) {
+            break;
+        }
+        for k in 1..=STARTS as u64 {
+            let i = (newest.wrapping_sub(k) % STARTS as u64) as usize;
+            let Some(t) = s.starts.get(i) else { break };
+            if t.ts == 0 || now.wrapping_sub(t.ts) > START_WINDOW_NS {
+                continue;
+            }
+            if typed_only() && (t.rearm != 0) != (pass == 1) {
+                continue;
+            }
+            if let Some(sub) = birth_substate(c, sport, t.timer) {
+                found = Some((i, sub));
+                break;
+            }
+        }
+    }
+    let Some((i, substate)) = found else {
+        bump(counter::CLOSE_WITHOUT_TW);
+        if debugging() {
+            debug!(
+                &(),
+                "{} -> CLOSE without a TIME_WAIT timer (reset, abort or overflow): port {}",
+                c.old,
+                c.dport()
+            );
+        }
         return;
     };
+    let Some(t) = s.starts.get_mut(i) else { return };
+    t.ts = 0;
+    let (timer, timeout) = (t.timer, t.timeout);
     let (skaddr, family) = (c.sk, c.family());
     emit!(SockEvent, |e| {
         let (rl, fl) = recorded_owner(skaddr, &mut e.owner);
@@ -663,6 +717,19 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
     });
 }
 
+/// Forgets a start whose timer was cancelled (its timewait socket is dead, or re-armed: the
+/// re-arm records itself again).
+#[inline(always)]
+fn forget_start(s: &mut CpuScratch, timer: u64) {
+    for i in 0..STARTS {
+        if let Some(t) = s.starts.get_mut(i)
+            && t.timer == timer
+        {
+            t.ts = 0;
+        }
+    }
+}
+
 /// Whether the timewait socket behind `timer` is this socket's, and its substate: TIME_WAIT,
 /// or FIN_WAIT2 while the peer has not sent its FIN (tcp_time_wait's `state`). None: another
 /// socket's.
@@ -670,10 +737,9 @@ fn on_close_after_tw_start(c: &Socket, timer: u64, timeout: u64) {
 fn birth_substate(c: &Socket, sport: u16, timer: u64) -> Option<u8> {
     if typed_only() {
         // The timewait socket cannot be read: the order of events on this CPU is the join
-        // (tcp_time_wait arms the timer, then tcp_done closes the full socket, nothing
-        // between; it is only called from FIN_WAIT2 and CLOSING), and the substate is left to
-        // userspace (0: unknown).
-        return (c.old == st::FIN_WAIT2 || c.old == st::CLOSING).then_some(0);
+        // (tcp_time_wait arms the timer, then tcp_done closes the full socket), and the
+        // substate is left to userspace (0: unknown).
+        return Some(0);
     }
     let tw = timer - config!(off_tw_timer) as u64;
     let head = read_skc(tw)?;
@@ -800,11 +866,25 @@ fn on_tw_start(timer: u64) {
             e.substate = substate;
         });
     }
+    let rearm = (s.cancel_timer == timer) as u64;
     s.cancel_timer = 0;
     // Also after a re-arm: a freed timewait socket's memory is reused at once, so a new birth
     // can follow the death of the old one at the same address; the 4-tuple check decides.
-    s.pending_timer = timer;
-    s.pending_timeout = timeout;
+    let i = (s.next_start % STARTS as u64) as usize;
+    s.next_start = s.next_start.wrapping_add(1);
+    if let Some(slot) = s.starts.get_mut(i) {
+        // A plain start never joined: a birth whose `-> CLOSE` did not come on this CPU.
+        if slot.ts != 0 && slot.rearm == 0 {
+            bump(counter::BIRTH_UNMATCHED);
+        }
+        *slot = TwStart {
+            timer,
+            timeout,
+            // SAFETY: helper without arguments.
+            ts: unsafe { bpf_ktime_get_ns() },
+            rearm,
+        };
+    }
 }
 
 /// A listener arms a request socket's timer while handling a SYN. If the TIME_WAIT timer just
@@ -895,7 +975,7 @@ fn on_tw_cancel(timer: u64) {
     // after on loopback, must not be read as one.
     s.cancel_timer = if reuse { 0 } else { timer };
     s.cancel_portpair = portpair(&head);
-    s.pending_timer = 0;
+    forget_start(s, timer);
 }
 
 /// A cancel under `typed_only`: the socket behind the timer cannot be read, so the event
@@ -921,7 +1001,7 @@ fn on_tw_cancel_typed(s: &mut CpuScratch, timer: u64) {
         }
     });
     s.cancel_timer = timer;
-    s.pending_timer = 0;
+    forget_start(s, timer);
 }
 
 /// `timer_expire_entry(struct timer_list *timer, unsigned long baseclk)`: the timer is about to

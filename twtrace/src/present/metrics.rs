@@ -592,6 +592,7 @@ pub fn encode(
     f.counter(&[("cause", "ring_full".into())], ctx.loss.ring_full)?;
     f.counter(&[("cause", "recursion".into())], ctx.loss.recursion_misses)?;
     f.counter(&[("cause", "malformed".into())], ctx.loss.malformed)?;
+    f.counter(&[("cause", "unjoined".into())], ctx.loss.unjoined)?;
     family(
         enc,
         "twtrace_build_info",

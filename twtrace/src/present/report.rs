@@ -334,6 +334,7 @@ pub fn json(
             "ring_full": ctx.loss.ring_full,
             "recursion": ctx.loss.recursion_misses,
             "malformed": ctx.loss.malformed,
+            "unjoined": ctx.loss.unjoined,
         },
         "groups": groups,
         "groups_total": agg.groups(by).0.len(),

@@ -24,11 +24,14 @@ pub struct Loss {
     pub recursion_misses: u64,
     /// Records that did not decode.
     pub malformed: u64,
+    /// TIME_WAIT timer starts that no `FIN_WAIT2|CLOSING -> CLOSE` on their CPU took: births
+    /// whose socket and owner were not seen (the kernel program's BIRTH_UNMATCHED).
+    pub unjoined: u64,
 }
 
 impl Loss {
     pub fn total(&self) -> u64 {
-        self.ring_full + self.recursion_misses + self.malformed
+        self.ring_full + self.recursion_misses + self.malformed + self.unjoined
     }
 }
 
@@ -287,6 +290,7 @@ impl Session {
             ring_full: self.probes.counters().lost,
             recursion_misses: self.probes.recursion_misses(),
             malformed: self.source.malformed,
+            unjoined: self.probes.counters().birth_unmatched,
         }
     }
 }
@@ -351,10 +355,12 @@ pub fn stop_signal(
 /// `N events lost (...)` for stderr at the end of a run.
 pub fn loss_line(loss: &Loss) -> String {
     format!(
-        "{} events lost (ring buffer full: {}, kernel recursion skips: {}, malformed: {})",
+        "{} events lost (ring buffer full: {}, kernel recursion skips: {}, malformed: {}, \
+         births unjoined: {})",
         loss.total(),
         loss.ring_full,
         loss.recursion_misses,
-        loss.malformed
+        loss.malformed,
+        loss.unjoined
     )
 }
