@@ -619,6 +619,30 @@ impl Run {
         self.child.id()
     }
 
+    /// What it printed on stderr so far, and where each of its threads is in the kernel (state,
+    /// wchan and stack from /proc): for a failure message when it stops answering.
+    pub fn where_now(&self) -> String {
+        let pid = self.child.id();
+        let mut out = format!("stderr so far:\n{}\n", self.stderr.lock().unwrap());
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for t in tasks {
+            let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat.rsplit(") ").next().unwrap_or("").split(' ').next();
+            out.push_str(&format!(
+                "{} {} state {} wchan {}\n{}",
+                t.display(),
+                read("comm").trim(),
+                state.unwrap_or("?"),
+                read("wchan"),
+                read("stack")
+            ));
+        }
+        out
+    }
+
     /// Stops it as Ctrl-C does (SIGINT: a `report` or `doctor` then ends its window and
     /// prints), and waits (at most `limit`) for it to end. For a window that ends when the
     /// test's traffic has, however long that took: a `--duration` long enough for a slow

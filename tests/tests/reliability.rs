@@ -355,7 +355,7 @@ fn serve_survives_overload_and_recovers() {
         || http_get(&listen, "/metrics").1,
         |m| ring_full(m).is_some_and(|l| l > 0.0),
     );
-    let lost = ring_full(&metrics).unwrap();
+    let lost = ring_full(&metrics).unwrap_or_else(|| panic!("{metrics}\n{}", serve.where_now()));
     assert!(lost > 0.0, "{metrics}");
     // Light load afterwards: a new peer's 13 births are all there.
     let quiet_port = unique_port();

@@ -14,6 +14,15 @@ use crate::{
     track::session::OwnCost,
 };
 
+/// Reads, once, what the process metrics keep for the process's life (the page size and clock
+/// ticks, from the aux vector): to be called before serve drops its privileges. After the drop
+/// to `--user` the process is no longer dumpable, so /proc/self/auxv is root's (mode 0400), and
+/// kernels before 6.4 have no PR_GET_AUXV: rustix, under metrics-process, would panic on every
+/// scrape (it did on 6.1 and 5.10).
+pub fn prepare() {
+    let _ = metrics_process::collector::collect();
+}
+
 /// Writes the own-cost metrics of docs/metrics.md.
 pub fn encode(enc: &mut DescriptorEncoder, cost: &OwnCost) -> fmt::Result {
     let prog = |name: &str| [("program", name.to_owned())];

@@ -336,6 +336,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )
     })?;
     session.collector = None;
+    cost::prepare();
     privileges::drop_to(account)?;
     serve(args, filter, session, listener, collector, stats_file, stop).await
 }
