@@ -337,13 +337,26 @@ pub enum TwCounted {
     AtExpiry,
 }
 
-/// `TwCounted` for a kernel release (`uname -r`: `5.10.0-46-cloud-amd64`, `6.12.118`).
-pub fn tw_counted_by(release: &str) -> TwCounted {
+/// (major, minor) of a kernel release (`uname -r`: `5.10.0-46-cloud-amd64`, `6.12.118`).
+pub fn version_of(release: &str) -> (u32, u32) {
     let mut n = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().unwrap_or(0));
-    let version = (n.next().unwrap_or(0), n.next().unwrap_or(0));
-    if version >= (5, 18) {
+    (n.next().unwrap_or(0), n.next().unwrap_or(0))
+}
+
+/// (major, minor) of the running kernel.
+pub fn kernel_version() -> (u32, u32) {
+    version_of(
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .expect("osrelease")
+            .trim(),
+    )
+}
+
+/// `TwCounted` for a kernel release (`uname -r`: `5.10.0-46-cloud-amd64`, `6.12.118`).
+pub fn tw_counted_by(release: &str) -> TwCounted {
+    if version_of(release) >= (5, 18) {
         TwCounted::AtBirth
     } else {
         TwCounted::AtExpiry

@@ -241,8 +241,8 @@ impl Probes {
                 refused(
                     "create twtrace's maps",
                     format!(
-                        "{}; a smaller --ring-size (now {}) or a higher memory limit for \
-                         this cgroup may help",
+                        "{}; a smaller --ring-size (now {}) or a higher memory limit may \
+                         help (this cgroup's; before Linux 5.11, RLIMIT_MEMLOCK)",
                         one_line(&e),
                         opts.ring_size_typed
                     ),

@@ -18,6 +18,10 @@ pub(super) struct RateRing {
     pub(super) slots: [u32; RATE_SLOTS as usize],
     /// The second (monotonic) that `slots[head % RATE_SLOTS]` counts.
     pub(super) head: u64,
+    /// The earliest second ever counted (u64::MAX: none): every slot before it is 0. Folding
+    /// a group reads only from there (with client sockets grouped by local port, most groups
+    /// folded hold one birth: one slot instead of 61).
+    pub(super) first: u64,
 }
 
 impl Default for RateRing {
@@ -25,6 +29,7 @@ impl Default for RateRing {
         Self {
             slots: [0; RATE_SLOTS as usize],
             head: 0,
+            first: u64::MAX,
         }
     }
 }
@@ -50,6 +55,7 @@ impl RateRing {
         if self.head - sec < RATE_SLOTS {
             let slot = &mut self.slots[Self::slot(sec)];
             *slot = slot.saturating_add(1);
+            self.first = self.first.min(sec);
         }
     }
 
@@ -66,9 +72,13 @@ impl RateRing {
     }
 
     pub(super) fn merge(&mut self, other: &RateRing) {
+        if other.first == u64::MAX {
+            return;
+        }
         let head = self.head.max(other.head);
         self.advance(head);
-        for s in head.saturating_sub(RATE_SLOTS - 1)..=head {
+        self.first = self.first.min(other.first);
+        for s in head.saturating_sub(RATE_SLOTS - 1).max(other.first)..=head {
             if s <= other.head && other.head - s < RATE_SLOTS {
                 let v = other.slots[Self::slot(s)];
                 let slot = &mut self.slots[Self::slot(s)];
@@ -317,5 +327,59 @@ impl Group {
 
     pub fn exits_by(&self, r: Reason) -> u64 {
         self.exits[reason_index(r)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(secs: &[u64]) -> RateRing {
+        let mut r = RateRing::default();
+        for &s in secs {
+            r.record(s);
+        }
+        r
+    }
+
+    /// Births per second over each window, counted from the list of birth seconds itself.
+    fn expected(secs: &[u64], now: u64, window: u64) -> f64 {
+        let n = secs
+            .iter()
+            .filter(|&&s| s < now && s >= now.saturating_sub(window))
+            .count();
+        n as f64 / window as f64
+    }
+
+    #[test]
+    fn merging_reads_only_what_a_ring_counted_and_sums_like_one_ring() {
+        let a = [100, 130, 130, 159, 161];
+        let b = [150, 160, 162];
+        let mut m = ring(&a);
+        m.merge(&ring(&b));
+        // Merged the other way round, and into an empty ring (the `other` group's first fold).
+        let mut n = ring(&b);
+        n.merge(&ring(&a));
+        let mut e = RateRing::default();
+        e.merge(&ring(&a));
+        e.merge(&ring(&b));
+        let all: Vec<u64> = a.iter().chain(&b).copied().collect();
+        // Asked as the views ask: for seconds at or after the newest counted.
+        for now in [163, 170, 200, 222, 230] {
+            for window in [1, 10, 60] {
+                let want = expected(&all, now, window);
+                assert_eq!(m.rate(now, window), want, "now {now} window {window}");
+                assert_eq!(n.rate(now, window), want, "now {now} window {window}");
+                assert_eq!(e.rate(now, window), want, "now {now} window {window}");
+            }
+        }
+        assert_eq!(m.first, 100);
+        // An empty ring adds nothing and moves nothing.
+        let before = m.clone();
+        m.merge(&RateRing::default());
+        assert_eq!(
+            (m.slots, m.head, m.first),
+            (before.slots, before.head, before.first)
+        );
     }
 }
