@@ -429,14 +429,25 @@ fn doctor_fails_on_the_severity_asked_for() {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(None, &addr, &["--hold", "--name", "leak\x1b[2Jy"]);
-    let default = Run::start(&["doctor", "--duration", "4s", "--json"], "watching");
+    // Windows that end once the 20 are in CLOSE_WAIT, however slow the machine (a fixed 4 s
+    // was too short for an emulated 6.1).
+    let default = Run::start(
+        &["doctor", "--duration", UNTIL_INTERRUPTED, "--json"],
+        "watching",
+    );
     let critical = Run::start(
-        &["doctor", "--duration", "4s", "--fail-on", "critical"],
+        &[
+            "doctor",
+            "--duration",
+            UNTIL_INTERRUPTED,
+            "--fail-on",
+            "critical",
+        ],
         "watching",
     );
     client(None, &["--to", &addr, "--count", "20", "--hold"]);
-    let d = default.finish(Duration::from_secs(20));
-    let c = critical.finish(Duration::from_secs(20));
+    let d = default.interrupt(Duration::from_secs(60));
+    let c = critical.interrupt(Duration::from_secs(60));
     let doc: Value = serde_json::from_str(&d.stdout).unwrap();
     let worst = doc["findings"]
         .as_array()

@@ -44,6 +44,22 @@ fn unit_value<'a>(entries: &'a [(String, String, String)], key: &str) -> Vec<&'a
         .collect()
 }
 
+/// serve's exit 8 (its port is busy, maybe for a moment) is one systemd restarts it after
+/// (`serve_ux::a_busy_port_exits_8_and_is_restarted` checks the exit code).
+#[test]
+fn systemd_unit_restarts_serve_on_a_busy_port() {
+    let entries = unit_entries(&read(&deploy().join("systemd/twtrace.service")));
+    let prevent = unit_value(&entries, "RestartPreventExitStatus");
+    assert!(
+        !prevent
+            .iter()
+            .flat_map(|v| v.split_whitespace())
+            .any(|c| c == "8"),
+        "RestartPreventExitStatus={prevent:?}"
+    );
+    assert_eq!(unit_value(&entries, "Restart"), ["on-failure"]);
+}
+
 /// systemd's own parser accepts the unit: `systemd-analyze verify` says nothing at all, except
 /// that the binary is not installed (it is not, on a build machine). The same unit with the
 /// binary replaced by /bin/true must then verify with no output and exit 0, so that the one

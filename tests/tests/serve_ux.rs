@@ -358,13 +358,5 @@ fn a_busy_port_exits_8_and_is_restarted() {
         "{stderr}"
     );
     assert_eq!(settled_programs(before), before);
-    let unit = read(&deploy().join("systemd/twtrace.service"));
-    let prevent = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
-        .unwrap_or_default();
-    assert!(
-        !prevent.split_whitespace().any(|c| c == "8"),
-        "RestartPreventExitStatus={prevent}"
-    );
+    // That the unit restarts it: deploy_systemd::systemd_unit_restarts_serve_on_a_busy_port.
 }

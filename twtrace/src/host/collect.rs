@@ -8,15 +8,22 @@
 //! and must not hold those capabilities, so it starts a *collector process* before it drops
 //! privileges: the same binary, under the name `twtrace-collector`, which keeps exactly those
 //! three capabilities and nothing else, takes no input but these requests on a pipe, and
-//! answers each with one JSON line ([`child_main`], [`Client`]).
+//! answers each with one JSON line ([`child_main`], [`Client`]). It also relays the kernel
+//! programs' counters (lost events among them), which serve cannot read itself after its drop on
+//! kernels before 5.19 (`Probes::try_counters`): serve hands it a descriptor of their map, and
+//! CAP_SYS_ADMIN lets it read one.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io::{self, BufRead, Write},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd},
     time::{Duration, Instant},
 };
 
+use aya::maps::{MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
+
+use crate::kernel::probes::{self, KernelCounters};
 
 use super::{
     close_wait::{self, CloseWait},
@@ -58,6 +65,10 @@ pub struct Reply {
     pub scan_seconds: f64,
     /// Namespaces that could not be read now, and why.
     pub denied: Vec<Denied>,
+    /// The kernel programs' counters (serve's collector, when handed their map and able to
+    /// read it).
+    #[serde(default)]
+    pub counters: Option<KernelCounters>,
 }
 
 fn denied(netns: u32, e: &Unreadable) -> Denied {
@@ -320,16 +331,20 @@ pub fn child_main() -> std::process::ExitCode {
         eprintln!("twtrace-collector: cannot set its capabilities: {e}");
         return std::process::ExitCode::from(1);
     }
+    let counters = relayed_counters_map();
     let mut collector = Collector::new();
     let stdin = io::stdin().lock();
     let mut stdout = io::stdout().lock();
     for line in stdin.lines() {
         let Ok(line) = line else { break };
-        let reply = match serde_json::from_str::<Request>(&line) {
+        let mut reply = match serde_json::from_str::<Request>(&line) {
             Ok(req) => collector.handle(&req),
             // Only serve writes here; anything else is answered with nothing gathered.
             Err(_) => Reply::default(),
         };
+        reply.counters = counters
+            .as_ref()
+            .and_then(|a| probes::read_counters(a).ok());
         if serde_json::to_writer(&mut stdout, &reply).is_err()
             || stdout.write_all(b"\n").is_err()
             || stdout.flush().is_err()
@@ -338,6 +353,21 @@ pub fn child_main() -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// The environment variable naming the descriptor of the counters' map that serve leaves open
+/// for its collector.
+const COUNTERS_FD_ENV: &str = "TWTRACE_COLLECTOR_COUNTERS_FD";
+
+/// The counters' map serve handed over, if any (anything else under that number is refused:
+/// aya asks the kernel what the descriptor is).
+fn relayed_counters_map() -> Option<PerCpuArray<MapData, u64>> {
+    let fd: RawFd = std::env::var(COUNTERS_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: serve left this descriptor open for this process alone and closed its own copy;
+    // nothing else here uses that number.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let data = MapData::from_fd(fd).ok()?;
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).ok()
 }
 
 /// serve's side of the pipe.
@@ -349,15 +379,31 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts the collector (while this process still holds the privileges it inherits).
-    pub fn spawn() -> io::Result<Self> {
+    /// Starts the collector (while this process still holds the privileges it inherits), handing
+    /// it a descriptor of the programs' counters map to read when given one.
+    pub fn spawn(counters: Option<BorrowedFd<'_>>) -> io::Result<Self> {
         let exe = std::env::current_exe()?;
-        let mut child = tokio::process::Command::new(exe)
-            .arg0(COLLECTOR_NAME)
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg0(COLLECTOR_NAME)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
+            .kill_on_drop(true);
+        // A copy without close-on-exec, so that the collector inherits it; ours is closed once
+        // it has started.
+        let inherited = match counters {
+            // SAFETY: fcntl(F_DUPFD) on a descriptor we hold; the copy is owned below.
+            Some(fd) => match unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD, 3) } {
+                -1 => None,
+                // SAFETY: a new descriptor that nothing else owns.
+                n => Some(unsafe { OwnedFd::from_raw_fd(n) }),
+            },
+            None => None,
+        };
+        if let Some(fd) = &inherited {
+            cmd.env(COUNTERS_FD_ENV, fd.as_raw_fd().to_string());
+        }
+        let mut child = cmd.spawn()?;
+        drop(inherited);
         let stdin = child
             .stdin
             .take()

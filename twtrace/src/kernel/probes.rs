@@ -65,7 +65,7 @@ pub struct ProbeOptions {
 }
 
 /// The kernel programs' own counters, summed over CPUs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelCounters {
     pub lost: u64,
     pub emitted: u64,
@@ -350,28 +350,29 @@ impl Probes {
         RingBuf::try_from(map).map_err(|e| refused("create the ring buffer", e))
     }
 
+    /// The counters (zero where they cannot be read: see `try_counters`).
     pub fn counters(&self) -> KernelCounters {
-        let Some(map) = self.ebpf.map("COUNTERS") else {
-            return KernelCounters::default();
-        };
-        let Ok(array) = PerCpuArray::<&MapData, u64>::try_from(map) else {
-            return KernelCounters::default();
-        };
-        let sum = |slot: u32| -> u64 {
-            array
-                .get(&slot, 0)
-                .map(|v| v.iter().sum())
-                .unwrap_or_default()
-        };
-        KernelCounters {
-            lost: sum(counter::LOST),
-            emitted: sum(counter::EMITTED),
-            tw_timer_starts: sum(counter::TW_TIMER_STARTS),
-            birth_unmatched: sum(counter::BIRTH_UNMATCHED),
-            close_without_tw: sum(counter::CLOSE_WITHOUT_TW),
-            owner_store_failed: sum(counter::OWNER_STORE_FAILED),
-            track_failed: sum(counter::TRACK_FAILED),
-            connect_failed: sum(counter::CONNECT_FAILED),
+        self.try_counters().unwrap_or_default()
+    }
+
+    /// The counters, read with bpf(BPF_MAP_LOOKUP_ELEM). Fails after serve's privilege drop on
+    /// kernels before 5.19, where `kernel.unprivileged_bpf_disabled` (Debian's default: 2)
+    /// refuses every bpf() command to a process without CAP_BPF or CAP_SYS_ADMIN, even on a
+    /// map it holds: serve's collector process reads them then (`host::collect`).
+    pub fn try_counters(&self) -> std::io::Result<KernelCounters> {
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or_else(|| std::io::Error::other("map COUNTERS missing"))?;
+        let array = PerCpuArray::<&MapData, u64>::try_from(map).map_err(std::io::Error::other)?;
+        read_counters(&array)
+    }
+
+    /// A descriptor of the counters' map, for a process that reads them on this one's behalf.
+    pub fn counters_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self.ebpf.map("COUNTERS")? {
+            aya::maps::Map::PerCpuArray(data) => Some(data.fd().as_fd()),
+            _ => None,
         }
     }
 
@@ -447,6 +448,26 @@ fn injected_failure(prog: &str, place: &str) -> Result<(), Failure> {
     }
     let _ = (prog, place);
     Ok(())
+}
+
+/// The per-CPU `COUNTERS` array summed per slot (twtrace_common::counter).
+pub fn read_counters<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, u64>,
+) -> std::io::Result<KernelCounters> {
+    let sum = |slot: u32| -> std::io::Result<u64> {
+        let v = array.get(&slot, 0).map_err(std::io::Error::other)?;
+        Ok(v.iter().sum())
+    };
+    Ok(KernelCounters {
+        lost: sum(counter::LOST)?,
+        emitted: sum(counter::EMITTED)?,
+        tw_timer_starts: sum(counter::TW_TIMER_STARTS)?,
+        birth_unmatched: sum(counter::BIRTH_UNMATCHED)?,
+        close_without_tw: sum(counter::CLOSE_WITHOUT_TW)?,
+        owner_store_failed: sum(counter::OWNER_STORE_FAILED)?,
+        track_failed: sum(counter::TRACK_FAILED)?,
+        connect_failed: sum(counter::CONNECT_FAILED)?,
+    })
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

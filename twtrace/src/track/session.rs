@@ -10,7 +10,7 @@ use crate::{
     host::netns::{self, Netns, Unreadable},
     host::sockdiag::{self, DiagSocket, state},
     kernel::decode::{KernelEvent, Role},
-    kernel::probes::{ProbeOptions, Probes, ProgramStats},
+    kernel::probes::{KernelCounters, ProbeOptions, Probes, ProgramStats},
     kernel::source::Source,
     track::lifecycle::{Event, InOrder, Lifecycle, LifecycleStats, Substate},
 };
@@ -75,6 +75,9 @@ pub struct Session {
     in_order: InOrder,
     events: Vec<Event>,
     ring_size: u32,
+    /// The programs' counters as serve's collector process last read them, for when this
+    /// process cannot (see `Probes::try_counters`).
+    pub relayed_counters: Option<KernelCounters>,
 }
 
 impl Session {
@@ -118,6 +121,7 @@ impl Session {
             in_order: InOrder::default(),
             events: Vec::with_capacity(4096),
             ring_size,
+            relayed_counters: None,
         };
         if seed {
             session.seed().map_err(|e| {
@@ -222,13 +226,13 @@ impl Session {
         const SETTLE: Duration = Duration::from_millis(2);
         let deadline = std::time::Instant::now() + Duration::from_millis(500);
         loop {
-            let emitted = self.probes.counters().emitted;
+            let emitted = self.kernel_counters().emitted;
             self.source.drain(&mut self.batch);
             if std::time::Instant::now() >= deadline {
                 return;
             }
             std::thread::sleep(SETTLE);
-            if self.source.received >= emitted && self.probes.counters().emitted == emitted {
+            if self.source.received >= emitted && self.kernel_counters().emitted == emitted {
                 return;
             }
         }
@@ -285,12 +289,27 @@ impl Session {
         }
     }
 
+    /// The kernel programs' counters: read here, or (serve after its privilege drop on
+    /// kernels before 5.19) as the collector process last relayed them.
+    pub fn kernel_counters(&self) -> KernelCounters {
+        let own = if cfg!(debug_assertions)
+            && std::env::var_os("TWTRACE_TEST_RELAY_COUNTERS").is_some()
+        {
+            // Debug builds: the tests take the relayed path on kernels that allow the own one.
+            Err(io::Error::other("injected"))
+        } else {
+            self.probes.try_counters()
+        };
+        own.ok().or(self.relayed_counters).unwrap_or_default()
+    }
+
     pub fn loss(&self) -> Loss {
+        let counters = self.kernel_counters();
         Loss {
-            ring_full: self.probes.counters().lost,
+            ring_full: counters.lost,
             recursion_misses: self.probes.recursion_misses(),
             malformed: self.source.malformed,
-            unjoined: self.probes.counters().birth_unmatched,
+            unjoined: counters.birth_unmatched,
         }
     }
 }
@@ -302,7 +321,7 @@ impl Session {
     pub fn stats(&self) -> serde_json::Value {
         let s = self.lifecycle.stats();
         serde_json::json!({
-            "kernel": self.probes.counters(),
+            "kernel": self.kernel_counters(),
             "owners": self.probes.owner_entries(),
             "programs": self.probes.program_stats(),
             "received": self.source.received,

@@ -329,7 +329,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let stop = session::stop_signal(None)?;
     let mut session = Session::start(args.probe.options(), true)?;
     // Started while this process still holds its privileges; it keeps only the three it needs.
-    let collector = collect::Client::spawn().map_err(|e| {
+    let collector = collect::Client::spawn(session.probes.counters_fd()).map_err(|e| {
         Failure::new(
             Code::Error,
             format!("cannot start the collector process ({e})"),
@@ -402,6 +402,7 @@ async fn serve(
     let (ask, mut replies) = collector_task(collector);
     let mut asked = false;
     let mut collector_failed = false;
+    let mut counters_unreadable_told = false;
     let (view_tx, mut view_rx) = mpsc::channel(8);
     let (quit_tx, quit_rx) = oneshot::channel::<()>();
     let app = router(shared.clone(), view_tx, &args);
@@ -457,7 +458,26 @@ async fn serve(
             Some(reply) = replies.recv() => {
                 asked = false;
                 match reply {
-                    Ok(reply) => {
+                    Ok(mut reply) => {
+                        match reply.counters.take() {
+                            Some(c) => session.relayed_counters = Some(c),
+                            None if !counters_unreadable_told
+                                && session.probes.try_counters().is_err() =>
+                            {
+                                counters_unreadable_told = true;
+                                log(
+                                    level,
+                                    LogLevel::Warn,
+                                    format_args!(
+                                        "the kernel programs' counters (lost events among them) \
+                                         cannot be read after the drop to --user on this kernel \
+                                         (before 5.19), nor by the collector process (it needs \
+                                         CAP_SYS_ADMIN): twtrace_events_lost_total stays 0"
+                                    ),
+                                );
+                            }
+                            None => {}
+                        }
                         session.host.apply(reply);
                         if let Some(line) = session.host.tell_once() {
                             log(level, LogLevel::Warn, format_args!("{line}"));
