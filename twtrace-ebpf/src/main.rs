@@ -65,9 +65,10 @@ const REUSE_WINDOW_NS: u64 = 100_000_000;
 /// TIME_WAIT timer starts a CPU keeps for the `-> CLOSE` they belong to (see `TwStart`).
 const STARTS: usize = 4;
 /// How long a TIME_WAIT timer start waits for its `-> CLOSE`: tcp_time_wait's softirqs run in
-/// between are bounded by the kernel (MAX_SOFTIRQ_TIME, 2 ms, then ksoftirqd); the rest is
-/// margin for emulated machines. A start older than this was a re-arm, never a birth.
-const START_WINDOW_NS: u64 = 50_000_000;
+/// between are bounded by the kernel (MAX_SOFTIRQ_TIME, 2 ms, then ksoftirqd), but a virtual
+/// CPU can be stopped for longer between two instructions (emulated guests take turns on one
+/// host thread). A start older than this was a re-arm, never a birth.
+const START_WINDOW_NS: u64 = 1_000_000_000;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);

@@ -325,6 +325,17 @@ impl Probes {
     /// and maps stay loaded until the session is dropped: counters, per-program statistics
     /// and the ring buffer remain readable.
     pub fn detach(&mut self) {
+        // What a program reports may need what a later program reports to be explained: a
+        // cancel is a re-arm when the timer_start right after it says so, a birth needs its
+        // timer_start before its state change. Detached in attach order, a re-arm caught
+        // between the two detaches was a cancel alone, read at the end as a kill (seen on 6.1
+        // under emulation): timer_cancel goes first, timer_start last.
+        let rank = |prog: &str| match prog {
+            "timer_cancel" | "hook_timer_cancel" => 0,
+            "timer_start" | "hook_timer_start" => 2,
+            _ => 1,
+        };
+        self.links.sort_by_key(|(prog, _)| rank(prog));
         for (prog, link) in self.links.drain(..) {
             let program: Option<&mut BtfTracePoint> =
                 self.ebpf.program_mut(prog).and_then(|p| p.try_into().ok());
