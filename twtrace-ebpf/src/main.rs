@@ -143,6 +143,8 @@ struct CpuScratch {
     /// TIME_WAIT timer cancelled just now (0: none), and its ports (`skc_portpair`).
     cancel_timer: u64,
     cancel_portpair: u32,
+    /// The cancel just now looked like tcp_tw_reuse (never a SYN take-over).
+    cancel_reuse: u32,
     connect_family: u16,
     connect_dport: u16,
     /// Last `CLOSE -> SYN_SENT` on this CPU: who, when, to where.
@@ -898,6 +900,9 @@ fn on_reqsk_start(timer: u64) {
         return;
     }
     s.cancel_timer = 0;
+    if s.cancel_reuse != 0 {
+        return;
+    }
     // Under typed_only the request socket cannot be read: the order alone says it (a SYN
     // handled right after a timewait socket died on this CPU, not inside a connect()).
     let same = typed_only()
@@ -973,8 +978,12 @@ fn on_tw_cancel(timer: u64) {
         e.tuple.netns = skc_netns(tw);
     });
     // A reuse is never a SYN take-over: the connect()'s own SYN, handled on this CPU right
-    // after on loopback, must not be read as one.
-    s.cancel_timer = if reuse { 0 } else { timer };
+    // after on loopback, must not be read as one. It can still turn out a re-arm: the
+    // previous connection's timewait socket getting its peer's FIN on this CPU inside the
+    // next connect() to the same destination looks like a reuse until its timer starts again
+    // right after (seen on 6.1: a FIN_WAIT2-substate socket never became TIME_WAIT).
+    s.cancel_timer = timer;
+    s.cancel_reuse = reuse as u32;
     s.cancel_portpair = portpair(&head);
     forget_start(s, timer);
 }
@@ -1002,6 +1011,7 @@ fn on_tw_cancel_typed(s: &mut CpuScratch, timer: u64) {
         }
     });
     s.cancel_timer = timer;
+    s.cancel_reuse = 0;
     forget_start(s, timer);
 }
 

@@ -326,14 +326,16 @@ impl Probes {
     /// and the ring buffer remain readable.
     pub fn detach(&mut self) {
         // What a program reports may need what a later program reports to be explained: a
-        // cancel is a re-arm when the timer_start right after it says so, a birth needs its
-        // timer_start before its state change. Detached in attach order, a re-arm caught
-        // between the two detaches was a cancel alone, read at the end as a kill (seen on 6.1
-        // under emulation): timer_cancel goes first, timer_start last.
+        // cancel is a re-arm when the timer_start right after it says so, and a timer_start is
+        // a birth when the state change after it takes it. So each goes before what explains
+        // it: timer_cancel, then timer_start, then the rest. Detached in attach order, a re-arm
+        // caught between two detaches was a cancel alone, read at the end as a kill (seen on
+        // 6.1 under emulation), and starts after the state program's detach counted as births
+        // never joined.
         let rank = |prog: &str| match prog {
             "timer_cancel" | "hook_timer_cancel" => 0,
-            "timer_start" | "hook_timer_start" => 2,
-            _ => 1,
+            "timer_start" | "hook_timer_start" => 1,
+            _ => 2,
         };
         self.links.sort_by_key(|(prog, _)| rank(prog));
         for (prog, link) in self.links.drain(..) {
