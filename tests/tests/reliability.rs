@@ -90,8 +90,6 @@ fn ring_buffer_refused_by_the_kernel() {
     require_root();
     let _g = exclusive();
     let before = quiet_programs();
-    // A memory cgroup too small for the ring buffer: the kernel refuses the map.
-    let cg = format!("/sys/fs/cgroup/memory/twt-ring-{}", std::process::id());
     let (prefix, cleanup): (String, Box<dyn Fn()>) = if kernel_version() < (5, 11) {
         // Before 5.11 BPF memory is charged to RLIMIT_MEMLOCK, not to the cgroup, and
         // twtrace raises that limit: a low one it cannot raise (no CAP_SYS_RESOURCE).
@@ -100,22 +98,20 @@ fn ring_buffer_refused_by_the_kernel() {
                 .to_owned(),
             Box::new(|| {}),
         )
-    } else if std::path::Path::new("/sys/fs/cgroup/memory").is_dir() {
-        std::fs::create_dir_all(&cg).unwrap();
-        write_all(&format!("{cg}/memory.limit_in_bytes"), "64M");
-        let c = cg.clone();
-        (
-            format!("sh -c 'echo $$ > {cg}/cgroup.procs && exec \"$0\" \"$@\"'"),
-            Box::new(move || {
-                let _ = std::fs::remove_dir(&c);
-            }),
-        )
     } else {
-        // cgroup v2 only: the same limit through the unified hierarchy.
-        let root = "/sys/fs/cgroup";
-        let cg = format!("{root}/twt-ring-{}", std::process::id());
+        // A memory cgroup too small for the ring buffer: the kernel refuses the map. Its
+        // limit is v1's memory controller's, or (cgroup v2 only) the unified hierarchy's.
+        let pid = std::process::id();
+        let (cg, limit) = if std::path::Path::new("/sys/fs/cgroup/memory").is_dir() {
+            (
+                format!("/sys/fs/cgroup/memory/twt-ring-{pid}"),
+                "memory.limit_in_bytes",
+            )
+        } else {
+            (format!("/sys/fs/cgroup/twt-ring-{pid}"), "memory.max")
+        };
         std::fs::create_dir_all(&cg).unwrap();
-        write_all(&format!("{cg}/memory.max"), "64M");
+        write_all(&format!("{cg}/{limit}"), "64M");
         let c = cg.clone();
         (
             format!("sh -c 'echo $$ > {cg}/cgroup.procs && exec \"$0\" \"$@\"'"),
