@@ -251,8 +251,10 @@ fn typed_only_births_and_every_end_are_exact() {
 #[test]
 fn a_refused_probe_read_loads_the_typed_only_programs() {
     require_root();
-    let _g = shared();
-    let before = twtrace_programs_loaded();
+    // Alone: "nothing left loaded" counts every twtrace program in the kernel, and a test
+    // running beside this one would have its own loaded.
+    let _g = exclusive();
+    let before = quiet_programs();
     let mut cmd = Command::new(twtrace_bin());
     cmd.args(["watch", "--json"])
         .env("TWTRACE_TEST_REFUSE_PROBE_READ", "1");
