@@ -74,8 +74,8 @@ pub const CONFIDENTIALITY_LIMITS: &str = "the kernel is locked down in confident
      (lockdown=confidentiality): BPF programs may not read kernel memory, so twtrace reads only \
      what the tracepoints hand over: births and ends are exact, but the FIN_WAIT2 substate is \
      told only by its timeout (not when tcp_fin_timeout is 60 s) and TIME_WAIT sockets that \
-     existed before start are taken as expired at their deadline (lockdown=integrity has none \
-     of these limits)";
+     existed before start end at their deadline as expired, or as killed when their namespace \
+     goes (lockdown=integrity has none of these limits)";
 
 fn effective_caps() -> Result<u64, Failure> {
     let status = fs::read_to_string("/proc/self/status")

@@ -1,12 +1,16 @@
 //! One tracing session: the probes attached, the ring buffer read, the lifecycles resolved.
 //! Every view drives a session and only sees `lifecycle::Event`s and loss figures.
 
-use std::{collections::HashSet, io, time::Duration};
+use std::{
+    collections::HashSet,
+    io,
+    time::{Duration, Instant},
+};
 
 use crate::{
     failure::Failure,
     host::clock::{self, WallClock},
-    host::collect::{Collector, Host, Request},
+    host::collect::{Collector, Host, Reply, Request},
     host::netns::{self, Netns, Unreadable},
     host::sockdiag::{self, DiagSocket, state},
     kernel::decode::{KernelEvent, Role},
@@ -78,12 +82,18 @@ pub struct Session {
     /// The programs' counters as serve's collector process last read them, for when this
     /// process cannot (see `Probes::try_counters`).
     pub relayed_counters: Option<KernelCounters>,
+    /// When the namespaces were last discovered (`apply`).
+    discovered: Instant,
 }
 
+/// With typed loads only, how often a session that no view asks for host figures looks for
+/// namespaces gone (see `Session::apply`).
+const REDISCOVER_SEEDS: Duration = Duration::from_secs(1);
+
 impl Session {
-    /// Attaches the probes. With `seed`, the TIME_WAIT sockets that exist already are read
-    /// through sock_diag (after attaching, so that none can end unseen) and come out of the
-    /// first `next()` as seeded `Enter` events.
+    /// Attaches the probes. With `seed` (and always with typed loads only), the TIME_WAIT
+    /// sockets that exist already are read through sock_diag (after attaching, so that none
+    /// can end unseen) and come out of the first `next()` as seeded `Enter` events.
     pub fn start(opts: ProbeOptions, seed: bool) -> Result<Self, Failure> {
         // Every namespace's counters before attaching: their baseline.
         let mut collector = Collector::new();
@@ -122,6 +132,7 @@ impl Session {
             events: Vec::with_capacity(4096),
             ring_size,
             relayed_counters: None,
+            discovered: Instant::now(),
         };
         if seed {
             session.seed().map_err(|e| {
@@ -130,6 +141,12 @@ impl Session {
                     format!("cannot list the existing TIME_WAIT sockets (sock_diag): {e}"),
                 )
             })?;
+        } else if session.probes.typed_only {
+            // With typed loads only, the end of a socket born before start names no socket:
+            // the seed is all that can tell its end (at its deadline, or when its namespace is
+            // dismantled). A view that did not ask for it ignores the seeded births, and can
+            // do without it when sock_diag fails.
+            let _ = session.seed();
         }
         Ok(session)
     }
@@ -186,9 +203,27 @@ impl Session {
     /// are gone since the last time.
     pub fn gather(&mut self, req: &Request) -> Vec<u32> {
         match self.collector.as_mut() {
-            Some(c) => self.host.apply(c.handle(req)),
+            Some(c) => {
+                let reply = c.handle(req);
+                self.apply(reply)
+            }
             None => Vec::new(),
         }
+    }
+
+    /// Takes in what a collector gathered; returns the namespaces that are gone since the
+    /// last time. With typed loads only, a gone namespace's seeded sockets end here as
+    /// `killed` (`Lifecycle::end_seeds_of`): the kernel's purge of them is not told apart.
+    pub fn apply(&mut self, reply: Reply) -> Vec<u32> {
+        self.discovered = Instant::now();
+        let gone = self.host.apply(reply);
+        if self.probes.typed_only && self.lifecycle.has_seeds() {
+            let now = clock::monotonic_ns();
+            for &netns in &gone {
+                self.lifecycle.end_seeds_of(netns, now, &mut self.carry);
+            }
+        }
+        gone
     }
 
     /// Waits for the next batch from the kernel; returns the lifecycle events it resolved.
@@ -201,6 +236,19 @@ impl Session {
         self.source.next_batch(&mut self.batch).await?;
         self.probes.flush_log();
         self.resolve(false);
+        // A view that asks for no host figures (watch, exec) still sees a dismantled
+        // namespace's seeded sockets end (typed loads only; see `apply`).
+        if self.probes.typed_only
+            && self.lifecycle.has_seeds()
+            && self.collector.is_some()
+            && self.discovered.elapsed() >= REDISCOVER_SEEDS
+        {
+            self.gather(&Request {
+                figures: Some(Vec::new()),
+                close_wait: None,
+            });
+            self.events.append(&mut self.carry);
+        }
         Ok(&self.events)
     }
 

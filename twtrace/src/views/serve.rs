@@ -478,7 +478,7 @@ async fn serve(
                             }
                             None => {}
                         }
-                        session.host.apply(reply);
+                        session.apply(reply);
                         if let Some(line) = session.host.tell_once() {
                             log(level, LogLevel::Warn, format_args!("{line}"));
                         }

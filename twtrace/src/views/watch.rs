@@ -304,8 +304,10 @@ pub struct Selection {
 
 impl Selection {
     pub fn shows(&self, ev: &Event) -> bool {
+        // A seeded `Enter` (typed loads only, see `Session::start`) is no birth.
+        let seeded = matches!(ev, Event::Enter(e) if e.seeded);
         let old = matches!(ev, Event::Exit(x) if x.lifetime_ns.is_none());
-        !(self.new_only && old) && self.filter.matches(ev)
+        !seeded && !(self.new_only && old) && self.filter.matches(ev)
     }
 
     /// Everything passes: the closing line can speak of all traffic.

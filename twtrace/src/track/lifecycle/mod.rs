@@ -65,6 +65,9 @@ pub struct LifecycleStats {
     /// Ends of timers born before start, whose socket the kernel could not read (typed loads
     /// only): not counted as ends (the seeded sockets end at their deadline instead).
     pub unknown_ends: u64,
+    /// Seeded sockets ended as `killed` because their namespace was dismantled (typed loads
+    /// only, where their own end cannot be told apart).
+    pub seeds_of_gone_namespaces: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +128,11 @@ impl Lifecycle {
             seeded: true,
         });
         born.chain(seeded)
+    }
+
+    /// Whether a seeded socket is still alive (its end unseen so far).
+    pub fn has_seeds(&self) -> bool {
+        !self.seeds.is_empty()
     }
 
     pub fn stats(&self) -> LifecycleStats {
@@ -496,6 +504,38 @@ impl Lifecycle {
         }
     }
 
+    /// The namespace `netns` was dismantled: its seeded sockets end now as `killed`. The kernel
+    /// purges a dying namespace's timewait sockets (`inet_twsk_purge` from the TCP pernet
+    /// exit), but with typed loads only their cancels carry no 4-tuple (`unknown_ends`), so
+    /// this is how a view that started after the traffic sees them go. Only for typed loads:
+    /// otherwise the purge's cancels name each socket, and ending them here would count them
+    /// twice.
+    pub fn end_seeds_of(&mut self, netns: u32, now_ns: u64, out: &mut Vec<Event>) {
+        let ended: Vec<(u32, Conn)> = self
+            .seeds
+            .keys()
+            .filter(|(n, _)| *n == netns)
+            .copied()
+            .collect();
+        for key in ended {
+            let seed = self.seeds.remove(&key).expect("listed");
+            self.stats.exits += 1;
+            self.stats.seeds_of_gone_namespaces += 1;
+            out.push(Event::Exit(TwExit {
+                ts_ns: now_ns,
+                timer: 0,
+                conn: Some(key.1),
+                netns,
+                owner: None,
+                role: seed.role,
+                reason: Reason::Killed,
+                lifetime_ns: None,
+                substate: seed.substate,
+                seeded: true,
+            }));
+        }
+    }
+
     fn settle_cancels(&mut self, now_ns: u64, out: &mut Vec<Event>) {
         for cpu in 0..self.pending.len() {
             if self.pending[cpu]
@@ -851,6 +891,68 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(lc.alive().map(|e| e.netns).collect::<Vec<_>>(), vec![7]);
+    }
+
+    /// A dismantled namespace's seeded sockets end as killed, at the time given; another
+    /// namespace's, and a born socket's, stay.
+    #[test]
+    fn a_gone_namespace_kills_its_seeds_only() {
+        let mut lc = Lifecycle::new();
+        let mut out = Vec::new();
+        for (c, netns, role) in [
+            (1, 7, Role::Connected),
+            (2, 7, Role::Accepted),
+            (1, 8, Role::Connected),
+        ] {
+            lc.seed(
+                conn(c),
+                netns,
+                role,
+                Substate::FinWait2,
+                0,
+                60_000,
+                &mut out,
+            );
+        }
+        out.clear();
+        lc.end_seeds_of(7, 5_000, &mut out);
+        let mut ended: Vec<(Conn, Role, Reason, u64, bool, Substate)> = out
+            .iter()
+            .map(|e| match e {
+                Event::Exit(x) => {
+                    assert_eq!((x.netns, x.lifetime_ns, x.owner), (7, None, None));
+                    (
+                        x.conn.unwrap(),
+                        x.role,
+                        x.reason,
+                        x.ts_ns,
+                        x.seeded,
+                        x.substate,
+                    )
+                }
+                e => panic!("{e:?}"),
+            })
+            .collect();
+        ended.sort_by_key(|e| e.0.local.port());
+        let killed = |c, role| {
+            (
+                conn(c),
+                role,
+                Reason::Killed,
+                5_000,
+                true,
+                Substate::FinWait2,
+            )
+        };
+        let mut want = vec![killed(1, Role::Connected), killed(2, Role::Accepted)];
+        want.sort_by_key(|e| e.0.local.port());
+        assert_eq!(ended, want);
+        assert_eq!(lc.stats().seeds_of_gone_namespaces, 2);
+        assert_eq!(lc.stats().exits, 2);
+        assert_eq!(lc.alive().map(|e| e.netns).collect::<Vec<_>>(), vec![8]);
+        out.clear();
+        lc.end_seeds_of(7, 6_000, &mut out);
+        assert!(out.is_empty(), "ended once: {out:?}");
     }
 
     #[test]
