@@ -166,6 +166,7 @@ fn doctor_judges_a_namespace_by_its_own_port_range_and_predicts_the_failure() {
     let _server = Server::start(Some(&ns), &addr, &[]);
     let doctor = Run::start(&["doctor", "--json", "--duration", "5s"], "watching");
     let started = Instant::now();
+    let started_at = monotonic_s();
     let (d, watched_s, run) = thread::scope(|s| {
         let churn = s.spawn(|| {
             let args = [
@@ -205,7 +206,8 @@ fn doctor_judges_a_namespace_by_its_own_port_range_and_predicts_the_failure() {
     // What happened: 300 connections, then EADDRNOTAVAIL for the rest.
     assert_eq!(run.local_ports.len(), 300);
     assert_eq!(run.errors.get("EADDRNOTAVAIL"), Some(&260));
-    let actual = run.first_error_s.expect("connect() failed");
+    // On the test's timeline: the client starts a moment after doctor's window does.
+    let actual = run.first_error_at.expect("connect() failed") - started_at;
     assert_prediction(
         doc["duration_s"].as_f64().unwrap(),
         watched_s,

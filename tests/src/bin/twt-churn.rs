@@ -289,7 +289,7 @@ fn client(o: &Opts) -> Result<(), String> {
     let mut keep: Option<TcpStream> = None;
     let mut leaked = Vec::new();
     let mut errors: std::collections::BTreeMap<String, u64> = Default::default();
-    let mut first_error: Option<f64> = None;
+    let mut first_error: Option<(f64, f64)> = None;
     for i in 0..o.count {
         if Instant::now() > deadline {
             return Err(format!("stopped at {i} connections: time limit"));
@@ -309,7 +309,7 @@ fn client(o: &Opts) -> Result<(), String> {
                 }
                 Err(e) if o.tolerate_errors => {
                     *errors.entry(errno_name(&e)).or_default() += 1;
-                    first_error.get_or_insert(start.elapsed().as_secs_f64());
+                    first_error.get_or_insert((start.elapsed().as_secs_f64(), monotonic_s()));
                     continue;
                 }
                 Err(e) => return Err(format!("connect {to}: {e}")),
@@ -356,12 +356,13 @@ fn client(o: &Opts) -> Result<(), String> {
     let ports: Vec<String> = ports.iter().map(|p| p.to_string()).collect();
     let errors: Vec<String> = errors.iter().map(|(k, n)| format!("\"{k}\":{n}")).collect();
     println!(
-        "{{\"pid\":{},\"connections\":{},\"local_ports\":[{}],\"errors\":{{{}}},\"first_error_s\":{}}}",
+        "{{\"pid\":{},\"connections\":{},\"local_ports\":[{}],\"errors\":{{{}}},\"first_error_s\":{},\"first_error_at\":{}}}",
         std::process::id(),
         ports.len(),
         ports.join(","),
         errors.join(","),
-        first_error.map_or("null".to_owned(), |t| format!("{t:.3}"))
+        first_error.map_or("null".to_owned(), |t| format!("{:.3}", t.0)),
+        first_error.map_or("null".to_owned(), |t| format!("{:.3}", t.1))
     );
     std::io::stdout().flush().ok();
     if o.leak {
@@ -498,4 +499,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// CLOCK_MONOTONIC in seconds: one clock for every process of the machine (namespaces
+/// included), so a test can place a client's failure on its own timeline.
+fn monotonic_s() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }

@@ -136,6 +136,23 @@ impl Verdict {
     }
 }
 
+/// The seconds over which a pool's births give its rate: from about one gap between births
+/// before its first one (the traffic may have started while doctor watched: a load test
+/// started after doctor would otherwise look slower than it is, and its failure later) to the
+/// window's end; at least half the window, so that a burst near the end is not taken for a
+/// steady rate (at most twice the window's average), and never more than the window.
+/// `first_ns`, `last_ns`: the pool's first and last birth, in the window's clock (ns).
+pub fn active_s(window: (u64, u64), births: u64, first_ns: u64, last_ns: u64) -> f64 {
+    let (start, end) = window;
+    let whole = end.saturating_sub(start) as f64 / 1e9;
+    if births < 2 || whole <= 0.0 {
+        return whole;
+    }
+    let gap = last_ns.saturating_sub(first_ns) / (births - 1);
+    let began = first_ns.saturating_sub(gap).max(start);
+    (end.saturating_sub(began) as f64 / 1e9).clamp(whole / 2.0, whole)
+}
+
 pub fn judge(d: &Demand, usable: u32, duration_s: f64, reuse: Reuse) -> Verdict {
     let rate = if duration_s > 0.0 {
         d.births as f64 / duration_s
@@ -190,6 +207,28 @@ pub fn usable_line(settings: &Settings) -> Option<(u32, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Traffic that ran all along counts over the whole window; traffic that began inside it
+    /// counts from about one gap before its first birth; a burst at the end over half the
+    /// window.
+    #[test]
+    fn a_pools_rate_counts_from_when_its_traffic_began() {
+        let w = (100 * S, 105 * S);
+        // 10/s all along: first birth 0.1 s in, last 0.1 s before the end.
+        let all = active_s(w, 50, 100 * S + S / 10, 104 * S + 9 * S / 10);
+        assert_eq!(format!("{all:.2}"), "5.00");
+        // 10/s from 1.5 s in: 35 births from 101.5 to 104.9.
+        let a = active_s(w, 35, 101 * S + S / 2, 104 * S + 9 * S / 10);
+        assert_eq!(format!("{a:.2}"), "3.60");
+        assert_eq!(format!("{:.2}", 35.0 / a), "9.72");
+        // 10 births in the last 0.1 s: half the window.
+        assert_eq!(active_s(w, 10, 104 * S + 9 * S / 10, 105 * S), 2.5);
+        // One birth, or none: the whole window.
+        assert_eq!(active_s(w, 1, 104 * S, 104 * S), 5.0);
+        assert_eq!(active_s(w, 0, 0, 0), 5.0);
+    }
 
     fn settings(reuse: u32, range: (u16, u16)) -> Settings {
         Settings {

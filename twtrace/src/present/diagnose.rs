@@ -47,6 +47,8 @@ pub struct Destination {
     pub in_time_wait: u64,
     /// TIME_WAIT births in that pool while doctor watched.
     pub births: u64,
+    /// Seconds over which `births` came (`allocator::active_s`); 0: the whole window.
+    pub active_s: f64,
     /// connect() calls that found no local port while doctor watched, and by whom:
     /// (pid, comm, count), most first.
     pub no_port: u64,
@@ -133,7 +135,12 @@ fn port_exhaustion(ev: &Evidence, d: &Destination) -> Option<Finding> {
         no_port: d.no_port,
     };
     let reuse = allocator::reuse(&ev.settings, d.allocation, d.remote);
-    let v = allocator::judge(&demand, usable, ev.duration_s, reuse);
+    let over = if d.active_s > 0.0 {
+        d.active_s
+    } else {
+        ev.duration_s
+    };
+    let v = allocator::judge(&demand, usable, over, reuse);
     let usable_f = usable.max(1) as f64;
     let held_share = d.held as f64 / usable_f;
     let needed_share = v.needed_share();
@@ -265,6 +272,7 @@ fn port_exhaustion(ev: &Evidence, d: &Destination) -> Option<Finding> {
             "usable_ports": usable,
             "births": d.births,
             "rate_per_s": round1(v.rate),
+            "rate_over_s": round1(over),
             "steady_state": v.needed.round(),
             "time_left_s": v.time_left_s.map(|t| t.round()),
             "tw_reuse_applies": v.reuse.applies,
@@ -561,6 +569,7 @@ mod tests {
             in_time_wait: held,
             births,
             no_port: 0,
+            active_s: 0.0,
             failing: Vec::new(),
         }
     }

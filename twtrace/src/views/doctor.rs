@@ -15,6 +15,7 @@ use crate::{
     cli::{DoctorArgs, FailOn},
     failure::{Code, ExitWith},
     host::{
+        clock,
         close_wait::CloseWait,
         collect::Request,
         netns::{self, Netns},
@@ -22,7 +23,7 @@ use crate::{
     },
     kernel::decode::Role,
     output::{self, printable},
-    present::allocator::Allocation,
+    present::allocator::{self, Allocation},
     present::diagnose::{
         self, Destination, Evidence, FailedConnects, Finding, ServerPort, Severity,
     },
@@ -34,13 +35,37 @@ use crate::{
 /// Who, by (pid, comm), and how often.
 type Whom = HashMap<(u32, String), u64>;
 
+/// A pool's births while doctor watched: how many, the first and the last (monotonic ns).
+#[derive(Clone, Copy, Default)]
+struct Births {
+    n: u64,
+    first_ns: u64,
+    last_ns: u64,
+}
+
+impl Births {
+    fn add(&mut self, ts_ns: u64) {
+        if self.n == 0 {
+            self.first_ns = ts_ns;
+        }
+        self.n += 1;
+        self.first_ns = self.first_ns.min(ts_ns);
+        self.last_ns = self.last_ns.max(ts_ns);
+    }
+
+    /// The seconds its rate is taken over (`allocator::active_s`).
+    fn active_s(&self, window: (u64, u64)) -> f64 {
+        allocator::active_s(window, self.n, self.first_ns, self.last_ns)
+    }
+}
+
 /// What the trace showed while doctor watched, by what it tells about ports, per namespace.
 #[derive(Default)]
 struct Traffic {
     /// Births of connect() without bind(): (namespace, source address, destination).
-    outgoing: HashMap<(u32, IpAddr, SocketAddr), u64>,
+    outgoing: HashMap<(u32, IpAddr, SocketAddr), Births>,
     /// Births of sockets bound before connect(): (namespace, source address).
-    bound: HashMap<(u32, IpAddr), u64>,
+    bound: HashMap<(u32, IpAddr), Births>,
     /// Births of accepted connections: (namespace, listening port).
     accepted: HashMap<(u32, u16), u64>,
     /// Failed connect() calls: (namespace, source address, destination, reason), by whom.
@@ -62,12 +87,15 @@ impl Traffic {
                         .entry((e.netns, e.conn.local.port()))
                         .or_default() += 1;
                 } else if e.bound {
-                    *self.bound.entry((e.netns, e.conn.local.ip())).or_default() += 1;
+                    self.bound
+                        .entry((e.netns, e.conn.local.ip()))
+                        .or_default()
+                        .add(e.ts_ns);
                 } else {
-                    *self
-                        .outgoing
+                    self.outgoing
                         .entry((e.netns, e.conn.local.ip(), e.conn.remote))
-                        .or_default() += 1;
+                        .or_default()
+                        .add(e.ts_ns);
                 }
             }
             Event::ConnectFail(f) => {
@@ -111,6 +139,7 @@ fn ranked(whom: &Whom) -> Vec<(u32, String, u64)> {
 /// other failed connects: every socket holding a port now (sock_diag) joined with the traffic.
 fn evidence_from_sockets(
     netns: u32,
+    window: (u64, u64),
     sockets: &[DiagSocket],
     traffic: &Traffic,
     listening: &HashSet<(u32, u16)>,
@@ -123,6 +152,7 @@ fn evidence_from_sockets(
         in_time_wait: 0,
         births: 0,
         no_port: 0,
+        active_s: 0.0,
         failing: Vec::new(),
     };
     let mut connect: BTreeMap<(IpAddr, SocketAddr), Destination> = BTreeMap::new();
@@ -130,9 +160,10 @@ fn evidence_from_sockets(
         .bound
         .iter()
         .filter(|((ns, _), _)| *ns == netns)
-        .map(|(&(_, source), &n)| {
+        .map(|(&(_, source), b)| {
             let mut d = pool(Allocation::Bind, source, None);
-            d.births = n;
+            d.births = b.n;
+            d.active_s = b.active_s(window);
             (source, d)
         })
         .collect();
@@ -161,12 +192,13 @@ fn evidence_from_sockets(
             b.in_time_wait += tw;
         }
     }
-    for (&(ns, source, remote), &n) in &traffic.outgoing {
+    for (&(ns, source, remote), b) in &traffic.outgoing {
         if ns == netns {
-            connect
+            let d = connect
                 .entry((source, remote))
-                .or_insert_with(|| pool(Allocation::Connect, source, Some(remote)))
-                .births = n;
+                .or_insert_with(|| pool(Allocation::Connect, source, Some(remote)));
+            d.births = b.n;
+            d.active_s = b.active_s(window);
         }
     }
     let mut failed: BTreeMap<SocketAddr, (Vec<(FailReason, u64)>, Whom)> = BTreeMap::new();
@@ -274,6 +306,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         args.duration.as_secs_f64()
     );
     let started = std::time::Instant::now();
+    let window_start = clock::monotonic_ns();
     let mut traffic = Traffic::default();
     let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
     loop {
@@ -290,6 +323,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         traffic.feed(ev, &listening);
     }
     let duration_s = started.elapsed().as_secs_f64();
+    let window = (window_start, clock::monotonic_ns());
 
     // Every namespace (or those asked for): its figures, CLOSE_WAIT and sockets now.
     let targets: Vec<Netns> = session
@@ -334,7 +368,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
             continue;
         }
         let (destinations, failed_connects, servers) =
-            evidence_from_sockets(ns.inode, sockets, &traffic, &listening);
+            evidence_from_sockets(ns.inode, window, sockets, &traffic, &listening);
         let counters = host.ledger.since_start(ns.inode).unwrap_or_default();
         judged.push((
             ns,
