@@ -139,7 +139,8 @@ pub fn poll_until<T>(now: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
     }
 }
 
-/// CLOCK_MONOTONIC in seconds, the clock `ClientRun::first_error_at` is on.
+/// CLOCK_MONOTONIC in seconds, the clock `ClientRun::first_error_at` is on: one clock for
+/// every process of the machine, namespaces included (twt-churn stamps its failures with it).
 pub fn monotonic_s() -> f64 {
     let mut t = libc::timespec {
         tv_sec: 0,

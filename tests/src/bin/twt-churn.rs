@@ -38,7 +38,7 @@ use std::{
     thread,
     time::{Duration, Instant},
 };
-use twtrace_tests::sock::sockaddr;
+use twtrace_tests::{monotonic_s, sock::sockaddr};
 
 /// No run lasts longer than this, whatever the arguments.
 const MAX_RUN: Duration = Duration::from_secs(600);
@@ -499,16 +499,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// CLOCK_MONOTONIC in seconds: one clock for every process of the machine (namespaces
-/// included), so a test can place a client's failure on its own timeline.
-fn monotonic_s() -> f64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }

@@ -86,9 +86,11 @@ pub struct Session {
     discovered: Instant,
 }
 
-/// With typed loads only, how often a session that no view asks for host figures looks for
-/// namespaces gone (see `Session::apply`).
-const REDISCOVER_SEEDS: Duration = Duration::from_secs(1);
+/// With typed loads only, how long a session goes without a discovery before it looks for
+/// gone namespaces itself (see `Session::apply`): longer than the 1 s between the gatherings
+/// of the views that ask for figures (report, top), so it never comes between two of theirs
+/// and only watch, exec and doctor's window need it.
+const REDISCOVER_SEEDS: Duration = Duration::from_secs(2);
 
 impl Session {
     /// Attaches the probes. With `seed` (and always with typed loads only), the TIME_WAIT
