@@ -91,20 +91,28 @@ fn doctor_reports_port_exhaustion_for_the_destination_with_its_numbers() {
     assert_eq!(data["held"], 300);
     assert_eq!(data["in_time_wait"], 300);
     assert_eq!(data["tw_reuse_applies"], false);
-    // doctor's arithmetic, from what it printed: the rate is the births over the window it
-    // watched (both printed to 0.1), the steady state that rate x 60 s of TIME_WAIT, the time
-    // left the free ports over that rate (both printed to 1 s).
-    let (duration, rate) = (
+    // doctor's arithmetic, from what it printed: the rate is the births over the seconds its
+    // traffic ran in the window (`rate_over_s`: from about one gap before the first birth to
+    // the window's end, at least half the window; both printed to 0.1), the steady state that
+    // rate x 60 s of TIME_WAIT, the time left the free ports over that rate (both printed to
+    // 1 s).
+    let (duration, over, rate) = (
         doc["duration_s"].as_f64().unwrap(),
+        data["rate_over_s"].as_f64().unwrap(),
         data["rate_per_s"].as_f64().unwrap(),
     );
-    let (d_lo, d_hi) = unrounded(duration, 0.1);
+    // The client ran for 6 s (300 at 50/s) of a window that began before it and ended after.
+    assert!(
+        (duration / 2.0 - 0.05..=duration + 0.05).contains(&over) && over >= 5.9,
+        "{over} s of {duration} s"
+    );
+    let (o_lo, o_hi) = unrounded(over, 0.1);
     let (r_lo, r_hi) = unrounded(rate, 0.1);
-    // The exact rate: births / the exact window, which also prints as `rate`.
-    let exact = (r_lo.max(300.0 / d_hi), r_hi.min(300.0 / d_lo));
+    // The exact rate: births / the exact span, which also prints as `rate`.
+    let exact = (r_lo.max(300.0 / o_hi), r_hi.min(300.0 / o_lo));
     assert!(
         exact.0 <= exact.1,
-        "{rate}/s is not 300 births over {duration} s"
+        "{rate}/s is not 300 births over {over} s"
     );
     let steady = data["steady_state"].as_f64().unwrap();
     assert!(
