@@ -48,12 +48,15 @@ fn kernel_figures_cover_the_namespaces_twtrace_counts() {
     let tab = Run::start(&["report", "--duration", UNTIL_INTERRUPTED], "collecting");
     let run = client(Some(&ns), &["--to", &addr, "--count", "50"]);
     assert_eq!(run.local_ports.len(), 50);
-    assert_eq!(
-        wait_for(50, || ns.sockstat_tw()),
-        50,
-        "the namespace's own count"
-    );
+    let kernel = wait_for(50, || ns.sockstat_tw());
     let doc = json(&rep.interrupt(Duration::from_secs(30)));
+    // (Once on 5.10 under emulation the kernel held 49: the picture says which one went.)
+    assert_eq!(
+        kernel,
+        50,
+        "the namespace's own count: {}\n{doc}",
+        ns.tcp_picture()
+    );
     let table = tab.interrupt(Duration::from_secs(30)).stdout;
 
     let ours = entry(&doc["namespaces"], "netns", ns.inode());
