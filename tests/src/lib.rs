@@ -110,8 +110,8 @@ pub fn wait_for<T: PartialEq>(want: T, now: impl Fn() -> T) -> T {
 /// typed loads only and says once, on stderr, what that costs (`CONFIDENTIALITY_LIMITS`; README,
 /// Requirements): the FIN_WAIT2 substate is told by its timeout alone (not when
 /// tcp_fin_timeout is 60 s, the default), and a TIME_WAIT born before start ends unseen, taken
-/// as expired at its deadline. The tests that meet those limits check exactly that there (the
-/// kernel matrix's `6.1+confidentiality` lane).
+/// as expired at its deadline (or as killed once its namespace is gone). The tests that meet
+/// those limits check exactly that there (the kernel matrix's `6.1+confidentiality` lane).
 pub fn confidentiality() -> bool {
     std::fs::read_to_string("/sys/kernel/security/lockdown")
         .is_ok_and(|t| twtrace::kernel::preflight::lockdown_confidentiality(&t))
