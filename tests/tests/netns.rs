@@ -551,12 +551,15 @@ fn serve_follows_namespaces_as_they_come_and_go() {
     let live = || sh("ip netns list | wc -l").trim().parse::<usize>().unwrap();
     let text = scrape_until(&scrape, |t| netns_labels(t).len() <= live() + 2);
     let w = watch.stop();
-    assert_eq!(w.of_kind("tw_enter").count(), 1000);
+    // (Once, on 6.1 under lockdown=confidentiality and emulation, 999: the loss line says why.)
+    assert_eq!(w.of_kind("tw_enter").count(), 1000, "{}", w.stderr);
     assert_eq!(
         w.of_kind("tw_exit")
             .filter(|e| e["reason"] == "killed")
             .count(),
-        1000
+        1000,
+        "{}",
+        w.stderr
     );
     let namespaces: BTreeSet<u64> = w
         .of_kind("tw_enter")
