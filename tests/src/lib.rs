@@ -142,13 +142,7 @@ pub fn poll_until<T>(now: impl Fn() -> T, done: impl Fn(&T) -> bool) -> T {
 /// CLOCK_MONOTONIC in seconds, the clock `ClientRun::first_error_at` is on: one clock for
 /// every process of the machine, namespaces included (twt-churn stamps its failures with it).
 pub fn monotonic_s() -> f64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
-    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+    twtrace::host::clock::monotonic_ns() as f64 / 1e9
 }
 
 /// Checks that a failure doctor predicted came when it said, within 20 %. doctor counts the

@@ -305,7 +305,6 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         "watching for {}s; Ctrl-C to stop early",
         args.duration.as_secs_f64()
     );
-    let started = std::time::Instant::now();
     let window_start = clock::monotonic_ns();
     let mut traffic = Traffic::default();
     let wanted = |ev: &Event| only.is_empty() || only.contains(&ev.netns());
@@ -322,8 +321,8 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     for ev in session.finish().iter().filter(|e| wanted(e)) {
         traffic.feed(ev, &listening);
     }
-    let duration_s = started.elapsed().as_secs_f64();
     let window = (window_start, clock::monotonic_ns());
+    let duration_s = (window.1 - window.0) as f64 / 1e9;
 
     // Every namespace (or those asked for): its figures, CLOSE_WAIT and sockets now.
     let targets: Vec<Netns> = session

@@ -479,29 +479,38 @@ impl Lifecycle {
         if self.seeds.is_empty() {
             return;
         }
-        let overdue: Vec<(u32, Conn)> = self
+        let overdue: Vec<_> = self
             .seeds
-            .iter()
-            .filter(|(_, s)| now_ns > s.deadline_ns.saturating_add(SEED_GRACE_NS))
-            .map(|(k, _)| *k)
+            .extract_if(|_, s| now_ns > s.deadline_ns.saturating_add(SEED_GRACE_NS))
             .collect();
-        for (netns, conn) in overdue {
-            let seed = self.seeds.remove(&(netns, conn)).expect("listed");
-            self.stats.exits += 1;
+        for (key, seed) in overdue {
             self.stats.overdue_seeds += 1;
-            out.push(Event::Exit(TwExit {
-                ts_ns: seed.deadline_ns,
-                timer: 0,
-                conn: Some(conn),
-                netns,
-                owner: None,
-                role: seed.role,
-                reason: Reason::Expired,
-                lifetime_ns: None,
-                substate: seed.substate,
-                seeded: true,
-            }));
+            self.end_seed(key, seed, seed.deadline_ns, Reason::Expired, out);
         }
+    }
+
+    /// A seeded socket's end, its seed already taken out.
+    fn end_seed(
+        &mut self,
+        (netns, conn): (u32, Conn),
+        seed: Seed,
+        ts_ns: u64,
+        reason: Reason,
+        out: &mut Vec<Event>,
+    ) {
+        self.stats.exits += 1;
+        out.push(Event::Exit(TwExit {
+            ts_ns,
+            timer: 0,
+            conn: Some(conn),
+            netns,
+            owner: None,
+            role: seed.role,
+            reason,
+            lifetime_ns: None,
+            substate: seed.substate,
+            seeded: true,
+        }));
     }
 
     /// The namespace `netns` was dismantled: its seeded sockets end now as `killed`. The kernel
@@ -511,28 +520,10 @@ impl Lifecycle {
     /// otherwise the purge's cancels name each socket, and ending them here would count them
     /// twice.
     pub fn end_seeds_of(&mut self, netns: u32, now_ns: u64, out: &mut Vec<Event>) {
-        let ended: Vec<(u32, Conn)> = self
-            .seeds
-            .keys()
-            .filter(|(n, _)| *n == netns)
-            .copied()
-            .collect();
-        for key in ended {
-            let seed = self.seeds.remove(&key).expect("listed");
-            self.stats.exits += 1;
+        let ended: Vec<_> = self.seeds.extract_if(|&(n, _), _| n == netns).collect();
+        for (key, seed) in ended {
             self.stats.seeds_of_gone_namespaces += 1;
-            out.push(Event::Exit(TwExit {
-                ts_ns: now_ns,
-                timer: 0,
-                conn: Some(key.1),
-                netns,
-                owner: None,
-                role: seed.role,
-                reason: Reason::Killed,
-                lifetime_ns: None,
-                substate: seed.substate,
-                seeded: true,
-            }));
+            self.end_seed(key, seed, now_ns, Reason::Killed, out);
         }
     }
 
