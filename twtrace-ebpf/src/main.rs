@@ -142,6 +142,8 @@ struct CpuScratch {
     next_start: u64,
     /// TIME_WAIT timer cancelled just now (0: none), and its ports (`skc_portpair`).
     cancel_timer: u64,
+    /// The task the cancel ran in (under a softirq, the task it interrupted).
+    cancel_pid_tgid: u64,
     cancel_portpair: u32,
     /// The cancel just now looked like tcp_tw_reuse (never a SYN take-over).
     cancel_reuse: u32,
@@ -903,11 +905,17 @@ fn on_reqsk_start(timer: u64) {
     if s.cancel_reuse != 0 {
         return;
     }
-    // Under typed_only the request socket cannot be read: the order alone says it (a SYN
-    // handled right after a timewait socket died on this CPU, not inside a connect()).
-    let same = typed_only()
-        || read_skc(timer - config!(off_rsk_timer) as u64)
-            .is_some_and(|head| portpair(&head) == s.cancel_portpair);
+    // Under typed_only the request socket cannot be read: the order says it (a SYN handled
+    // right after a timewait socket died on this CPU, not inside a connect()), and the task:
+    // tcp_v4_rcv kills the timewait socket and arms the request socket's timer in one call,
+    // so under one current task. A namespace's purge (inet_twsk_purge, in a kworker) followed
+    // by some other connection's SYN on this CPU (loopback: in its sender's task) is not one.
+    let same = if typed_only() {
+        s.cancel_pid_tgid == bpf_get_current_pid_tgid()
+    } else {
+        read_skc(timer - config!(off_rsk_timer) as u64)
+            .is_some_and(|head| portpair(&head) == s.cancel_portpair)
+    };
     if same {
         emit!(TimerEvent, |e| {
             e.header = header(kind::TW_SYN, 0, 0);
@@ -1011,6 +1019,7 @@ fn on_tw_cancel_typed(s: &mut CpuScratch, timer: u64) {
         }
     });
     s.cancel_timer = timer;
+    s.cancel_pid_tgid = bpf_get_current_pid_tgid();
     s.cancel_reuse = 0;
     forget_start(s, timer);
 }

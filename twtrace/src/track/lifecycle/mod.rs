@@ -245,8 +245,14 @@ impl Lifecycle {
                     return;
                 }
                 // A reuse's own SYN may reach a listener on this CPU right after (loopback):
-                // the reuse stands.
-                KernelEvent::SynTakeover { timer, .. } if *timer == p.timer => {
+                // the reuse stands. Typed loads only (the cancel carries no socket), the join is
+                // by order alone, and a request socket armed on this CPU right after a
+                // namespace's purge (inet_twsk_purge) looks the same: a SYN takes over only a
+                // TIME_WAIT whose local port has a listener (tcp_v4_rcv's TCP_TW_SYN path),
+                // never a connect()'s ephemeral port, so a connected socket's is an early end.
+                KernelEvent::SynTakeover { timer, .. }
+                    if *timer == p.timer && !self.unread_connected(&p) =>
+                {
                     let reason = if p.reuse { Reason::Reused } else { Reason::Syn };
                     self.end(p.timer, reason, p.ts_ns, p.conn, p.netns, out);
                     return;
@@ -412,6 +418,15 @@ impl Lifecycle {
             }));
         }
         out.push(Event::Enter(enter));
+    }
+
+    /// A cancel the kernel could not read (typed loads only) of a socket that connect() made.
+    fn unread_connected(&self, p: &PendingCancel) -> bool {
+        p.conn.is_none()
+            && self
+                .live
+                .get(p.timer)
+                .is_some_and(|l| l.role == Role::Connected)
     }
 
     fn end_early(&mut self, p: PendingCancel, out: &mut Vec<Event>) {
@@ -607,6 +622,15 @@ mod tests {
     }
 
     fn birth(cpu: u32, ts: u64, timer: u64, port: u16) -> KernelEvent {
+        birth_as(Role::Connected, cpu, ts, timer, port)
+    }
+
+    /// A birth on the listener's side: only those can a SYN take over.
+    fn accepted(cpu: u32, ts: u64, timer: u64, port: u16) -> KernelEvent {
+        birth_as(Role::Accepted, cpu, ts, timer, port)
+    }
+
+    fn birth_as(role: Role, cpu: u32, ts: u64, timer: u64, port: u16) -> KernelEvent {
         KernelEvent::Birth {
             netns: 0,
             cpu,
@@ -614,7 +638,7 @@ mod tests {
             timer,
             conn: conn(port),
             owner: owner(),
-            role: Role::Connected,
+            role,
             timeout_jiffies: 15000,
             substate: 6,
             bound: false,
@@ -730,8 +754,32 @@ mod tests {
     #[test]
     fn cancel_then_syn_is_a_syn_takeover() {
         let (out, _) = run(vec![
-            birth(0, 0, 7, 1),
+            accepted(0, 0, 7, 1),
             cancel(1, 100, 7, false),
+            KernelEvent::SynTakeover {
+                cpu: 1,
+                ts_ns: 101,
+                timer: 7,
+            },
+        ]);
+        assert_eq!(exits(&out), vec![(7, Reason::Syn, Some(100))]);
+    }
+
+    /// With full loads the kernel compared the request socket's ports with the cancelled
+    /// one's: the take-over stands whichever side the socket was.
+    #[test]
+    fn a_read_take_over_of_a_connected_socket_stands() {
+        let (out, _) = run(vec![
+            birth(0, 0, 7, 1),
+            KernelEvent::Cancel {
+                netns: 0,
+                cpu: 1,
+                ts_ns: 100,
+                timer: 7,
+                conn: Some(conn(1)),
+                reuse: false,
+                in_connect_to: None,
+            },
             KernelEvent::SynTakeover {
                 cpu: 1,
                 ts_ns: 101,
@@ -1075,7 +1123,8 @@ mod tests {
     /// Typed loads only: a cancel inside a connect() is a reuse when that connect() went to
     /// the socket's remote end, and the reuse stands even if a SYN take-over event follows (the
     /// reusing connection's own SYN reaching the listener); one to elsewhere followed by a
-    /// reqsk start is a SYN take-over.
+    /// reqsk start is a SYN take-over of a listener's side socket, and of a connected one (a
+    /// purge's cancel, then some SYN on this CPU) an early end.
     #[test]
     fn a_cancel_inside_a_connect_is_a_reuse_only_towards_the_remote_end() {
         let in_connect = |timer, to: &str| KernelEvent::Cancel {
@@ -1096,17 +1145,21 @@ mod tests {
             birth(0, 1, 7, 1000),
             in_connect(7, "127.0.0.1:80"),
             syn(7),
-            birth(0, 2, 8, 1001),
+            accepted(0, 2, 8, 1001),
             in_connect(8, "127.0.0.1:9999"),
             syn(8),
             birth(0, 3, 9, 1002),
             in_connect(9, "127.0.0.1:9999"),
+            syn(9),
+            accepted(0, 4, 10, 1003),
+            in_connect(10, "127.0.0.1:9999"),
         ]);
         let reasons: Vec<(u64, Reason)> = exits(&out).iter().map(|&(t, r, _)| (t, r)).collect();
         assert_eq!(
             reasons,
-            [(7, Reason::Reused), (8, Reason::Syn)],
-            "9's cancel waits for what follows: {out:?}"
+            [(7, Reason::Reused), (8, Reason::Syn), (9, Reason::Killed)],
+            "a connected socket's ephemeral port has no listener; 10's cancel waits for what \
+             follows: {out:?}"
         );
     }
 
