@@ -405,13 +405,14 @@ impl Probes {
     }
 
     /// Entries in the kernel's owner map now (sockets between connect/close and `-> CLOSE`).
-    pub fn owner_entries(&self) -> usize {
-        self.ebpf
-            .map("OWNERS")
-            .and_then(|m| {
-                aya::maps::HashMap::<&MapData, u64, twtrace_common::OwnerRecord>::try_from(m).ok()
-            })
-            .map_or(0, |m| m.keys().filter(Result::is_ok).count())
+    /// None when the map cannot be read: serve after its privilege drop on kernels before 5.19,
+    /// where `kernel.unprivileged_bpf_disabled` refuses every bpf() command (see
+    /// `try_counters`), rather than a count of 0 that would look like an empty map.
+    pub fn owner_entries(&self) -> Option<usize> {
+        let map = self.ebpf.map("OWNERS")?;
+        let owners =
+            aya::maps::HashMap::<&MapData, u64, twtrace_common::OwnerRecord>::try_from(map).ok()?;
+        owners.keys().try_fold(0, |n, k| k.ok().map(|_| n + 1))
     }
 
     /// Puts a process in the tracked tree (its future children follow).

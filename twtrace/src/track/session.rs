@@ -367,7 +367,8 @@ impl Session {
 impl Session {
     /// What this run cost and saw, as JSON (`--stats-json`): the kernel programs' counters,
     /// each program's run time, run count and recursion misses (run time only while
-    /// `kernel.bpf_stats_enabled` is 1), and what userspace received.
+    /// `kernel.bpf_stats_enabled` is 1), the owner map's entries (null where it cannot be
+    /// read), and what userspace received.
     pub fn stats(&self) -> serde_json::Value {
         let s = self.lifecycle.stats();
         serde_json::json!({
