@@ -908,7 +908,8 @@ fn on_reqsk_start(timer: u64) {
     // Under typed_only the request socket cannot be read: the order says it (a SYN handled
     // right after a timewait socket died on this CPU, not inside a connect()), and the task:
     // tcp_v4_rcv kills the timewait socket and arms the request socket's timer in one call,
-    // so under one current task. A namespace's purge (inet_twsk_purge, in a kworker) followed
+    // so under one current task (a listener takes a SYN without the socket lock, never from
+    // a backlog processed later by another task). A namespace's purge (inet_twsk_purge, in a kworker) followed
     // by some other connection's SYN on this CPU (loopback: in its sender's task) is not one.
     let same = if typed_only() {
         s.cancel_pid_tgid == bpf_get_current_pid_tgid()
