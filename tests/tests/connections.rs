@@ -203,3 +203,62 @@ fn bind_before_connect_is_flagged() {
     assert_eq!(flagged(plain.pid, false), 2, "{enters:?}");
     assert_eq!(enters.len(), 5);
 }
+
+/// The same with the default tcp_fin_timeout (60 s, TIME_WAIT's own length) and the server
+/// 50 ms behind: the peer's FIN re-arms the timer 50 ms later, which leaves it in its wheel
+/// bucket, and __mod_timer then only updates its expiry, with no trace event (the bucket is
+/// 2 to 5 s wide at 60 s). twtrace looks FIN_WAIT2-substate sockets up in the kernel and still
+/// says each became TIME_WAIT, dated when the FIN came, as `ss` does.
+#[test]
+fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
+    require_root();
+    let _g = shared();
+    let ns = Netns::new("fw2same");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &["--close-after", "50"]);
+    let stats = std::env::temp_dir().join(format!("twt-hidden-{}.json", std::process::id()));
+    let watch = Watch::start(&[
+        "--port",
+        &port.to_string(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
+    let run = client(Some(&ns), &["--to", &addr, "--count", "5"]);
+    assert_eq!(wait_for(5, || ns.ss_time_wait(port).len()), 5);
+    let mut seen = Vec::new();
+    watch.wait_until(Duration::from_secs(10), &mut seen, |s| {
+        s.iter().filter(|e| e["event"] == "tw_rearm").count() >= 5
+    });
+    let w = watch.stop_with(libc::SIGINT, seen);
+    let enters = in_ns(&w, &ns, "tw_enter");
+    assert_eq!(enters.len(), 5, "{:?}", w.events);
+    for e in &enters {
+        assert_eq!(e["substate"], "FIN_WAIT2", "{e}");
+        assert_eq!(e["fin_wait2_timeout_ms"], 60000, "{e}");
+        assert_eq!(e["pid"], run.pid);
+    }
+    let rearms = in_ns(&w, &ns, "tw_rearm");
+    assert_eq!(rearms.len(), 5, "{:?}", w.events);
+    for r in &rearms {
+        assert_eq!(
+            (r["from"].as_str(), r["substate"].as_str()),
+            (Some("FIN_WAIT2"), Some("TIME_WAIT"))
+        );
+        let born = enters
+            .iter()
+            .find(|e| e["local_port"] == r["local_port"])
+            .expect("its birth");
+        let after_ms = (r["ts_ns"].as_u64().unwrap() - born["ts_ns"].as_u64().unwrap()) / 1_000_000;
+        // Dated from the timer's own expiry (to a jiffy), not from the lookup, 1 s or more
+        // after the birth.
+        assert!(
+            after_ms < 500,
+            "the server's FIN came within 50 ms of the client's close, not {after_ms} ms: {r}"
+        );
+    }
+    assert_eq!(ns.ss_time_wait(port).len(), 5, "the kernel agrees");
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    assert_eq!(s["hidden_rearms"], 5, "{s}");
+}

@@ -23,12 +23,16 @@ use std::{
 use aya::maps::{MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::probes::{self, KernelCounters};
+use crate::kernel::{
+    decode::Conn,
+    probes::{self, KernelCounters},
+};
 
 use super::{
     close_wait::{self, CloseWait},
     figures::{self, Ledger, NsFigures},
     netns::{self, Netns, Registry, Unreadable},
+    sockdiag,
 };
 
 /// The program name the collector runs under (`ps` shows it; `main` dispatches on it).
@@ -41,6 +45,26 @@ pub struct Request {
     pub figures: Option<Vec<u32>>,
     /// CLOSE_WAIT holders in these namespaces (None: not now; an empty list: every namespace).
     pub close_wait: Option<Vec<u32>>,
+    /// Timewait sockets to look up by 4-tuple (`Session::lookups`).
+    #[serde(default)]
+    pub lookups: Vec<Lookup>,
+}
+
+/// A socket to look up in its namespace; the timer names it for the asker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lookup {
+    pub netns: u32,
+    pub timer: u64,
+    pub conn: Conn,
+}
+
+/// A looked-up socket the kernel has: its state (a timewait socket's substate) and the ms its
+/// timer has left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Looked {
+    pub lookup: Lookup,
+    pub state: u8,
+    pub expires_ms: u32,
 }
 
 /// A namespace that could not be read.
@@ -69,6 +93,9 @@ pub struct Reply {
     /// read it).
     #[serde(default)]
     pub counters: Option<KernelCounters>,
+    /// The looked-up sockets that exist (a socket gone meanwhile is left out).
+    #[serde(default)]
+    pub looked: Vec<Looked>,
 }
 
 fn denied(netns: u32, e: &Unreadable) -> Denied {
@@ -118,6 +145,39 @@ impl Collector {
                 Some(Err(Unreadable::Gone)) | None => {}
                 Some(Err(e)) => reply.denied.push(denied(inode, &e)),
             }
+        }
+        if !req.lookups.is_empty() {
+            let targets: Vec<Netns> = self
+                .registry
+                .all()
+                .filter(|n| req.lookups.iter().any(|l| l.netns == n.inode))
+                .cloned()
+                .collect();
+            let found = netns::in_each(&targets, |ns| {
+                let mine: Vec<Lookup> = req
+                    .lookups
+                    .iter()
+                    .filter(|l| l.netns == ns.inode)
+                    .copied()
+                    .collect();
+                let conns: Vec<Conn> = mine.iter().map(|l| l.conn).collect();
+                sockdiag::lookup(&conns).map(|socks| {
+                    mine.into_iter()
+                        .zip(socks)
+                        .filter_map(|(lookup, s)| {
+                            s.map(|s| Looked {
+                                lookup,
+                                state: s.state,
+                                expires_ms: s.expires_ms,
+                            })
+                        })
+                        .collect::<Vec<_>>()
+                })
+            });
+            // A namespace that cannot be read now is looked up again at the next check.
+            reply
+                .looked
+                .extend(found.into_values().flatten().flatten().flatten());
         }
         if req.close_wait.is_some() {
             let targets = pick(&req.close_wait, true);

@@ -74,6 +74,25 @@ pub fn dump(states: &[u8]) -> io::Result<Vec<DiagSocket>> {
     Ok(out)
 }
 
+/// Each of `conns` as the kernel has it now (None: no such socket), looked up one by one by
+/// its 4-tuple (inet_diag's exact lookup, `inet_diag_find_one_icsk`: a hash lookup that finds
+/// timewait sockets too, not a walk of the table). An IPv4 4-tuple also finds a dual-stack
+/// socket carrying it (the lookup of a v4-mapped address is the IPv4 one). Read from the
+/// network namespace of the calling thread.
+pub fn lookup(conns: &[Conn]) -> io::Result<Vec<Option<DiagSocket>>> {
+    let sock = NetlinkSocket::open()?;
+    let mut out = Vec::with_capacity(conns.len());
+    for (seq, conn) in (1u32..).zip(conns) {
+        let mut found = Vec::with_capacity(1);
+        match sock.exchange(&build_lookup(conn, seq), seq, &mut found) {
+            Ok(()) => out.push(found.pop()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => out.push(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// The local ports with a listening TCP socket (any address, both families).
 pub fn listening_ports() -> io::Result<HashSet<u16>> {
     Ok(dump(&[state::LISTEN])?
@@ -105,6 +124,7 @@ const NLMSG_OVERRUN: u16 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 
 const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
 const NLM_F_ROOT: u16 = 0x100;
 const NLM_F_MATCH: u16 = 0x200;
 const NLM_F_DUMP: u16 = NLM_F_ROOT | NLM_F_MATCH;
@@ -152,6 +172,30 @@ pub(crate) fn build_request(family: u8, mask: u32, seq: u32) -> [u8; REQUEST_LEN
     b[17] = IPPROTO_TCP;
     // idiag_ext 0: no extensions asked (the kernel still appends a few attributes, skipped).
     b[20..24].copy_from_slice(&mask.to_ne_bytes());
+    b
+}
+
+/// The SOCK_DIAG_BY_FAMILY request for the one TCP socket of `conn`. Not a dump: the kernel
+/// answers with that socket's inet_diag_msg, then (NLM_F_ACK) an acknowledgement, or with
+/// ENOENT. The cookie is INET_DIAG_NOCOOKIE (any socket with that 4-tuple); the interface 0.
+pub(crate) fn build_lookup(conn: &Conn, seq: u32) -> [u8; REQUEST_LEN] {
+    let family = if conn.local.is_ipv4() {
+        AF_INET
+    } else {
+        AF_INET6
+    };
+    let mut b = build_request(family, u32::MAX, seq);
+    b[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    // inet_diag_sockid at 24: sport, dport (network order), src[16], dst[16], if, cookie[2].
+    b[24..26].copy_from_slice(&conn.local.port().to_be_bytes());
+    b[26..28].copy_from_slice(&conn.remote.port().to_be_bytes());
+    for (at, ip) in [(28, conn.local.ip()), (44, conn.remote.ip())] {
+        match ip {
+            IpAddr::V4(v4) => b[at..at + 4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => b[at..at + 16].copy_from_slice(&v6.octets()),
+        }
+    }
+    b[64..72].copy_from_slice(&[0xff; 8]);
     b
 }
 
@@ -416,7 +460,12 @@ impl NetlinkSocket {
         seq: u32,
         out: &mut Vec<DiagSocket>,
     ) -> io::Result<()> {
-        let req = build_request(family, mask, seq);
+        self.exchange(&build_request(family, mask, seq), seq, out)
+    }
+
+    /// Sends `req` and reads the answers numbered `seq` until NLMSG_DONE or an
+    /// acknowledgement.
+    fn exchange(&self, req: &[u8], seq: u32, out: &mut Vec<DiagSocket>) -> io::Result<()> {
         // SAFETY: all zeroes is a valid sockaddr_nl; pid 0 addresses the kernel.
         let mut to: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
@@ -613,6 +662,39 @@ mod tests {
         assert_eq!(&b[16..20], &[10, 6, 0, 0]);
         assert_eq!(u32_ne(&b, 20), Some((1 << 6) | (1 << 5)));
         assert!(b[24..].iter().all(|&x| x == 0), "socket id zeroed");
+    }
+
+    #[test]
+    fn lookup_request_bytes() {
+        let v4 = Conn {
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "10.0.0.2:80".parse().unwrap(),
+        };
+        let b = build_lookup(&v4, 3);
+        assert_eq!(u32_ne(&b, 0), Some(72));
+        assert_eq!(
+            u16_ne(&b, 6),
+            Some(0x5),
+            "a request with an ack, not a dump"
+        );
+        assert_eq!(u32_ne(&b, 8), Some(3));
+        assert_eq!(&b[16..18], &[2, 6]);
+        assert_eq!(u32_ne(&b, 20), Some(u32::MAX));
+        assert_eq!(&b[24..28], &[0x9c, 0x40, 0, 80], "ports in network order");
+        assert_eq!(&b[28..32], &[127, 0, 0, 1]);
+        assert!(b[32..44].iter().all(|&x| x == 0));
+        assert_eq!(&b[44..48], &[10, 0, 0, 2]);
+        assert_eq!(&b[60..64], &[0; 4], "any interface");
+        assert_eq!(&b[64..72], &[0xff; 8], "INET_DIAG_NOCOOKIE");
+        let v6 = Conn {
+            local: "[fd00::1]:1".parse().unwrap(),
+            remote: "[fd00::2]:2".parse().unwrap(),
+        };
+        let b = build_lookup(&v6, 4);
+        assert_eq!(b[16], 10);
+        assert_eq!(b[28], 0xfd);
+        assert_eq!(b[43], 1);
+        assert_eq!(b[59], 2);
     }
 
     #[test]

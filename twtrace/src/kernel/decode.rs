@@ -11,7 +11,7 @@ use twtrace_common::{
 };
 
 /// A connection's two ends, local first. IPv4-mapped IPv6 addresses are shown as IPv4.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Conn {
     pub local: SocketAddr,
     pub remote: SocketAddr,

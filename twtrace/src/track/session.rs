@@ -10,7 +10,7 @@ use std::{
 use crate::{
     failure::Failure,
     host::clock::{self, WallClock},
-    host::collect::{Collector, Host, Reply, Request},
+    host::collect::{Collector, Host, Looked, Lookup, Reply, Request},
     host::netns::{self, Netns, Unreadable},
     host::sockdiag::{self, DiagSocket, state},
     kernel::decode::{KernelEvent, Role},
@@ -84,7 +84,12 @@ pub struct Session {
     pub relayed_counters: Option<KernelCounters>,
     /// When the namespaces were last discovered (`apply`).
     discovered: Instant,
+    /// When `next` last handed out lookups.
+    lookups_at: Instant,
 }
+
+/// How often `next` looks FIN_WAIT2 sockets up (each at most twice: `Lifecycle::substate_checks`).
+const LOOKUP_EVERY: Duration = Duration::from_millis(500);
 
 /// With typed loads only, how long a session goes without a discovery before it looks for
 /// gone namespaces itself (see `Session::apply`): longer than the 1 s between the gatherings
@@ -135,6 +140,7 @@ impl Session {
             ring_size,
             relayed_counters: None,
             discovered: Instant::now(),
+            lookups_at: Instant::now(),
         };
         if seed {
             session.seed().map_err(|e| {
@@ -216,8 +222,9 @@ impl Session {
     /// Takes in what a collector gathered; returns the namespaces that are gone since the
     /// last time. With typed loads only, a gone namespace's seeded sockets end here as
     /// `killed` (`Lifecycle::end_seeds_of`): the kernel's purge of them is not told apart.
-    pub fn apply(&mut self, reply: Reply) -> Vec<u32> {
+    pub fn apply(&mut self, mut reply: Reply) -> Vec<u32> {
         self.discovered = Instant::now();
+        self.take_looked(std::mem::take(&mut reply.looked));
         let gone = self.host.apply(reply);
         if self.probes.typed_only && self.lifecycle.has_seeds() {
             let now = clock::monotonic_ns();
@@ -248,10 +255,52 @@ impl Session {
             self.gather(&Request {
                 figures: Some(Vec::new()),
                 close_wait: None,
+                lookups: Vec::new(),
             });
             self.events.append(&mut self.carry);
         }
+        // FIN_WAIT2 sockets whose re-arm the timer wheel may have hidden: looked up in the
+        // kernel here, or by serve's collector process (serve asks with `lookups`).
+        if self.collector.is_some() && self.lookups_at.elapsed() >= LOOKUP_EVERY {
+            self.lookups_at = Instant::now();
+            let lookups = self.lookups();
+            if !lookups.is_empty()
+                && let Some(c) = self.collector.as_mut()
+            {
+                // The lookups alone: the host's figures stay those the view last gathered.
+                let reply = c.handle(&Request {
+                    figures: Some(Vec::new()),
+                    close_wait: None,
+                    lookups,
+                });
+                self.take_looked(reply.looked);
+                self.events.append(&mut self.carry);
+            }
+        }
         Ok(&self.events)
+    }
+
+    /// What the lookups found: hidden re-arms come out of the next `next()`.
+    fn take_looked(&mut self, looked: Vec<Looked>) {
+        if looked.is_empty() {
+            return;
+        }
+        let now = clock::monotonic_ns();
+        for l in looked {
+            let check = (l.lookup.netns, l.lookup.timer, l.lookup.conn);
+            self.lifecycle
+                .looked_up(check, l.state, l.expires_ms, now, &mut self.carry);
+        }
+    }
+
+    /// The sockets to look up in the kernel now (see `Lifecycle::substate_checks`); what a
+    /// collector finds goes back through `apply`.
+    pub fn lookups(&mut self) -> Vec<Lookup> {
+        self.lifecycle
+            .substate_checks(clock::monotonic_ns())
+            .into_iter()
+            .map(|(netns, timer, conn)| Lookup { netns, timer, conn })
+            .collect()
     }
 
     /// At the end: the window closes (the programs are detached, so the loss and the kernel
@@ -380,6 +429,7 @@ impl Session {
             "births": s.births,
             "exits": s.exits,
             "rearms": s.rearms,
+            "hidden_rearms": s.hidden_rearms,
         })
     }
 

@@ -295,6 +295,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     session.gather(&Request {
         figures: Some(Vec::new()),
         close_wait: Some(only.clone()),
+        lookups: Vec::new(),
     });
     if let Some(line) = session.host.tell_once() {
         say!("{line}");
@@ -335,6 +336,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
     session.gather(&Request {
         figures: Some(targets.iter().map(|n| n.inode).collect()),
         close_wait: Some(only.clone()),
+        lookups: Vec::new(),
     });
     let all: Vec<u8> = (1..=11).filter(|&s| s != state::LISTEN).collect();
     let tables = netns::in_each(&targets, |_| sockdiag::dump(&all).unwrap_or_default());

@@ -242,6 +242,7 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<()> {
     session.gather(&Request {
         figures: Some(Vec::new()),
         close_wait: Some(only.clone()),
+        lookups: Vec::new(),
     });
     let mut close_wait = session.host.close_wait.clone();
     close_wait.retain(|c| session.probes.is_tracked(c.pid));

@@ -38,6 +38,7 @@ pub fn request(agg: &Aggregator, netns_filter: &[u32], close_wait: bool) -> Requ
     Request {
         figures: Some(in_play(agg, netns_filter)),
         close_wait: close_wait.then(|| netns_filter.to_vec()),
+        lookups: Vec::new(),
     }
 }
 

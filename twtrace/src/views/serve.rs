@@ -521,7 +521,9 @@ async fn serve(
                     if scan {
                         last_close_wait = Instant::now();
                     }
-                    asked = ask.try_send(request(&s.main.agg, &netns_filter, scan)).is_ok();
+                    let mut req = request(&s.main.agg, &netns_filter, scan);
+                    req.lookups = session.lookups();
+                    asked = ask.try_send(req).is_ok();
                 }
                 let ctx = context(&session, &s.main.agg, &netns_filter, started);
                 s.ctx = ctx;

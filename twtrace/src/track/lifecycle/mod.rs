@@ -22,9 +22,12 @@
 // are kernel addresses and 4-tuples known at start, not values a remote peer picks.
 use foldhash::HashMap;
 
+use twtrace_common::tcp_state;
+
 use crate::kernel::decode::{Conn, KernelEvent, Role};
 
 mod events;
+mod hidden;
 mod store;
 
 pub use events::*;
@@ -68,6 +71,9 @@ pub struct LifecycleStats {
     /// Seeded sockets ended as `killed` because their namespace was dismantled (typed loads
     /// only, where their own end cannot be told apart).
     pub seeds_of_gone_namespaces: u64,
+    /// Re-arms no event showed (the timer stayed in its wheel bucket), found by looking the
+    /// socket up: counted in `rearms` too.
+    pub hidden_rearms: u64,
 }
 
 #[derive(Default)]
@@ -82,6 +88,8 @@ pub struct Lifecycle {
     /// TCP_TIMEWAIT_LEN in jiffies, when CONFIG_HZ is known: tells the substate of a birth the
     /// kernel could not read (`Substate::at_birth`).
     tw_len_jiffies: Option<u32>,
+    /// FIN_WAIT2-substate births to look up, for re-arms the timer wheel hides (`hidden`).
+    checks: hidden::Checks,
 }
 
 impl Lifecycle {
@@ -128,6 +136,67 @@ impl Lifecycle {
             seeded: true,
         });
         born.chain(seeded)
+    }
+
+    /// The FIN_WAIT2-substate sockets to look up in the kernel now, as (namespace, timer,
+    /// 4-tuple): a re-arm into the same wheel bucket shows no event (see `hidden`). Their
+    /// answers go to `looked_up`.
+    pub fn substate_checks(&mut self, now_ns: u64) -> Vec<(u32, u64, Conn)> {
+        self.checks
+            .due(now_ns)
+            .into_iter()
+            .filter_map(|(timer, birth_ts)| {
+                let l = self.live.get(timer)?;
+                (l.birth_ts == birth_ts && l.substate == Substate::FinWait2 && l.netns != 0)
+                    .then(|| (l.netns, timer, l.conn.into()))
+            })
+            .collect()
+    }
+
+    /// What the kernel said of a socket handed out by `substate_checks`: its state now
+    /// (`tw_substate` for a timewait socket) and the ms its timer has left. A FIN_WAIT2 socket
+    /// now in TIME_WAIT was re-armed unseen: a `Rearm`, dated from what its timer has left
+    /// (the re-arm set it to TCP_TIMEWAIT_LEN, 60 s).
+    pub fn looked_up(
+        &mut self,
+        (netns, timer, conn): (u32, u64, Conn),
+        state: u8,
+        expires_ms: u32,
+        now_ns: u64,
+        out: &mut Vec<Event>,
+    ) {
+        const TW_LEN_MS: u64 = 60_000;
+        let Some(live) = self.live.get_mut(timer) else {
+            return;
+        };
+        // Only a timewait socket is ever in TIME_WAIT (tcp_time_wait() closes the full one).
+        if live.netns != netns
+            || Conn::from(live.conn) != conn
+            || live.substate != Substate::FinWait2
+            || state != tcp_state::TIME_WAIT
+        {
+            return;
+        }
+        let since_ms = TW_LEN_MS.saturating_sub(u64::from(expires_ms));
+        let ts_ns = now_ns
+            .saturating_sub(since_ms.saturating_mul(1_000_000))
+            .max(live.birth_ts);
+        live.substate = Substate::TimeWait;
+        let (role, owner) = (live.role, live.owner);
+        self.stats.rearms += 1;
+        self.stats.hidden_rearms += 1;
+        out.push(Event::Rearm(TwRearm {
+            ts_ns,
+            timer,
+            conn,
+            netns,
+            owner: self.owners.get(owner),
+            role,
+            from: Substate::FinWait2,
+            to: Substate::TimeWait,
+            timeout_jiffies: self.tw_len_jiffies.unwrap_or(0),
+            seeded: false,
+        }));
     }
 
     /// Whether a seeded socket is still alive (its end unseen so far).
@@ -379,6 +448,9 @@ impl Lifecycle {
             }
         }
         self.stats.births += 1;
+        if enter.substate == Substate::FinWait2 {
+            self.checks.push(enter.timer, enter.ts_ns);
+        }
         let born = Live {
             birth_ts: enter.ts_ns,
             conn: enter.conn.into(),
@@ -763,6 +835,68 @@ mod tests {
             },
         ]);
         assert_eq!(exits(&out), vec![(7, Reason::Syn, Some(100))]);
+    }
+
+    /// A FIN_WAIT2-substate birth is handed out for a lookup at 1 s and 6 s of age; a lookup
+    /// that finds it in TIME_WAIT is a re-arm no event showed, dated from what its timer has
+    /// left; one that finds it still waiting, or a socket that ended, changes nothing.
+    #[test]
+    fn a_lookup_finds_a_re_arm_the_timer_wheel_hid() {
+        let fw2 = |timer, port| KernelEvent::Birth {
+            netns: 7,
+            cpu: 0,
+            ts_ns: 1_000_000_000,
+            timer,
+            conn: conn(port),
+            owner: owner(),
+            role: Role::Connected,
+            timeout_jiffies: 15000,
+            substate: tcp_state::FIN_WAIT2,
+            bound: false,
+        };
+        let (out, mut lc) = run(vec![fw2(7, 1000), fw2(8, 1001), birth(0, 0, 9, 1002)]);
+        assert_eq!(out.len(), 3);
+        assert!(lc.substate_checks(1_999_999_999).is_empty());
+        let due = lc.substate_checks(2_000_000_000);
+        assert_eq!(due, [(7, 7, conn(1000)), (7, 8, conn(1001))]);
+        let mut out = Vec::new();
+        // 7 got its FIN 10 ms after its birth: its 60 s re-arm at 1.01 s has 59,010 ms left at 2 s.
+        lc.looked_up(
+            due[0],
+            tcp_state::TIME_WAIT,
+            59_010,
+            2_000_000_000,
+            &mut out,
+        );
+        lc.looked_up(
+            due[1],
+            tcp_state::FIN_WAIT2,
+            59_000,
+            2_000_000_000,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        match &out[0] {
+            Event::Rearm(r) => {
+                assert_eq!(
+                    (r.timer, r.from, r.to),
+                    (7, Substate::FinWait2, Substate::TimeWait)
+                );
+                assert_eq!(r.ts_ns, 1_010_000_000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(lc.stats().hidden_rearms, 1);
+        // Looked up again at 6 s: only 8 is still FIN_WAIT2.
+        assert_eq!(lc.substate_checks(7_000_000_000), [(7, 8, conn(1001))]);
+        lc.looked_up(
+            due[0],
+            tcp_state::TIME_WAIT,
+            50_000,
+            7_000_000_000,
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "already TIME_WAIT");
     }
 
     /// With full loads the kernel compared the request socket's ports with the cancelled

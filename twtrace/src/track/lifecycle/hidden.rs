@@ -1,0 +1,80 @@
+//! Re-arms the timer wheel hides. A timewait socket born in the FIN_WAIT2 substate becomes
+//! TIME_WAIT when the peer's FIN comes, and `inet_twsk_reschedule()` re-arms its timer with
+//! `mod_timer_pending()`. When the new expiry falls in the wheel bucket the timer already sits
+//! in, `__mod_timer()` only updates `timer->expires`: no `timer_cancel`, no `timer_start`, so no
+//! event. At 60 s a bucket spans 2.048 s at HZ 250, 4.096 s at HZ 1000, 5.12 s at HZ 100
+//! (kernel/time/timer.c, `LVL_GRAN`); with the default `tcp_fin_timeout` (60 s, TIME_WAIT's own
+//! length), a FIN that comes within that much of the birth is never seen.
+//!
+//! So each FIN_WAIT2-substate birth is looked up in the kernel (sock_diag, by its 4-tuple) at
+//! 1 s and again at 6 s of age, past the widest bucket: whichever hidden re-arm happened by
+//! then is found, and one after that moves the expiry out of its bucket and shows.
+
+use std::collections::VecDeque;
+
+/// Ages at which a FIN_WAIT2-substate socket is looked up, in ns.
+pub const CHECK_AGES_NS: [u64; 2] = [1_000_000_000, 6_000_000_000];
+
+/// How many lookups one call hands out at most (the rest wait for the next call).
+const MAX_PER_CALL: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    timer: u64,
+    birth_ts: u64,
+}
+
+/// FIN_WAIT2-substate births waiting for their lookups, one queue per check, in birth order.
+#[derive(Debug, Default)]
+pub(super) struct Checks {
+    queues: [VecDeque<Due>; 2],
+}
+
+impl Checks {
+    pub(super) fn push(&mut self, timer: u64, birth_ts: u64) {
+        self.queues[0].push_back(Due { timer, birth_ts });
+    }
+
+    /// The `(timer, birth_ts)` of the births whose next check is due at `now_ns`; those past
+    /// their first check wait for the second.
+    pub(super) fn due(&mut self, now_ns: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        for (round, age) in CHECK_AGES_NS.iter().enumerate() {
+            while out.len() < MAX_PER_CALL
+                && let Some(d) = self.queues[round].front().copied()
+                && d.birth_ts.saturating_add(*age) <= now_ns
+            {
+                self.queues[round].pop_front();
+                out.push((d.timer, d.birth_ts));
+                if let Some(next) = self.queues.get_mut(round + 1) {
+                    next.push_back(d);
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_birth_is_due_at_one_then_six_seconds() {
+        let mut c = Checks::default();
+        c.push(1, 0);
+        c.push(2, 500_000_000);
+        assert!(c.due(999_999_999).is_empty());
+        assert_eq!(c.due(1_000_000_000), [(1, 0)]);
+        assert_eq!(c.due(2_000_000_000), [(2, 500_000_000)]);
+        assert!(c.due(5_999_999_999).is_empty());
+        assert_eq!(c.due(7_000_000_000), [(1, 0), (2, 500_000_000)]);
+        assert!(c.due(u64::MAX).is_empty());
+        assert_eq!(c.len(), 0);
+    }
+}
