@@ -15,6 +15,20 @@ use std::collections::VecDeque;
 /// Ages at which a FIN_WAIT2-substate socket is looked up, in ns.
 pub const CHECK_AGES_NS: [u64; 2] = [1_000_000_000, 6_000_000_000];
 
+/// Whether a re-arm of a FIN_WAIT2-substate timer armed for `timeout_jiffies` can stay in its
+/// bucket: the re-arm sets 60 s from the FIN, so only when the first timeout was within a
+/// bucket (at most 5.12 s) of 60 s. `tcp_fin_timeout` cannot be longer (a longer one keeps the
+/// full socket on its keepalive timer, tcp_rcv_state_process), and with a shorter one (case
+/// 18's 15 s) every re-arm moves the timer and shows. `tw_len_jiffies`: 60 s in jiffies (None:
+/// CONFIG_HZ unknown, so always).
+pub fn may_hide(timeout_jiffies: u32, tw_len_jiffies: Option<u32>) -> bool {
+    tw_len_jiffies.is_none_or(|len| {
+        // 6 s in jiffies, past the widest bucket.
+        let margin = len / 10;
+        timeout_jiffies.saturating_add(margin) >= len
+    })
+}
+
 /// How many lookups one call hands out at most (the rest wait for the next call).
 const MAX_PER_CALL: usize = 4096;
 
@@ -63,6 +77,16 @@ impl Checks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_timeout_near_60_s_can_hide_its_re_arm() {
+        let hz250 = Some(15000);
+        assert!(may_hide(15000, hz250));
+        assert!(may_hide(13500, hz250), "54 s");
+        assert!(!may_hide(13499, hz250));
+        assert!(!may_hide(3750, hz250), "tcp_fin_timeout 15 s");
+        assert!(may_hide(3750, None));
+    }
 
     #[test]
     fn each_birth_is_due_at_one_then_six_seconds() {

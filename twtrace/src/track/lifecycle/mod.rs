@@ -448,7 +448,9 @@ impl Lifecycle {
             }
         }
         self.stats.births += 1;
-        if enter.substate == Substate::FinWait2 {
+        if enter.substate == Substate::FinWait2
+            && hidden::may_hide(enter.timeout_jiffies, self.tw_len_jiffies)
+        {
             self.checks.push(enter.timer, enter.ts_ns);
         }
         let born = Live {
