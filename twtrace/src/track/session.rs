@@ -263,21 +263,32 @@ impl Session {
         // kernel here, or by serve's collector process (serve asks with `lookups`).
         if self.collector.is_some() && self.lookups_at.elapsed() >= LOOKUP_EVERY {
             self.lookups_at = Instant::now();
-            let lookups = self.lookups();
-            if !lookups.is_empty()
-                && let Some(c) = self.collector.as_mut()
-            {
-                // The lookups alone: the host's figures stay those the view last gathered.
-                let reply = c.handle(&Request {
-                    figures: Some(Vec::new()),
-                    close_wait: None,
-                    lookups,
-                });
-                self.take_looked(reply.looked);
-                self.events.append(&mut self.carry);
-            }
+            self.look_up(clock::monotonic_ns());
+            self.events.append(&mut self.carry);
         }
         Ok(&self.events)
+    }
+
+    /// Looks up, in this process, the sockets due at `now_ns` (`u64::MAX`: every one still
+    /// waiting); what they show goes to `carry`.
+    fn look_up(&mut self, now_ns: u64) {
+        let lookups: Vec<Lookup> = self
+            .lifecycle
+            .substate_checks(now_ns)
+            .into_iter()
+            .map(|(netns, timer, conn)| Lookup { netns, timer, conn })
+            .collect();
+        if !lookups.is_empty()
+            && let Some(c) = self.collector.as_mut()
+        {
+            // The lookups alone: the host's figures stay those the view last gathered.
+            let reply = c.handle(&Request {
+                figures: Some(Vec::new()),
+                close_wait: None,
+                lookups,
+            });
+            self.take_looked(reply.looked);
+        }
     }
 
     /// What the lookups found: hidden re-arms come out of the next `next()`.
@@ -306,7 +317,8 @@ impl Session {
     /// At the end: the window closes (the programs are detached, so the loss and the kernel
     /// counters read afterwards are this window's), then everything the kernel submitted is
     /// read, the seeded sockets not handed out yet (when the session ends before its first
-    /// batch), and every cancel still waiting is resolved.
+    /// batch), every cancel still waiting is resolved, and every FIN_WAIT2 socket still to be
+    /// looked up is looked up.
     pub fn finish(&mut self) -> &[Event] {
         self.events.clear();
         self.events.append(&mut self.carry);
@@ -314,6 +326,10 @@ impl Session {
         self.drain_all();
         self.probes.flush_log();
         self.resolve(true);
+        // The FIN_WAIT2 sockets not looked up yet are looked up now, so that the last picture
+        // (report's, exec's) has the substates the kernel has.
+        self.look_up(u64::MAX);
+        self.events.append(&mut self.carry);
         &self.events
     }
 

@@ -53,7 +53,8 @@ impl Checks {
     /// their first check wait for the second.
     pub(super) fn due(&mut self, now_ns: u64) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
-        for (round, age) in CHECK_AGES_NS.iter().enumerate() {
+        // The last round first: a birth moved on to it now waits for its own age there.
+        for (round, age) in CHECK_AGES_NS.iter().enumerate().rev() {
             while out.len() < MAX_PER_CALL
                 && let Some(d) = self.queues[round].front().copied()
                 && d.birth_ts.saturating_add(*age) <= now_ns
@@ -100,5 +101,20 @@ mod tests {
         assert_eq!(c.due(7_000_000_000), [(1, 0), (2, 500_000_000)]);
         assert!(c.due(u64::MAX).is_empty());
         assert_eq!(c.len(), 0);
+    }
+
+    /// At the end every birth still waiting is handed out once.
+    #[test]
+    fn everything_waiting_comes_out_once_at_the_end() {
+        let mut c = Checks::default();
+        c.push(1, 0);
+        c.push(2, 10);
+        assert_eq!(c.due(1_000_000_000), [(1, 0)]);
+        assert_eq!(c.due(u64::MAX), [(1, 0), (2, 10)]);
+        assert_eq!(
+            c.len(),
+            1,
+            "2 still waits for its second look (never asked again)"
+        );
     }
 }
