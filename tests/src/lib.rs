@@ -283,14 +283,24 @@ impl Netns {
     }
 
     /// What the kernel shows of this namespace's TCP, for a failing count to explain itself:
-    /// every socket not listening (`ss`), sockstat, and the TcpExt counters that are not 0.
+    /// every socket neither listening nor in TIME_WAIT (`ss`), sockstat (which counts those), and
+    /// the TcpExt counters that are not 0.
     pub fn tcp_picture(&self) -> String {
         let mut nonzero: Vec<(String, u64)> =
             self.tcpext().into_iter().filter(|(_, v)| *v != 0).collect();
         nonzero.sort();
         format!(
             "{}\n{}\nTcpExt: {nonzero:?}",
-            self.exec_ok(&["ss", "-tanoH", "state", "all", "exclude", "listening"]),
+            self.exec_ok(&[
+                "ss",
+                "-tanoH",
+                "state",
+                "all",
+                "exclude",
+                "listening",
+                "exclude",
+                "time-wait"
+            ]),
             self.exec_ok(&["cat", "/proc/net/sockstat"]).trim()
         )
     }
