@@ -29,6 +29,7 @@ use crate::kernel::{
 };
 
 use super::{
+    clock,
     close_wait::{self, CloseWait},
     figures::{self, Ledger, NsFigures},
     netns::{self, Netns, Registry, Unreadable},
@@ -65,6 +66,10 @@ pub struct Looked {
     pub lookup: Lookup,
     pub state: u8,
     pub expires_ms: u32,
+    /// When it was looked up (CLOCK_MONOTONIC, ns): `expires_ms` counts from then, not from
+    /// when the reply is read.
+    #[serde(default)]
+    pub at_ns: u64,
 }
 
 /// A namespace that could not be read.
@@ -161,6 +166,7 @@ impl Collector {
                     .copied()
                     .collect();
                 let conns: Vec<Conn> = mine.iter().map(|l| l.conn).collect();
+                let at_ns = clock::monotonic_ns();
                 sockdiag::lookup(&conns).map(|socks| {
                     mine.into_iter()
                         .zip(socks)
@@ -169,12 +175,15 @@ impl Collector {
                                 lookup,
                                 state: s.state,
                                 expires_ms: s.expires_ms,
+                                at_ns,
                             })
                         })
                         .collect::<Vec<_>>()
                 })
             });
-            // A namespace that cannot be read now is looked up again at the next check.
+            // A namespace that cannot be read now is looked up again at the next check. A
+            // socket bound to a device (SO_BINDTODEVICE, a VRF) is not found: the lookup names
+            // no interface.
             reply
                 .looked
                 .extend(found.into_values().flatten().flatten().flatten());

@@ -299,8 +299,9 @@ impl Session {
         let now = clock::monotonic_ns();
         for l in looked {
             let check = (l.lookup.netns, l.lookup.timer, l.lookup.conn);
+            let at = if l.at_ns == 0 { now } else { l.at_ns };
             self.lifecycle
-                .looked_up(check, l.state, l.expires_ms, now, &mut self.carry);
+                .looked_up(check, l.state, l.expires_ms, at, &mut self.carry);
         }
     }
 
@@ -327,8 +328,14 @@ impl Session {
         self.probes.flush_log();
         self.resolve(true);
         // The FIN_WAIT2 sockets not looked up yet are looked up now, so that the last picture
-        // (report's, exec's) has the substates the kernel has.
-        self.look_up(u64::MAX);
+        // (report's, exec's) has the substates the kernel has. Bounded: each call takes up to
+        // 4,096 from queues of at most 65,536 each.
+        for _ in 0..64 {
+            if self.collector.is_none() || !self.lifecycle.checks_pending() {
+                break;
+            }
+            self.look_up(u64::MAX);
+        }
         self.events.append(&mut self.carry);
         &self.events
     }
@@ -446,6 +453,7 @@ impl Session {
             "exits": s.exits,
             "rearms": s.rearms,
             "hidden_rearms": s.hidden_rearms,
+            "lookups_skipped": s.lookups_skipped,
         })
     }
 

@@ -32,6 +32,11 @@ pub fn may_hide(timeout_jiffies: u32, tw_len_jiffies: Option<u32>) -> bool {
 /// How many lookups one call hands out at most (the rest wait for the next call).
 const MAX_PER_CALL: usize = 4096;
 
+/// How many births one round's queue holds at most: past it the oldest are dropped unlooked
+/// (`skipped`), so a flood of FIN_WAIT2 births, or a collector that stopped answering, cannot
+/// grow memory without bound.
+const MAX_QUEUED: usize = 1 << 16;
+
 #[derive(Debug, Clone, Copy)]
 struct Due {
     timer: u64,
@@ -42,16 +47,28 @@ struct Due {
 #[derive(Debug, Default)]
 pub(super) struct Checks {
     queues: [VecDeque<Due>; 2],
+    /// Births dropped unlooked because a queue was full.
+    pub(super) skipped: u64,
 }
 
 impl Checks {
     pub(super) fn push(&mut self, timer: u64, birth_ts: u64) {
-        self.queues[0].push_back(Due { timer, birth_ts });
+        self.push_to(0, Due { timer, birth_ts });
     }
 
-    /// The `(timer, birth_ts)` of the births whose next check is due at `now_ns`; those past
-    /// their first check wait for the second.
-    pub(super) fn due(&mut self, now_ns: u64) -> Vec<(u64, u64)> {
+    fn push_to(&mut self, round: usize, d: Due) {
+        let q = &mut self.queues[round];
+        if q.len() >= MAX_QUEUED {
+            q.pop_front();
+            self.skipped += 1;
+        }
+        q.push_back(d);
+    }
+
+    /// The `(timer, birth_ts)` of the births whose next check is due at `now_ns`, at most
+    /// `MAX_PER_CALL`; those past their first check wait for the second. A birth `keep` turns
+    /// down (ended, or known to be TIME_WAIT now) leaves the queues without a lookup.
+    pub(super) fn due(&mut self, now_ns: u64, keep: impl Fn(u64, u64) -> bool) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         // The last round first: a birth moved on to it now waits for its own age there.
         for (round, age) in CHECK_AGES_NS.iter().enumerate().rev() {
@@ -60,13 +77,20 @@ impl Checks {
                 && d.birth_ts.saturating_add(*age) <= now_ns
             {
                 self.queues[round].pop_front();
+                if !keep(d.timer, d.birth_ts) {
+                    continue;
+                }
                 out.push((d.timer, d.birth_ts));
-                if let Some(next) = self.queues.get_mut(round + 1) {
-                    next.push_back(d);
+                if round + 1 < self.queues.len() {
+                    self.push_to(round + 1, d);
                 }
             }
         }
         out
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queues.iter().all(VecDeque::is_empty)
     }
 
     #[cfg(test)]
@@ -78,6 +102,33 @@ impl Checks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Checks {
+        fn due_all(&mut self, now_ns: u64) -> Vec<(u64, u64)> {
+            self.due(now_ns, |_, _| true)
+        }
+    }
+
+    #[test]
+    fn a_birth_turned_down_leaves_both_queues() {
+        let mut c = Checks::default();
+        c.push(1, 0);
+        c.push(2, 0);
+        assert_eq!(c.due(1_000_000_000, |t, _| t == 2), [(2, 0)]);
+        assert_eq!(c.due_all(u64::MAX), [(2, 0)]);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest() {
+        let mut c = Checks::default();
+        for t in 0..(MAX_QUEUED as u64 + 2) {
+            c.push(t, t);
+        }
+        assert_eq!(c.skipped, 2);
+        assert_eq!(c.len(), MAX_QUEUED);
+        assert_eq!(c.due_all(1_000_000_002)[0], (2, 2));
+    }
 
     #[test]
     fn only_a_timeout_near_60_s_can_hide_its_re_arm() {
@@ -94,12 +145,12 @@ mod tests {
         let mut c = Checks::default();
         c.push(1, 0);
         c.push(2, 500_000_000);
-        assert!(c.due(999_999_999).is_empty());
-        assert_eq!(c.due(1_000_000_000), [(1, 0)]);
-        assert_eq!(c.due(2_000_000_000), [(2, 500_000_000)]);
-        assert!(c.due(5_999_999_999).is_empty());
-        assert_eq!(c.due(7_000_000_000), [(1, 0), (2, 500_000_000)]);
-        assert!(c.due(u64::MAX).is_empty());
+        assert!(c.due_all(999_999_999).is_empty());
+        assert_eq!(c.due_all(1_000_000_000), [(1, 0)]);
+        assert_eq!(c.due_all(2_000_000_000), [(2, 500_000_000)]);
+        assert!(c.due_all(5_999_999_999).is_empty());
+        assert_eq!(c.due_all(7_000_000_000), [(1, 0), (2, 500_000_000)]);
+        assert!(c.due_all(u64::MAX).is_empty());
         assert_eq!(c.len(), 0);
     }
 
@@ -109,8 +160,8 @@ mod tests {
         let mut c = Checks::default();
         c.push(1, 0);
         c.push(2, 10);
-        assert_eq!(c.due(1_000_000_000), [(1, 0)]);
-        assert_eq!(c.due(u64::MAX), [(1, 0), (2, 10)]);
+        assert_eq!(c.due_all(1_000_000_000), [(1, 0)]);
+        assert_eq!(c.due_all(u64::MAX), [(1, 0), (2, 10)]);
         assert_eq!(
             c.len(),
             1,

@@ -74,6 +74,8 @@ pub struct LifecycleStats {
     /// Re-arms no event showed (the timer stayed in its wheel bucket), found by looking the
     /// socket up: counted in `rearms` too.
     pub hidden_rearms: u64,
+    /// FIN_WAIT2-substate births never looked up: more were waiting than the lookups keep.
+    pub lookups_skipped: u64,
 }
 
 #[derive(Default)]
@@ -90,6 +92,9 @@ pub struct Lifecycle {
     tw_len_jiffies: Option<u32>,
     /// FIN_WAIT2-substate births to look up, for re-arms the timer wheel hides (`hidden`).
     checks: hidden::Checks,
+    /// Timers a lookup found re-armed, and when it looked: a re-arm event from the ring dated
+    /// before that is the same re-arm, not another. Kept 1 s.
+    hidden_at: HashMap<u64, u64>,
 }
 
 impl Lifecycle {
@@ -142,21 +147,33 @@ impl Lifecycle {
     /// 4-tuple): a re-arm into the same wheel bucket shows no event (see `hidden`). Their
     /// answers go to `looked_up`.
     pub fn substate_checks(&mut self, now_ns: u64) -> Vec<(u32, u64, Conn)> {
+        self.hidden_at
+            .retain(|_, looked| now_ns.saturating_sub(*looked) < 1_000_000_000);
+        let live = &self.live;
+        let waiting = |timer, birth_ts| {
+            live.get(timer).is_some_and(|l| {
+                l.birth_ts == birth_ts && l.substate == Substate::FinWait2 && l.netns != 0
+            })
+        };
         self.checks
-            .due(now_ns)
+            .due(now_ns, waiting)
             .into_iter()
-            .filter_map(|(timer, birth_ts)| {
+            .filter_map(|(timer, _)| {
                 let l = self.live.get(timer)?;
-                (l.birth_ts == birth_ts && l.substate == Substate::FinWait2 && l.netns != 0)
-                    .then(|| (l.netns, timer, l.conn.into()))
+                Some((l.netns, timer, l.conn.into()))
             })
             .collect()
     }
 
-    /// What the kernel said of a socket handed out by `substate_checks`: its state now
-    /// (`tw_substate` for a timewait socket) and the ms its timer has left. A FIN_WAIT2 socket
-    /// now in TIME_WAIT was re-armed unseen: a `Rearm`, dated from what its timer has left
-    /// (the re-arm set it to TCP_TIMEWAIT_LEN, 60 s).
+    /// Whether births still wait for a lookup.
+    pub fn checks_pending(&self) -> bool {
+        !self.checks.is_empty()
+    }
+
+    /// What the kernel said of a socket handed out by `substate_checks`, at `now_ns` (when it
+    /// was looked up): its state (`tw_substate` for a timewait socket) and the ms its timer had
+    /// left. A FIN_WAIT2 socket now in TIME_WAIT was re-armed unseen: a `Rearm`, dated from what
+    /// its timer had left (the re-arm set it to TCP_TIMEWAIT_LEN, 60 s).
     pub fn looked_up(
         &mut self,
         (netns, timer, conn): (u32, u64, Conn),
@@ -183,6 +200,7 @@ impl Lifecycle {
             .max(live.birth_ts);
         live.substate = Substate::TimeWait;
         let (role, owner) = (live.role, live.owner);
+        self.hidden_at.insert(timer, now_ns);
         self.stats.rearms += 1;
         self.stats.hidden_rearms += 1;
         out.push(Event::Rearm(TwRearm {
@@ -205,7 +223,10 @@ impl Lifecycle {
     }
 
     pub fn stats(&self) -> LifecycleStats {
-        self.stats
+        LifecycleStats {
+            lookups_skipped: self.checks.skipped,
+            ..self.stats
+        }
     }
 
     /// A TIME_WAIT socket that exists now (sock_diag), born before start: emitted as a seeded
@@ -274,6 +295,18 @@ impl Lifecycle {
                     substate,
                     ..
                 } if *timer == p.timer => {
+                    // The re-arm a lookup found already (its event was still in the ring).
+                    if self
+                        .hidden_at
+                        .remove(timer)
+                        .is_some_and(|looked| *ts_ns <= looked)
+                    {
+                        if let Some(live) = self.live.get_mut(p.timer) {
+                            live.last_cancel_ts = p.ts_ns;
+                            live.last_cancel_reuse = p.reuse;
+                        }
+                        return;
+                    }
                     self.stats.rearms += 1;
                     let to = Substate::from_kernel(*substate);
                     if let Some(live) = self.live.get_mut(p.timer) {
@@ -889,6 +922,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(lc.stats().hidden_rearms, 1);
+        // The re-arm's own event was still in the ring: not a second re-arm.
+        lc.feed(cancel(1, 1_010_000_000, 7, false), &mut out);
+        lc.feed(
+            KernelEvent::Rearm {
+                cpu: 1,
+                ts_ns: 1_010_000_001,
+                timer: 7,
+                conn: None,
+                netns: 7,
+                substate: tcp_state::TIME_WAIT,
+                timeout_jiffies: 15000,
+            },
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(lc.stats().rearms, 1);
         // Looked up again at 6 s: only 8 is still FIN_WAIT2.
         assert_eq!(lc.substate_checks(7_000_000_000), [(7, 8, conn(1001))]);
         lc.looked_up(
