@@ -218,6 +218,15 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     require_root();
     let _g = shared();
     let ns = Netns::new("fw2same");
+    // Under lockdown=confidentiality the substate is told by its timeout alone, so not at
+    // 60 s: 59 s, one second short, which a re-arm 50 ms later still leaves in its bucket or
+    // not, by where the bucket's edge falls.
+    let fin_timeout_ms = if confidentiality() {
+        ns.sysctl("net.ipv4.tcp_fin_timeout", "59");
+        59_000
+    } else {
+        60_000
+    };
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(Some(&ns), &addr, &["--close-after", "50"]);
@@ -266,7 +275,7 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     assert_eq!(enters.len(), 5, "{:?}", w.events);
     let mut substate: BTreeMap<u64, String> = BTreeMap::new();
     for e in &enters {
-        assert_eq!(e["fin_wait2_timeout_ms"], 60000, "{e}");
+        assert_eq!(e["fin_wait2_timeout_ms"], fin_timeout_ms, "{e}");
         assert_eq!(e["pid"], run.pid);
         let p = e["local_port"].as_u64().unwrap();
         substate.insert(p, e["substate"].as_str().unwrap().to_owned());
@@ -286,9 +295,11 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     }
     let st: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     let _ = std::fs::remove_file(&stats);
-    // Those born FIN_WAIT2 whose FIN came within the bucket (on this host all of them; the
+    // Those born FIN_WAIT2 whose FIN came within the bucket (at 60 s, all of them here; the
     // count is the whole run's, other tests' sockets included).
-    assert!(st["hidden_rearms"].as_u64().unwrap() >= 1, "{st}");
+    if fin_timeout_ms == 60_000 {
+        assert!(st["hidden_rearms"].as_u64().unwrap() >= 1, "{st}");
+    }
     assert_eq!(doc["totals"]["in_time_wait"], kernel_tw, "{doc}");
     assert_eq!(doc["totals"]["in_fin_wait2"], 5 - kernel_tw, "{doc}");
 }
