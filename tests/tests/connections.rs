@@ -11,6 +11,21 @@ use std::{
 use serde_json::Value;
 use twtrace_tests::*;
 
+/// A JSON report of `ns` alone, until interrupted.
+fn report_of(ns: &Netns) -> Run {
+    Run::start(
+        &[
+            "report",
+            "--json",
+            "--duration",
+            UNTIL_INTERRUPTED,
+            "--netns",
+            &ns.name,
+        ],
+        "collecting",
+    )
+}
+
 fn in_ns<'a>(w: &'a WatchResult, ns: &Netns, event: &'a str) -> Vec<&'a Value> {
     let inode = ns.inode();
     w.of_kind(event).filter(|e| e["netns"] == inode).collect()
@@ -30,17 +45,7 @@ fn the_fin_wait2_substate_is_born_then_becomes_time_wait() {
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(Some(&ns), &addr, &["--close-after", "300"]);
     let watch = Watch::start(&["--port", &port.to_string()]);
-    let report = Run::start(
-        &[
-            "report",
-            "--json",
-            "--duration",
-            UNTIL_INTERRUPTED,
-            "--netns",
-            &ns.name,
-        ],
-        "collecting",
-    );
+    let report = report_of(&ns);
     let run = client(Some(&ns), &["--to", &addr, "--count", "5"]);
     let mut seen = Vec::new();
     watch.wait_until(Duration::from_secs(10), &mut seen, |s| {
@@ -92,17 +97,7 @@ fn fin_wait2_sockets_are_counted_apart() {
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Server::start(Some(&ns), &addr, &["--hold"]);
-    let report = Run::start(
-        &[
-            "report",
-            "--json",
-            "--duration",
-            UNTIL_INTERRUPTED,
-            "--netns",
-            &ns.name,
-        ],
-        "collecting",
-    );
+    let report = report_of(&ns);
     client(Some(&ns), &["--to", &addr, "--count", "7", "--hold"]);
     assert_eq!(wait_for(7, || ns.sockstat_tw()), 7);
     let doc: Value =
@@ -237,17 +232,7 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
         "--stats-json",
         stats.to_str().unwrap(),
     ]);
-    let report = Run::start(
-        &[
-            "report",
-            "--json",
-            "--duration",
-            UNTIL_INTERRUPTED,
-            "--netns",
-            &ns.name,
-        ],
-        "collecting",
-    );
+    let report = report_of(&ns);
     let run = client(Some(&ns), &["--to", &addr, "--count", "5"]);
     wait_for(5, || ns.ss_time_wait(port).len());
     let doc: Value =
