@@ -315,6 +315,22 @@ impl Netns {
     pub fn ss_time_wait(&self, port: u16) -> Vec<(String, String)> {
         ss_time_wait(Some(self), port)
     }
+
+    /// `ss_time_wait` once it lists `n` sockets (bounded: 10 s, then what it lists). A timewait
+    /// socket born before its peer's FIN arrived sits in the FIN_WAIT2 substate, which `ss state
+    /// time-wait` does not show (sock_diag reports `tw_substate`), so a birth twtrace saw can be
+    /// missing from `ss` for as long as that FIN takes (tcp_rcv_state_process's FIN_WAIT1 case:
+    /// the peer's ACK without its FIN makes a FIN_WAIT2-substate timewait socket).
+    pub fn ss_time_wait_settled(&self, port: u16, n: usize) -> Vec<(String, String)> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = self.ss_time_wait(port);
+            if ss.len() >= n || Instant::now() > deadline {
+                return ss;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// The `tw` figure of /proc/net/sockstat in the network namespace of process `pid`.

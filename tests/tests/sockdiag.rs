@@ -52,22 +52,9 @@ fn tuples(socks: &[DiagSocket]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// Waits (bounded) until `ss` lists `n` TIME_WAIT sockets on `port`: a socket whose peer's FIN
-/// is still in flight sits in the FIN_WAIT2 substate, which `state time-wait` does not show.
-fn wait_for_time_wait(ns: &Netns, port: u16, n: usize) -> Vec<(String, String)> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ss = ns.ss_time_wait(port);
-        if ss.len() >= n || Instant::now() > deadline {
-            return ss;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The dump and `ss` agree, and nothing is listed twice.
 fn assert_same_as_ss(ns: &Netns, port: u16, n: usize) -> Vec<DiagSocket> {
-    let ss_before = wait_for_time_wait(ns, port, n);
+    let ss_before = ns.ss_time_wait_settled(port, n);
     assert_eq!(
         ss_before.len(),
         n,
