@@ -81,6 +81,71 @@ fn the_fin_wait2_substate_is_born_then_becomes_time_wait() {
     assert_eq!(doc["namespaces"][0]["kernel_time_wait"], 5);
 }
 
+/// Timewait sockets in the FIN_WAIT2 substate that existed before start are seeded with the
+/// deadline sock_diag gives (tcp_fin_timeout, 20 s here). Their peer's FIN (8 s after the
+/// client's close) then re-arms them for 60 s (inet_twsk_reschedule): twtrace moves their
+/// deadline, and still counts them as TIME_WAIT past the first one and its grace (5 s), as the
+/// kernel does. Not under lockdown=confidentiality, where a re-arm names no socket and a seed
+/// ends at the deadline the dump gave (README, Requirements).
+#[test]
+fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
+    require_root();
+    if confidentiality() {
+        eprintln!("not under lockdown=confidentiality: a re-arm there names no socket");
+        return;
+    }
+    let _g = shared();
+    let ns = Netns::new("seedfw2");
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "20");
+    let port = unique_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _server = Server::start(Some(&ns), &addr, &["--close-after", "8000"]);
+    let stats = std::env::temp_dir().join(format!("twt-seedfw2-{}.json", std::process::id()));
+    client(Some(&ns), &["--to", &addr, "--count", "3"]);
+    let born = std::time::Instant::now();
+    assert_eq!(wait_for(3, || ns.sockstat_tw()), 3);
+    let report = Run::start(
+        &[
+            "report",
+            "--json",
+            "--duration",
+            UNTIL_INTERRUPTED,
+            "--netns",
+            &ns.name,
+            "--stats-json",
+            stats.to_str().unwrap(),
+        ],
+        "collecting",
+    );
+    assert_eq!(
+        wait_for(3, || ns.ss_time_wait(port).len()),
+        3,
+        "the server's FINs made them TIME_WAIT"
+    );
+    // Past the first deadline (20 s) and its grace (5 s).
+    std::thread::sleep(Duration::from_secs(27).saturating_sub(born.elapsed()));
+    assert_eq!(
+        ns.ss_time_wait(port).len(),
+        3,
+        "still TIME_WAIT in the kernel"
+    );
+    let doc: Value =
+        serde_json::from_str(&report.interrupt(Duration::from_secs(30)).stdout).unwrap();
+    let st: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    let t = &doc["totals"];
+    assert_eq!(
+        (t["seeded"].as_u64(), t["in_time_wait"].as_u64()),
+        (Some(3), Some(3)),
+        "{doc}"
+    );
+    assert_eq!(t["in_fin_wait2"], 0);
+    assert_eq!(t["exited"], 0, "none taken as expired: {doc}");
+    assert_eq!(doc["namespaces"][0]["kernel_time_wait"], 3);
+    assert_eq!(st["rearms"], 3, "seeded in FIN_WAIT2, re-armed after: {st}");
+    assert_eq!(st["overdue_seeds"], 0, "{st}");
+}
+
 /// The peer never closes (the server holds every connection): the client's timewait sockets stay
 /// in the FIN_WAIT2 substate. twtrace counts them apart, as `ss` lists them (fin-wait-2, not
 /// time-wait), and their sum is sockstat's `tw` (field case 08).

@@ -440,7 +440,7 @@ impl Session {
     /// What this run cost and saw, as JSON (`--stats-json`): the kernel programs' counters,
     /// each program's run time, run count and recursion misses (run time only while
     /// `kernel.bpf_stats_enabled` is 1), the owner map's entries (null where it cannot be
-    /// read), and what userspace received.
+    /// read), what userspace received, and the lifecycle's counts (`LifecycleStats`).
     pub fn stats(&self) -> serde_json::Value {
         let s = self.lifecycle.stats();
         serde_json::json!({
@@ -454,6 +454,7 @@ impl Session {
             "rearms": s.rearms,
             "hidden_rearms": s.hidden_rearms,
             "lookups_skipped": s.lookups_skipped,
+            "overdue_seeds": s.overdue_seeds,
         })
     }
 

@@ -97,6 +97,18 @@ pub struct Lifecycle {
     hidden_at: HashMap<u64, u64>,
 }
 
+/// How long a re-armed timer runs, in ns: `timeout_jiffies` at the HZ that `tw_len_jiffies`
+/// (60 s in jiffies) gives, else TCP_TIMEWAIT_LEN (60 s), the only timeout a re-arm sets.
+fn rearm_timeout_ns(timeout_jiffies: u32, tw_len_jiffies: Option<u32>) -> u64 {
+    const TW_LEN_NS: u64 = 60_000_000_000;
+    match tw_len_jiffies {
+        Some(len) if len > 0 && timeout_jiffies > 0 => {
+            u64::from(timeout_jiffies) * TW_LEN_NS / u64::from(len)
+        }
+        _ => TW_LEN_NS,
+    }
+}
+
 impl Lifecycle {
     pub fn new() -> Self {
         Self::default()
@@ -330,6 +342,12 @@ impl Lifecycle {
                     } else if let Some(c) = conn
                         && let Some(seed) = self.seeds.get_mut(&(*netns, *c))
                     {
+                        // Its timer now runs from here (inet_twsk_reschedule: TCP_TIMEWAIT_LEN,
+                        // 60 s): the deadline sock_diag gave at start is past before its end.
+                        seed.deadline_ns = ts_ns.saturating_add(rearm_timeout_ns(
+                            *timeout_jiffies,
+                            self.tw_len_jiffies,
+                        ));
                         let from = std::mem::replace(&mut seed.substate, to);
                         out.push(Event::Rearm(TwRearm {
                             ts_ns: *ts_ns,
@@ -1239,6 +1257,70 @@ mod tests {
         lc.settle(deadline + SEED_GRACE_NS + 1, &mut out);
         assert!(matches!(&out[0], Event::Exit(x) if x.seeded && x.reason == Reason::Expired));
         assert_eq!(lc.stats().overdue_seeds, 1);
+    }
+
+    #[test]
+    fn a_seeds_re_arm_moves_its_deadline() {
+        // Seeded in the FIN_WAIT2 substate with 10 s left; the peer's FIN re-arms it for 60 s
+        // (15,000 jiffies at HZ=250) at 5 s: overdue only 5 s after 65 s, not after 10 s.
+        let mut lc = Lifecycle::new();
+        lc.set_hz(Some(250));
+        let mut out = Vec::new();
+        let c = conn(1);
+        lc.seed(
+            c,
+            0,
+            Role::Connected,
+            Substate::FinWait2,
+            0,
+            10_000,
+            &mut out,
+        );
+        let s = 1_000_000_000;
+        lc.feed(
+            KernelEvent::Cancel {
+                netns: 0,
+                cpu: 0,
+                ts_ns: 5 * s,
+                timer: 7,
+                conn: Some(c),
+                reuse: false,
+                in_connect_to: None,
+            },
+            &mut out,
+        );
+        lc.feed(
+            KernelEvent::Rearm {
+                cpu: 0,
+                ts_ns: 5 * s,
+                timer: 7,
+                conn: Some(c),
+                netns: 0,
+                substate: 6,
+                timeout_jiffies: 15000,
+            },
+            &mut out,
+        );
+        assert!(matches!(out.last(), Some(Event::Rearm(r)) if r.seeded));
+        out.clear();
+        lc.settle(10 * s + SEED_GRACE_NS + 1, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        lc.settle(65 * s + SEED_GRACE_NS + 1, &mut out);
+        match &out[..] {
+            [Event::Exit(x)] => {
+                assert_eq!((x.reason, x.ts_ns), (Reason::Expired, 65 * s));
+                assert_eq!(x.substate, Substate::TimeWait);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_re_arm_lasts_sixty_seconds_when_hz_is_unknown() {
+        assert_eq!(rearm_timeout_ns(15000, Some(15000)), 60_000_000_000);
+        assert_eq!(rearm_timeout_ns(1000, Some(60_000)), 1_000_000_000);
+        assert_eq!(rearm_timeout_ns(15000, None), 60_000_000_000);
+        assert_eq!(rearm_timeout_ns(0, Some(15000)), 60_000_000_000);
     }
 
     #[test]
