@@ -302,10 +302,6 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     wait_for(5, || ns.ss_time_wait(port).len());
     let doc: Value =
         serde_json::from_str(&report.interrupt(Duration::from_secs(30)).stdout).unwrap();
-    let kernel_tw = ns.ss_time_wait(port).len();
-    // Past the second lookup (6 s of age).
-    std::thread::sleep(Duration::from_secs(7));
-    let w = watch.stop();
     let ss = |state: &str| -> BTreeSet<u64> {
         ns.exec_ok(&["ss", "-Htan", "state", state, &format!("dport = :{port}")])
             .lines()
@@ -319,10 +315,37 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
             })
             .collect()
     };
+    let (kernel_tw, kernel_fw2) = (ss("time-wait").len(), ss("fin-wait-2").len());
+    // Past the second lookup (6 s of age).
+    std::thread::sleep(Duration::from_secs(7));
+    let w = watch.stop();
     let (in_tw, in_fw2) = (ss("time-wait"), ss("fin-wait-2"));
-    assert_eq!(in_tw.len() + in_fw2.len(), 5, "{in_tw:?} {in_fw2:?}");
     let enters = in_ns(&w, &ns, "tw_enter");
     assert_eq!(enters.len(), 5, "{:?}", w.events);
+    // Each socket is in the kernel still, or twtrace saw it end. (Once on 5.10 under emulation
+    // one of the five was gone from the kernel 8 s in: the picture says what became of it.)
+    let ended: BTreeMap<u64, String> = in_ns(&w, &ns, "tw_exit")
+        .iter()
+        .map(|e| {
+            let p = e["local_port"].as_u64().unwrap();
+            (p, e["reason"].as_str().unwrap_or("?").to_owned())
+        })
+        .collect();
+    let why = || {
+        format!(
+            "time-wait {in_tw:?} fin-wait-2 {in_fw2:?} ended {ended:?}\n{}\n{:?}",
+            ns.tcp_picture(),
+            w.events
+        )
+    };
+    assert_eq!(in_tw.len() + in_fw2.len() + ended.len(), 5, "{}", why());
+    for p in ended.keys() {
+        assert!(
+            !in_tw.contains(p) && !in_fw2.contains(p),
+            "port {p} ended, yet in the kernel: {}",
+            why()
+        );
+    }
     let mut substate: BTreeMap<u64, String> = BTreeMap::new();
     for e in &enters {
         assert_eq!(e["fin_wait2_timeout_ms"], fin_timeout_ms, "{e}");
@@ -335,11 +358,13 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
         let p = r["local_port"].as_u64().unwrap();
         substate.insert(p, r["substate"].as_str().unwrap().to_owned());
     }
-    for (p, s) in &substate {
+    for (p, s) in substate.iter().filter(|(p, _)| !ended.contains_key(p)) {
         let kernel = if in_tw.contains(p) {
             "TIME_WAIT"
-        } else {
+        } else if in_fw2.contains(p) {
             "FIN_WAIT2"
+        } else {
+            panic!("port {p}: neither in the kernel nor ended: {}", why())
         };
         assert_eq!(s, kernel, "port {p}: {:?}", w.events);
     }
@@ -351,5 +376,5 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
         assert!(st["hidden_rearms"].as_u64().unwrap() >= 1, "{st}");
     }
     assert_eq!(doc["totals"]["in_time_wait"], kernel_tw, "{doc}");
-    assert_eq!(doc["totals"]["in_fin_wait2"], 5 - kernel_tw, "{doc}");
+    assert_eq!(doc["totals"]["in_fin_wait2"], kernel_fw2, "{doc}");
 }
