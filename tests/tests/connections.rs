@@ -94,7 +94,8 @@ fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
         eprintln!("not under lockdown=confidentiality: a re-arm there names no socket");
         return;
     }
-    let _g = shared();
+    // Alone: the stats count the re-arms of every namespace, and other tests' make some.
+    let _g = exclusive();
     let ns = Netns::new("seedfw2");
     ns.sysctl("net.ipv4.tcp_fin_timeout", "20");
     let port = unique_port();
@@ -348,7 +349,14 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     }
     let mut substate: BTreeMap<u64, String> = BTreeMap::new();
     for e in &enters {
-        assert_eq!(e["fin_wait2_timeout_ms"], fin_timeout_ms, "{e}");
+        // Born TIME_WAIT when the server's FIN came before the client's close was done (once
+        // on 6.1 under emulation): that substate waits for no FIN.
+        let waits = if e["substate"] == "FIN_WAIT2" {
+            Value::from(fin_timeout_ms)
+        } else {
+            Value::Null
+        };
+        assert_eq!(e["fin_wait2_timeout_ms"], waits, "{e}");
         assert_eq!(e["pid"], run.pid);
         let p = e["local_port"].as_u64().unwrap();
         substate.insert(p, e["substate"].as_str().unwrap().to_owned());
@@ -370,9 +378,15 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     }
     let st: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     let _ = std::fs::remove_file(&stats);
-    // Those born FIN_WAIT2 whose FIN came within the bucket (at 60 s, all of them here; the
-    // count is the whole run's, other tests' sockets included).
-    if fin_timeout_ms == 60_000 {
+    // Those born FIN_WAIT2 whose FIN came within the bucket (at 60 s, nearly all of them: a
+    // FIN 50 ms later crosses a 2 s bucket's edge one time in 40; the count is the whole run's,
+    // other tests' sockets included).
+    let born_fw2_now_tw = enters
+        .iter()
+        .filter(|e| e["substate"] == "FIN_WAIT2")
+        .filter(|e| in_tw.contains(&e["local_port"].as_u64().unwrap()))
+        .count();
+    if fin_timeout_ms == 60_000 && born_fw2_now_tw >= 2 {
         assert!(st["hidden_rearms"].as_u64().unwrap() >= 1, "{st}");
     }
     assert_eq!(doc["totals"]["in_time_wait"], kernel_tw, "{doc}");
