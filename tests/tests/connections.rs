@@ -82,9 +82,9 @@ fn the_fin_wait2_substate_is_born_then_becomes_time_wait() {
 }
 
 /// Timewait sockets in the FIN_WAIT2 substate that existed before start are seeded with the
-/// deadline sock_diag gives (tcp_fin_timeout, 20 s here). Their peer's FIN (8 s after the
+/// deadline sock_diag gives (tcp_fin_timeout, 20 s here). Their peer's FIN (12 s after the
 /// client's close) then re-arms them for 60 s (inet_twsk_reschedule): twtrace moves their
-/// deadline, and still counts them as TIME_WAIT past the first one and its grace (5 s), as the
+/// deadline, and still counts them as TIME_WAIT past the first one and its grace (6 s), as the
 /// kernel does. Not under lockdown=confidentiality, where a re-arm names no socket and a seed
 /// ends at the deadline the dump gave (README, Requirements).
 #[test]
@@ -94,13 +94,13 @@ fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
         eprintln!("not under lockdown=confidentiality: a re-arm there names no socket");
         return;
     }
-    // Alone: the stats count the re-arms of every namespace, and other tests' make some.
+    // Alone: the stats count the re-arms of every namespace, and other tests make many.
     let _g = exclusive();
     let ns = Netns::new("seedfw2");
     ns.sysctl("net.ipv4.tcp_fin_timeout", "20");
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let _server = Server::start(Some(&ns), &addr, &["--close-after", "8000"]);
+    let _server = Server::start(Some(&ns), &addr, &["--close-after", "12000"]);
     let stats = std::env::temp_dir().join(format!("twt-seedfw2-{}.json", std::process::id()));
     client(Some(&ns), &["--to", &addr, "--count", "3"]);
     let born = std::time::Instant::now();
@@ -118,13 +118,30 @@ fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
         ],
         "collecting",
     );
+    let fin_wait2 = ns
+        .exec_ok(&[
+            "ss",
+            "-Htan",
+            "state",
+            "fin-wait-2",
+            &format!("dport = :{port}"),
+        ])
+        .lines()
+        .count();
+    assert_eq!(
+        fin_wait2,
+        3,
+        "twtrace started {:?} after the births, past the server's FINs",
+        born.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(born.elapsed()));
     assert_eq!(
         wait_for(3, || ns.ss_time_wait(port).len()),
         3,
         "the server's FINs made them TIME_WAIT"
     );
-    // Past the first deadline (20 s) and its grace (5 s).
-    std::thread::sleep(Duration::from_secs(27).saturating_sub(born.elapsed()));
+    // Past the first deadline (20 s) and its grace (6 s).
+    std::thread::sleep(Duration::from_secs(28).saturating_sub(born.elapsed()));
     assert_eq!(
         ns.ss_time_wait(port).len(),
         3,
@@ -143,7 +160,12 @@ fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
     assert_eq!(t["in_fin_wait2"], 0);
     assert_eq!(t["exited"], 0, "none taken as expired: {doc}");
     assert_eq!(doc["namespaces"][0]["kernel_time_wait"], 3);
-    assert_eq!(st["rearms"], 3, "seeded in FIN_WAIT2, re-armed after: {st}");
+    // At least: the count is every namespace's (the host's own traffic included), and a
+    // TIME_WAIT re-armed again by a late FIN counts once more.
+    assert!(
+        st["rearms"].as_u64().unwrap() >= 3,
+        "seeded in FIN_WAIT2, re-armed after: {st}"
+    );
     assert_eq!(st["overdue_seeds"], 0, "{st}");
 }
 
@@ -269,9 +291,11 @@ fn bind_before_connect_is_flagged() {
 }
 
 /// The same with the default tcp_fin_timeout (60 s, TIME_WAIT's own length) and the server
-/// 50 ms behind: the peer's FIN re-arms the timer 50 ms later, which leaves it in its wheel
-/// bucket, and __mod_timer then only updates its expiry, with no trace event (the bucket is
-/// 2 to 5 s wide at 60 s). twtrace looks FIN_WAIT2-substate sockets up in the kernel: past its
+/// 300 ms behind: the peer's FIN re-arms the timer 300 ms later, which mostly leaves it in its
+/// wheel bucket, and __mod_timer then only updates its expiry, with no trace event (the bucket
+/// is 2 to 5 s wide at 60 s). 300 ms: past the longest delayed ACK of the client's FIN (200 ms,
+/// TCP_DELACK_MAX), else the server's FIN can come with that ACK and the socket is born
+/// TIME_WAIT. twtrace looks FIN_WAIT2-substate sockets up in the kernel: past its
 /// lookups, each socket's substate is the one `ss` shows, and a report ended right after the
 /// traffic (before any lookup was due) says the same.
 #[test]
@@ -280,7 +304,7 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     let _g = shared();
     let ns = Netns::new("fw2same");
     // Under lockdown=confidentiality the substate is told by its timeout alone, so not at
-    // 60 s: 59 s, one second short, which a re-arm 50 ms later still leaves in its bucket or
+    // 60 s: 59 s, one second short, which a re-arm 300 ms later still leaves in its bucket or
     // not, by where the bucket's edge falls.
     let fin_timeout_ms = if confidentiality() {
         ns.sysctl("net.ipv4.tcp_fin_timeout", "59");
@@ -290,14 +314,8 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     };
     let port = unique_port();
     let addr = format!("127.0.0.1:{port}");
-    let _server = Server::start(Some(&ns), &addr, &["--close-after", "50"]);
-    let stats = std::env::temp_dir().join(format!("twt-hidden-{}.json", std::process::id()));
-    let watch = Watch::start(&[
-        "--port",
-        &port.to_string(),
-        "--stats-json",
-        stats.to_str().unwrap(),
-    ]);
+    let _server = Server::start(Some(&ns), &addr, &["--close-after", "300"]);
+    let watch = Watch::start(&["--port", &port.to_string()]);
     let report = report_of(&ns);
     let run = client(Some(&ns), &["--to", &addr, "--count", "5"]);
     wait_for(5, || ns.ss_time_wait(port).len());
@@ -319,6 +337,9 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     let (kernel_tw, kernel_fw2) = (ss("time-wait").len(), ss("fin-wait-2").len());
     // Past the second lookup (6 s of age).
     std::thread::sleep(Duration::from_secs(7));
+    // The kernel's picture on both sides of the watch's end: a socket gone in between is in
+    // the first and in no end.
+    let before: BTreeSet<u64> = ss("time-wait").union(&ss("fin-wait-2")).copied().collect();
     let w = watch.stop();
     let (in_tw, in_fw2) = (ss("time-wait"), ss("fin-wait-2"));
     let enters = in_ns(&w, &ns, "tw_enter");
@@ -339,13 +360,24 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
             w.events
         )
     };
-    assert_eq!(in_tw.len() + in_fw2.len() + ended.len(), 5, "{}", why());
-    for p in ended.keys() {
+    let gone_at_stop = before
+        .iter()
+        .filter(|p| !in_tw.contains(p) && !in_fw2.contains(p) && !ended.contains_key(p))
+        .count();
+    assert_eq!(
+        in_tw.len() + in_fw2.len() + ended.len() + gone_at_stop,
+        5,
+        "{}",
+        why()
+    );
+    for (p, reason) in &ended {
         assert!(
             !in_tw.contains(p) && !in_fw2.contains(p),
             "port {p} ended, yet in the kernel: {}",
             why()
         );
+        // Seconds into a 60 s timer: killed, reused or taken over by a SYN, never expired.
+        assert_ne!(reason, "expired", "port {p}: {}", why());
     }
     let mut substate: BTreeMap<u64, String> = BTreeMap::new();
     for e in &enters {
@@ -366,28 +398,27 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
         let p = r["local_port"].as_u64().unwrap();
         substate.insert(p, r["substate"].as_str().unwrap().to_owned());
     }
+    // What the test is about: sockets born FIN_WAIT2 (the rest were born TIME_WAIT, which
+    // the server's 300 ms leaves to a guest's worst scheduling).
+    let born_fw2 = enters
+        .iter()
+        .filter(|e| e["substate"] == "FIN_WAIT2")
+        .count();
+    assert!(born_fw2 >= 1, "none born FIN_WAIT2: {:?}", w.events);
+    // Each one's substate is the kernel's, whether its re-arm was seen or looked up (at 60 s,
+    // a FIN 300 ms later stays in a 2 s bucket six times in seven: a lookup that failed would
+    // leave those in FIN_WAIT2).
     for (p, s) in substate.iter().filter(|(p, _)| !ended.contains_key(p)) {
         let kernel = if in_tw.contains(p) {
             "TIME_WAIT"
         } else if in_fw2.contains(p) {
             "FIN_WAIT2"
+        } else if before.contains(p) {
+            continue;
         } else {
             panic!("port {p}: neither in the kernel nor ended: {}", why())
         };
         assert_eq!(s, kernel, "port {p}: {:?}", w.events);
-    }
-    let st: Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&stats);
-    // Those born FIN_WAIT2 whose FIN came within the bucket (at 60 s, nearly all of them: a
-    // FIN 50 ms later crosses a 2 s bucket's edge one time in 40; the count is the whole run's,
-    // other tests' sockets included).
-    let born_fw2_now_tw = enters
-        .iter()
-        .filter(|e| e["substate"] == "FIN_WAIT2")
-        .filter(|e| in_tw.contains(&e["local_port"].as_u64().unwrap()))
-        .count();
-    if fin_timeout_ms == 60_000 && born_fw2_now_tw >= 2 {
-        assert!(st["hidden_rearms"].as_u64().unwrap() >= 1, "{st}");
     }
     assert_eq!(doc["totals"]["in_time_wait"], kernel_tw, "{doc}");
     assert_eq!(doc["totals"]["in_fin_wait2"], kernel_fw2, "{doc}");

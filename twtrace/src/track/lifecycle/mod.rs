@@ -43,8 +43,10 @@ struct Seed {
 }
 
 /// A seeded socket whose end was not seen this long after its deadline is taken as expired
-/// (its end was lost): the "now" figures heal themselves.
-pub const SEED_GRACE_NS: u64 = 5_000_000_000;
+/// (its end was lost): the "now" figures heal themselves. More than the timer wheel's lateness:
+/// it rounds a 60 s timer up to its bucket's end (calc_index), and a bucket that far out is
+/// 512 jiffies wide at HZ 100 and 250 (5.12 s, 2.05 s) and 4,096 at HZ 1000 (4.1 s).
+pub const SEED_GRACE_NS: u64 = 6_000_000_000;
 
 #[derive(Debug, Clone)]
 struct PendingCancel {
@@ -99,10 +101,11 @@ pub struct Lifecycle {
 
 /// How long a re-armed timer runs, in ns: `timeout_jiffies` at the HZ that `tw_len_jiffies`
 /// (60 s in jiffies) gives, else TCP_TIMEWAIT_LEN (60 s), the only timeout a re-arm sets.
+/// A timeout past twice that (a misread timer) is taken as the 60 s.
 fn rearm_timeout_ns(timeout_jiffies: u32, tw_len_jiffies: Option<u32>) -> u64 {
     const TW_LEN_NS: u64 = 60_000_000_000;
     match tw_len_jiffies {
-        Some(len) if len > 0 && timeout_jiffies > 0 => {
+        Some(len) if len > 0 && timeout_jiffies > 0 && timeout_jiffies <= len.saturating_mul(2) => {
             u64::from(timeout_jiffies) * TW_LEN_NS / u64::from(len)
         }
         _ => TW_LEN_NS,
@@ -1316,11 +1319,13 @@ mod tests {
     }
 
     #[test]
-    fn a_re_arm_lasts_sixty_seconds_when_hz_is_unknown() {
+    fn a_re_arm_lasts_its_jiffies_at_the_kernel_s_hz_else_sixty_seconds() {
         assert_eq!(rearm_timeout_ns(15000, Some(15000)), 60_000_000_000);
         assert_eq!(rearm_timeout_ns(1000, Some(60_000)), 1_000_000_000);
         assert_eq!(rearm_timeout_ns(15000, None), 60_000_000_000);
         assert_eq!(rearm_timeout_ns(0, Some(15000)), 60_000_000_000);
+        // A wrapped subtraction in the kernel program: no overflow, the kernel's 60 s.
+        assert_eq!(rearm_timeout_ns(u32::MAX, Some(15000)), 60_000_000_000);
     }
 
     #[test]
