@@ -1093,20 +1093,22 @@ pub mod sock {
 
 /// Checks a timeout the kernel armed, as twtrace reports it (`timeout_ms`,
 /// `fin_wait2_timeout_ms`): the kernel computes `expires = jiffies + timeo` a moment before the
-/// `timer:timer_start` tracepoint fires, where the program reads jiffies again, and on a slow
-/// (emulated) CPU a tick can fall between: what remains is then one tick short (59,996 ms at
-/// HZ=250, seen on 6.1 under qemu's TCG), never more and never longer than armed.
+/// `timer:timer_start` tracepoint fires, where the program reads jiffies again, and a tick can
+/// fall between: what remains is then one tick short. An emulated CPU can be stopped between
+/// the two for longer (59,996 ms at HZ=250 seen on 6.1 under qemu's TCG, 59,992 on 6.12), so up
+/// to 100 ms short is allowed, a tenth of the smallest difference the tests tell apart (5 s
+/// from 60 s, 59 s from 60 s); never longer than armed.
 pub fn assert_armed_ms(got: &Value, armed_ms: u64, what: &str) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     // Without the kernel's config, the coarsest tick Linux has (HZ=100).
     let hz = twtrace::host::clock::kernel_hz(release.trim()).unwrap_or(100) as u64;
-    let tick_ms = 1000_u64.div_ceil(hz);
+    let short_ms = 1000_u64.div_ceil(hz).max(100);
     let ms = got
         .as_u64()
         .unwrap_or_else(|| panic!("{what}: no timeout in {got}"));
     assert!(
-        ms <= armed_ms && ms + tick_ms >= armed_ms,
-        "{what}: {ms} ms left of {armed_ms} ms armed (one tick is {tick_ms} ms)"
+        ms <= armed_ms && ms + short_ms >= armed_ms,
+        "{what}: {ms} ms left of {armed_ms} ms armed ({short_ms} ms short at most)"
     );
 }
 
