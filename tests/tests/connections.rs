@@ -31,6 +31,22 @@ fn in_ns<'a>(w: &'a WatchResult, ns: &Netns, event: &'a str) -> Vec<&'a Value> {
     w.of_kind(event).filter(|e| e["netns"] == inode).collect()
 }
 
+/// The local ports of the sockets in `ns` that `ss` lists in `state` (its names: `time-wait`,
+/// `fin-wait-2`) to `port`.
+fn ss_ports(ns: &Netns, state: &str, port: u16) -> BTreeSet<u64> {
+    ns.exec_ok(&["ss", "-Htan", "state", state, &format!("dport = :{port}")])
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// The client closes first and its server 300 ms later, with tcp_fin_timeout=15: each timewait
 /// socket is born in the FIN_WAIT2 substate (waiting 15 s for the peer's FIN), then becomes
 /// TIME_WAIT for 60 s when the FIN comes. twtrace says exactly that, and never that TIME_WAIT
@@ -118,18 +134,8 @@ fn a_seeded_fin_wait2_socket_re_armed_lives_past_its_first_deadline() {
         ],
         "collecting",
     );
-    let fin_wait2 = ns
-        .exec_ok(&[
-            "ss",
-            "-Htan",
-            "state",
-            "fin-wait-2",
-            &format!("dport = :{port}"),
-        ])
-        .lines()
-        .count();
     assert_eq!(
-        fin_wait2,
+        ss_ports(&ns, "fin-wait-2", port).len(),
         3,
         "twtrace started {:?} after the births, past the server's FINs",
         born.elapsed()
@@ -190,11 +196,7 @@ fn fin_wait2_sockets_are_counted_apart() {
     assert_eq!(wait_for(7, || ns.sockstat_tw()), 7);
     let doc: Value =
         serde_json::from_str(&report.interrupt(Duration::from_secs(30)).stdout).unwrap();
-    let ss = |state: &str| {
-        ns.exec_ok(&["ss", "-Htan", "state", state, &format!("dport = :{port}")])
-            .lines()
-            .count() as u64
-    };
+    let ss = |state: &str| ss_ports(&ns, state, port).len() as u64;
     assert_eq!(ss("fin-wait-2"), 7);
     assert_eq!(ss("time-wait"), 0);
     assert_eq!(doc["totals"]["in_fin_wait2"], 7, "{doc}");
@@ -321,19 +323,7 @@ fn a_re_arm_the_timer_wheel_hides_still_becomes_time_wait() {
     wait_for(5, || ns.ss_time_wait(port).len());
     let doc: Value =
         serde_json::from_str(&report.interrupt(Duration::from_secs(30)).stdout).unwrap();
-    let ss = |state: &str| -> BTreeSet<u64> {
-        ns.exec_ok(&["ss", "-Htan", "state", state, &format!("dport = :{port}")])
-            .lines()
-            .filter_map(|l| {
-                l.split_whitespace()
-                    .nth(2)?
-                    .rsplit(':')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .collect()
-    };
+    let ss = |state: &str| ss_ports(&ns, state, port);
     let (kernel_tw, kernel_fw2) = (ss("time-wait").len(), ss("fin-wait-2").len());
     // Past the second lookup (6 s of age).
     std::thread::sleep(Duration::from_secs(7));
