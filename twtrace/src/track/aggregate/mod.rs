@@ -885,6 +885,33 @@ mod tests {
         );
     }
 
+    /// `slot_for` first compares with the slot it returned last: once that group is folded and
+    /// its slot taken by another key, the first key must get a group of its own again, never
+    /// count in the other key's.
+    #[test]
+    fn the_last_used_slot_given_to_another_key_is_not_taken_for_the_first() {
+        let mut a = Aggregator::new(2);
+        let y = conn("10.0.0.1:30001", "10.0.1.1:80");
+        let w = conn("10.0.0.1:30004", "10.0.1.4:80");
+        let x = conn("10.0.0.1:30002", "10.0.1.2:80");
+        for (timer, c) in [(1, y), (2, y), (7, w), (8, w), (3, x)] {
+            a.on_event(&enter(timer, S, c, None, Role::Connected));
+        }
+        a.on_event(&exit(3, 2 * S, x, Reason::Killed, 1_000));
+        // Cap 2: 10.0.1.2:80, the slot used last, is folded and its slot freed.
+        a.tick();
+        assert_eq!(a.folded_groups(By::Peer), 1);
+        let z = conn("10.0.0.1:30003", "10.0.1.3:80");
+        a.on_event(&enter(4, 3 * S, z, None, Role::Connected));
+        a.on_event(&enter(5, 3 * S, x, None, Role::Connected));
+        a.on_event(&enter(6, 3 * S, x, None, Role::Connected));
+        let gz = find(&a, By::Peer, "10.0.1.3:80");
+        assert_eq!((gz.entered, gz.in_time_wait), (1, 1));
+        let gx = find(&a, By::Peer, "10.0.1.2:80");
+        assert_eq!((gx.entered, gx.exited, gx.in_time_wait), (2, 0, 2));
+        assert_eq!(find(&a, By::Peer, "10.0.1.1:80").in_time_wait, 2);
+    }
+
     #[test]
     fn memory_stays_bounded_with_200k_peers() {
         const N: u32 = 200_000;

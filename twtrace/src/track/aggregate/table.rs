@@ -31,6 +31,10 @@ pub(super) struct Table {
     pub(super) other: Group,
     pub(super) folded_groups: u64,
     pub(super) cap: usize,
+    /// The slot `slot_for` returned last (`u32::MAX`: none). Births come in runs of one
+    /// process, one namespace, one peer: comparing with the last key spares most lookups of
+    /// the namespace, command and process groupings their hashing.
+    last: u32,
 }
 
 impl Table {
@@ -45,11 +49,19 @@ impl Table {
             other: Group::default(),
             folded_groups: 0,
             cap: cap.max(1),
+            last: u32::MAX,
         }
     }
 
     pub(super) fn slot_for(&mut self, key: Key) -> u32 {
+        // A slot holds its key exactly while its group is live (`fold` takes the box).
+        if let Some(Some(b)) = self.groups.get(self.last as usize)
+            && b.0 == key
+        {
+            return self.last;
+        }
         if let Some(&s) = self.map.get(&key) {
+            self.last = s;
             return s;
         }
         if self.map.len() >= 2 * self.cap {
@@ -77,6 +89,7 @@ impl Table {
             }
         };
         self.map.insert(key, s);
+        self.last = s;
         s
     }
 
@@ -149,14 +162,24 @@ impl Table {
         if self.map.len() <= self.cap {
             return;
         }
+        // The pinned keys' slots, found once: at most `cap` lookups rather than one per group.
+        let mut pinned = vec![false; self.groups.len()];
+        for k in &self.pinned {
+            if let Some(&s) = self.map.get(k) {
+                pinned[s as usize] = true;
+            }
+        }
         let mut ranked: Vec<(u64, u64, u32)> = self
             .map
             .values()
             .filter_map(|&s| {
-                let (k, g) = &**self.groups[s as usize].as_ref()?;
+                let (_, g) = &**self.groups[s as usize].as_ref()?;
                 // Pinned groups rank above all others, so they are never folded.
-                let pinned = self.pinned.contains(k);
-                let held = if pinned { u64::MAX } else { g.timewait() };
+                let held = if pinned[s as usize] {
+                    u64::MAX
+                } else {
+                    g.timewait()
+                };
                 Some((held, g.entered + g.connect_failed(), s))
             })
             .collect();
