@@ -162,20 +162,21 @@ impl Table {
         if self.map.len() <= self.cap {
             return;
         }
-        // The pinned keys' slots, found once: at most `cap` lookups rather than one per group.
-        let mut pinned = vec![false; self.groups.len()];
-        for k in &self.pinned {
-            if let Some(&s) = self.map.get(k) {
-                pinned[s as usize] = true;
-            }
-        }
+        // The pinned keys' slots, found once: at most `cap` lookups rather than one per group
+        // (and no allocation the size of `groups`, which folded slots can make long).
+        let mut pinned: Vec<u32> = self
+            .pinned
+            .iter()
+            .filter_map(|k| self.map.get(k).copied())
+            .collect();
+        pinned.sort_unstable();
         let mut ranked: Vec<(u64, u64, u32)> = self
             .map
             .values()
             .filter_map(|&s| {
                 let (_, g) = &**self.groups[s as usize].as_ref()?;
                 // Pinned groups rank above all others, so they are never folded.
-                let held = if pinned[s as usize] {
+                let held = if pinned.binary_search(&s).is_ok() {
                     u64::MAX
                 } else {
                     g.timewait()
